@@ -458,6 +458,11 @@ def main() -> None:
                 console.print(f"[red]llama-server unavailable: {err}[/red]")
                 unavailable["llama-server"] = f"build failed: {err}"
 
+    # Client and servers share the machine; anything else running (a test suite, a build) skews every
+    # number, worst for llama.cpp whose worker threads spin-wait. Warn rather than refuse.
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        console.print(f"[yellow]warning: 1-min load average is {load_before:.2f}; results will be noisy[/yellow]")
     started = time.time()
     rows: list[dict] = []
     for backend in backends:
@@ -484,6 +489,8 @@ def main() -> None:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "duration_s": round(time.time() - started, 1),
         "quick": args.quick,
+        "load_avg_before": load_before,
+        "cpus": os.cpu_count(),
         "model": gguf.name,
         "llama_cpp_python_sdist": source_version(),
         "plan": plan.__dict__,

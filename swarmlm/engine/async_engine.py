@@ -38,6 +38,7 @@ class RequestHandle:
     prompt_tokens: int
     outputs: asyncio.Queue[StepOutput | BaseException] = field(default_factory=asyncio.Queue)
     seqs: list[Sequence] = field(default_factory=list)
+    finished: int = 0  # sequences whose last output was delivered (event-loop side)
 
     async def stream(self) -> AsyncIterator[StepOutput]:
         """Yield outputs until all n sequences finished; raises if the engine failed the request."""
@@ -135,7 +136,10 @@ class AsyncEngine:
             return
         self._pending.pop(request_id, None)
         handle.outputs.put_nowait(item)
-        if isinstance(item, BaseException) or all(s.finished for s in handle.seqs):
+        # Count deliveries, not `seq.finished`: the engine thread may already have finished sequences
+        # whose outputs are still on their way here.
+        handle.finished += isinstance(item, BaseException) or item.seq.finished
+        if isinstance(item, BaseException) or handle.finished == handle.n:
             self._handles.pop(request_id, None)
 
     def _scheduled(self, request_id: str) -> None:
@@ -145,6 +149,11 @@ class AsyncEngine:
     def _post(self, fn: Callable, *args: object) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(fn, *args)
+
+    def _emit(self, out: StepOutput) -> None:
+        if self.on_output is not None:
+            self.on_output(out)
+        self._post(self._deliver, out.seq.request_id, out)
 
     def _run(self) -> None:
         engine = self.engine
@@ -162,9 +171,7 @@ class AsyncEngine:
                     self._post(self._scheduled, request_id)
                 unscheduled -= started
                 for out in outputs:
-                    if self.on_output is not None:
-                        self.on_output(out)
-                    self._post(self._deliver, out.seq.request_id, out)
+                    self._emit(out)
                 if self.on_step is not None:
                     self.on_step(engine)
         except BaseException as e:  # a bug or OOM in a step: fail every request, refuse new ones
@@ -183,7 +190,7 @@ class AsyncEngine:
                 return False
             if isinstance(cmd, str):
                 for out in self.engine.abort(cmd):
-                    self._post(self._deliver, cmd, out)
+                    self._emit(out)
                 continue
             try:
                 cmd.handle.seqs = self.engine.add(

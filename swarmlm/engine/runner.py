@@ -65,7 +65,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, segments: list[Segment], inputs: Tensor, logits_rows: list[int] | None = None) -> Tensor:
         positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(self.device)
-        rows = None if logits_rows is None else torch.tensor(logits_rows, device=self.device)
+        rows = None if logits_rows is None else torch.tensor(logits_rows, dtype=torch.long, device=self.device)
         out = self.span(inputs.to(self.device), positions, BatchAttention(segments), rows)
         for seg in segments:
             seg.kv.length = seg.start + seg.length

@@ -1,0 +1,186 @@
+"""The HTTP API through a real `swarmlm serve` process, with the official openai client."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import ServerProcess
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> OpenAI:
+    return OpenAI(base_url=f"{server.base}/v1", api_key="test-key", max_retries=0, timeout=120)
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    text = httpx.get(f"{server.base}/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        m = re.fullmatch(rf"{re.escape(name)}\{{(.*)\}} (\S+)", line)
+        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def test_models_and_health(client: OpenAI, server: ServerProcess) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.base}/health").json()["status"] == "ok"
+
+
+def test_chat_streaming_equals_non_streaming(client: OpenAI) -> None:
+    full = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=20)
+    assert "Paris" in full.choices[0].message.content
+    assert full.choices[0].finish_reason == "stop"
+    assert full.usage.prompt_tokens > 20 and full.usage.completion_tokens > 3
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completions_stream_n_seed_and_logprobs(client: OpenAI) -> None:
+    kwargs = dict(model=MODEL, prompt="The three primary colours are", max_tokens=12, temperature=0.8, seed=42, n=2)
+    first = client.completions.create(**kwargs)
+    again = client.completions.create(**kwargs)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert sorted(c.index for c in first.choices) == [0, 1]
+    streamed: dict[int, str] = {0: "", 1: ""}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert [streamed[0], streamed[1]] == [c.text for c in first.choices]
+    lp = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0, logprobs=3).choices[0]
+    assert len(lp.logprobs.tokens) == 3 and all(len(t) == 3 for t in lp.logprobs.top_logprobs)
+    assert all(x <= 0 for x in lp.logprobs.token_logprobs)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+    )
+    assert len(chat.choices[0].logprobs.content) == 3
+    assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 2
+
+
+def test_stop_strings_through_the_api(client: OpenAI) -> None:
+    out = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=20, stop=["Paris"])
+    assert "Paris" not in out.choices[0].message.content and out.choices[0].finish_reason == "stop"
+
+
+def test_error_paths(client: OpenAI, server: ServerProcess) -> None:
+    url = f"{server.base}/v1/chat/completions"
+    bad_json = httpx.post(url, content=b'{"model": ', headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "json_invalid"
+    cases = [
+        ({"model": "no-such-model", "messages": QUESTION}, 404),
+        ({"model": MODEL, "messages": "hello"}, 422),
+        ({"model": MODEL, "messages": []}, 422),
+        ({"model": MODEL, "messages": QUESTION, "max_tokens": 0}, 422),
+        ({"model": MODEL, "messages": QUESTION, "n": 1000}, 422),
+        ({"model": MODEL, "messages": QUESTION, "temperature": "hot"}, 422),
+        ({"model": MODEL, "messages": QUESTION, "max_tokens": 10**6}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]}, 400),
+        ({"messages": QUESTION}, 422),
+    ]
+    for body, status in cases:
+        r = httpx.post(url, json=body, timeout=60)
+        assert r.status_code == status, (body if len(str(body)) < 300 else status, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"]
+    r = httpx.post(f"{server.base}/v1/completions", json={"model": MODEL, "prompt": ""})
+    assert r.status_code == 400
+    r = httpx.post(f"{server.base}/v1/completions", json={"model": MODEL, "prompt": [10**8]})
+    assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
+    assert httpx.get(f"{server.base}/v1/nothing-here").status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x " * 9000, max_tokens=10)
+    assert httpx.get(f"{server.base}/health").status_code == 200  # still serving
+
+
+def test_openapi_describes_the_real_schema(server: ServerProcess) -> None:
+    spec = httpx.get(f"{server.base}/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
+    schemas = spec["components"]["schemas"]
+    assert "messages" in schemas["ChatCompletionRequest"]["properties"]
+    assert "429" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+
+
+def wait_for(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_disconnect_cancels_streaming_and_plain_requests(server: ServerProcess) -> None:
+    aborted = metric(server, "swarmlm:request_success_total", finished_reason="abort")
+    body = {"model": MODEL, "prompt": "Count forever:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: {") for line in got)
+    assert wait_for(lambda: metric(server, "swarmlm:request_success_total", finished_reason="abort") >= aborted + 1)
+    assert wait_for(lambda: metric(server, "swarmlm:num_requests_running") == 0)
+    body["stream"] = False
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base}/v1/completions", json=body, timeout=2)
+    assert wait_for(lambda: metric(server, "swarmlm:request_success_total", finished_reason="abort") >= aborted + 2)
+    assert wait_for(lambda: metric(server, "swarmlm:kv_cache_usage_perc") < 0.05)
+
+
+def test_metrics_report_latencies(client: OpenAI, server: ServerProcess) -> None:
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0)
+    assert metric(server, "swarmlm:time_to_first_token_seconds_count") >= 1
+    assert metric(server, "swarmlm:e2e_request_latency_seconds_count") >= 1
+    assert metric(server, "swarmlm:inter_token_latency_seconds_count") >= 1
+    assert metric(server, "swarmlm:generation_tokens_total") >= 4
+
+
+def test_overload_answers_429_with_retry_after() -> None:
+    srv = ServerProcess("--max-batch-seqs", "1", "--max-queued-requests", "2").wait_ready()
+    try:
+        statuses: list[int] = []
+        headers: list[httpx.Headers] = []
+
+        def fire() -> None:
+            body = {"model": MODEL, "prompt": "Tell me a story.", "max_tokens": 40, "ignore_eos": True}
+            r = httpx.post(f"{srv.base}/v1/completions", json=body, timeout=300)
+            statuses.append(r.status_code)
+            headers.append(r.headers)
+            if r.status_code == 200:
+                assert json.loads(r.text)["usage"]["completion_tokens"] == 40
+
+        threads = [threading.Thread(target=fire) for _ in range(8)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        assert 429 in statuses and 200 in statuses
+        assert all(int(h["retry-after"]) >= 1 for s, h in zip(statuses, headers, strict=True) if s == 429)
+        assert httpx.get(f"{srv.base}/health").status_code == 200
+    finally:
+        srv.stop()
