@@ -51,9 +51,9 @@ def poisson_workload(
     rate: float,
     n: int,
     seed: int = 0,
-    prompt_median: float = 128,
+    prompt_median: float = 96,
     prompt_range: tuple[int, int] = (16, 1024),
-    output_median: float = 48,
+    output_median: float = 32,
     output_range: tuple[int, int] = (4, 512),
     sigma: float = 1.0,
 ) -> list[Request]:

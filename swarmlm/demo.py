@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 from rich.console import Console
@@ -33,7 +35,14 @@ def run_demo(port: int, prompt: str, once: bool) -> int:
 
     base = f"http://127.0.0.1:{port}"
     console.print(f"[bold]swarmlm demo[/]: starting a peer on {base} with the embedded SmolLM2-135M-Instruct…")
-    proc = subprocess.Popen([sys.executable, "-m", "swarmlm.cli", "serve", "--port", str(port)], start_new_session=True)
+    log = Path(tempfile.gettempdir()) / f"swarmlm-demo-{port}.log"
+    # Its own session: Ctrl-C reaches only the demo, which then stops the server cleanly (SIGTERM).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarmlm.cli", "serve", "--port", str(port)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_healthy(f"{base}/health", proc)
         client = OpenAI(base_url=f"{base}/v1", api_key="demo")
@@ -52,6 +61,7 @@ def run_demo(port: int, prompt: str, once: bool) -> int:
             f'"content": "Hi"}}]}}\')'
         )
         console.print(f"Metrics:     {base}/metrics\nHealth:      {base}/health\nAPI schema:  {base}/docs")
+        console.print(f"Server log:  {log}")
         if not once:
             console.print("Serving until Ctrl-C.")
             proc.wait()

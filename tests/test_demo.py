@@ -1,0 +1,34 @@
+"""`make demo`'s main job, end to end: server process, openai client, clean stop."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import free_port
+
+
+def test_demo_streams_an_answer_and_stops_cleanly() -> None:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "swarmlm.cli",
+        "demo",
+        "--once",
+        "--port",
+        str(port),
+        "--prompt",
+        "What is the capital of France?",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Paris" in done.stdout
+    assert f"http://127.0.0.1:{port}/v1" in done.stdout and "/metrics" in done.stdout
+    assert "stopped." in done.stdout
+    # the server is gone: nothing listens on the port any more
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 1)"],
+        capture_output=True,
+    )
+    assert probe.returncode != 0
