@@ -63,6 +63,11 @@ def test_chunked_prefill_is_exact(model: LoadedModel, one_at_a_time: list[list[i
     engine = make_engine(model, max_step_tokens=7)
     seqs = run(engine, [(ids, GREEDY) for ids in prompts(model)])
     assert [s.output_ids for s in seqs] == one_at_a_time
+    # again, now starting from cached prefixes that are longer than one chunk
+    hits = engine.kv.prefix_hits
+    seqs = run(engine, [(ids, GREEDY) for ids in prompts(model)])
+    assert engine.kv.prefix_hits - hits > 7 * len(seqs)
+    assert [s.output_ids for s in seqs] == one_at_a_time
 
 
 def test_prefix_cache_hits_give_identical_outputs(model: LoadedModel, one_at_a_time: list[list[int]]) -> None:

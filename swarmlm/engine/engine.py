@@ -216,7 +216,10 @@ class Engine:
             n = min(seq.uncomputed, tokens_left)
             if not self._reserve(seq, seq.num_computed + n, ranked, batch):
                 continue
-            n = min(seq.uncomputed, tokens_left)  # prefix reuse may have filled part of the prompt
+            if seq.num_computed + n > seq.kv.capacity:  # prefix reuse moved the start forward
+                n = min(seq.uncomputed, tokens_left)
+                if not self._reserve(seq, seq.num_computed + n, ranked, batch):
+                    continue
             batch.append((seq, n))
             tokens_left -= n
         return batch
