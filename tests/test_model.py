@@ -140,3 +140,24 @@ def test_bad_checkpoints_give_clear_errors(gguf_path: Path, tmp_path: Path) -> N
         load_model(str(tmp_path / "emptydir"))
     with pytest.raises(ValueError, match="outside"):
         load_model(layers=(20, 40))
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_weights_stay_within_tolerance(model: LoadedModel, quant: str) -> None:
+    """Stated tolerance for weight-only formats: >= 90 % top-1 agreement with fp32 over every position of
+    several prompts, last-token logits with cosine similarity > 0.99, and the same short greedy answer."""
+    q = load_model(device="cpu", quant=quant)
+    assert q.digest != model.digest
+    agree, total = 0, 0
+    for text in PROMPTS:
+        ids = chat_ids(model, text)
+        with torch.no_grad():
+            a = q.span(torch.tensor([ids]), torch.arange(len(ids)))[0]
+            b = model.span(torch.tensor([ids]), torch.arange(len(ids)))[0]
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(ids)
+        assert torch.nn.functional.cosine_similarity(a[-1], b[-1], dim=0) > 0.99
+    assert agree / total >= 0.9
+    assert greedy(ours(q), chat_ids(q, PROMPTS[0]), 8) == greedy(ours(model), chat_ids(model, PROMPTS[0]), 8)
+    with pytest.raises(ValueError, match="quantized"):
+        q.save_hf(Path("/tmp/never-written"))

@@ -12,6 +12,7 @@ import torch
 from swarmlm.model.checkpoint import CheckpointError, open_checkpoint, save_hf_checkpoint
 from swarmlm.model.config import ModelConfig
 from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.quant import QUANT_MODES, Int4Linear, Int8Linear, quantize_
 from swarmlm.model.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -72,6 +73,8 @@ class LoadedModel:
         """Export the whole model (weights, config, tokenizer and chat template) as an HF directory."""
         if not (self.span.is_first and self.span.is_last):
             raise ValueError("only a whole model can be exported")
+        if any(isinstance(m, (Int8Linear, Int4Linear)) for m in self.span.modules()):
+            raise ValueError("a quantized model cannot be exported; load it with quant='none'")
         save_hf_checkpoint(self.span.state_dict(), self.config, out_dir)
         self.tokenizer.hf.save_pretrained(str(out_dir))
 
@@ -81,10 +84,14 @@ def load_model(
     layers: tuple[int, int] | None = None,
     dtype: str = "fp32",
     device: str = "auto",
+    quant: str = "none",
 ) -> LoadedModel:
-    """Load layers [start, end) (all when None) of a GGUF file or HF directory."""
+    """Load layers [start, end) (all when None) of a GGUF file or HF directory, optionally with weight-only
+    int8/int4 linear layers (CPU; see `quant.py`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {QUANT_MODES}, not {quant!r}")
     model_id, path = resolve_model(model)
     ckpt = open_checkpoint(path)
     cfg = ckpt.config
@@ -105,4 +112,8 @@ def load_model(
     if span.lm_head is not None and span.embed_tokens is not None and cfg.tie_word_embeddings:
         span.lm_head.weight = span.embed_tokens.weight  # assign=True replaced the tied parameter
     span = span.to(device=resolve_device(device), dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    if quant != "none":
+        if next(span.parameters()).device.type != "cpu":
+            raise ValueError("int8/int4 weights use PyTorch's CPU kernels; on an accelerator use --dtype bf16")
+        quantize_(span, quant)
     return LoadedModel(model_id, path, cfg, span, load_tokenizer(ckpt), weights_digest(span))

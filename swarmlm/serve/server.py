@@ -27,6 +27,7 @@ class ServeConfig:
     fair: bool = False
     kv_budget: int | None = None
     dtype: str = "fp32"
+    quant: str = "none"
     device: str = "auto"
     max_batch_seqs: int = 32
     max_step_tokens: int = 256
@@ -38,7 +39,7 @@ class ServeConfig:
 
 
 def build_app(cfg: ServeConfig) -> FastAPI:
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
     scheduler = (
         make_scheduler(cfg.scheduler, cfg.fair, base_quantum=cfg.mlfq_quantum, starvation=cfg.starvation)
         if cfg.scheduler == "mlfq"
