@@ -57,10 +57,11 @@ def serve(
         starvation=starvation,
     )
     try:
-        run_server(cfg)
+        code = run_server(cfg)
     except (CheckpointError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -1,8 +1,13 @@
-"""Drive an `Engine` from a background thread and stream its outputs into asyncio.
+"""Drive an `Engine` in one thread and stream its outputs into an asyncio event loop in another.
 
 The engine is single-threaded: only the engine thread touches it. The event loop hands it commands
 (add, abort) through a queue, and gets `StepOutput`s back through each request's asyncio.Queue, so the
 HTTP server stays responsive while a forward pass runs (PyTorch releases the GIL in its kernels).
+
+The engine should run in the thread that loaded the model (normally the main thread): PyTorch's OpenMP
+pool belongs to the thread that first ran parallel work, and a second thread doing the same work runs
+decode steps about 2x slower on CPU (measured: 27 vs 12 tok/s). So the server runs `run()` in the main
+thread and the HTTP server beside it; `start()` spawns an engine thread only for embedding and tests.
 """
 
 from __future__ import annotations
@@ -81,18 +86,32 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._running = False
         self.error: BaseException | None = None
 
-    # ----- event-loop side ------------------------------------------------------------------------
+    # ----- lifecycle ------------------------------------------------------------------------------
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver outputs into `loop` (the HTTP server's); requests are accepted from now on."""
+        self._loop = loop
+
+    def run(self) -> None:
+        """The engine loop, in the calling thread, until `stop()`."""
+        self._running = True
+        try:
+            self._run()
+        finally:
+            self._running = False
+
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="swarmlm-engine", daemon=True)
+        """Attach to the running loop and run the engine in a thread of its own."""
+        self.attach(asyncio.get_running_loop())
+        self._thread = threading.Thread(target=self.run, name="swarmlm-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        self._commands.put(None)
+        self._wake.set()
         if self._thread is not None:
-            self._commands.put(None)
-            self._wake.set()
             self._thread.join(timeout=30)
             self._thread = None
 
@@ -103,8 +122,8 @@ class AsyncEngine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1, user: str = "") -> RequestHandle:
         """Validate and queue a request. Raises ValueError (bad request), QueueFullError (overload) or
         EngineDeadError."""
-        if self.error is not None or self._thread is None:
-            raise EngineDeadError(f"the engine is not running ({self.error})")
+        if self.error is not None or not self._running or self._loop is None:
+            raise EngineDeadError(f"the engine is not running ({self.error or 'stopped'})")
         self.engine.validate(prompt_ids, params)
         queued_tokens = sum(self._pending.values())
         if len(self._pending) >= self.max_queued_requests or queued_tokens + len(prompt_ids) > self.max_queued_tokens:

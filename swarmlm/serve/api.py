@@ -82,7 +82,7 @@ def create_app(engine: AsyncEngine, model_id: str, metrics: ServingMetrics) -> F
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        engine.attach(asyncio.get_running_loop())  # the engine loop itself runs in the server's main thread
         yield
         engine.stop()
 

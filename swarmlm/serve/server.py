@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from dataclasses import dataclass
 
 import uvicorn
@@ -38,7 +40,7 @@ class ServeConfig:
     starvation: float = 10.0
 
 
-def build_app(cfg: ServeConfig) -> FastAPI:
+def build_app(cfg: ServeConfig) -> tuple[FastAPI, AsyncEngine]:
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
     scheduler = (
         make_scheduler(cfg.scheduler, cfg.fair, base_quantum=cfg.mlfq_quantum, starvation=cfg.starvation)
@@ -57,10 +59,12 @@ def build_app(cfg: ServeConfig) -> FastAPI:
     )
     engine.profile()
     log.info(
-        "loaded %s (%d layers, digest %s…), %s; prefill %.2f ms/token, decode step %.1f ms, KV budget %.0f MiB",
+        "loaded %s (%d layers, digest %s…, %s/%s), %s; prefill %.2f ms/token, decode step %.1f ms, KV budget %.0f MiB",
         model.model_id,
         model.config.num_layers,
         model.digest[:12],
+        cfg.dtype,
+        cfg.quant,
         scheduler.name,
         engine.prefill_seconds_per_token * 1e3,
         engine.decode_step_seconds * 1e3,
@@ -74,9 +78,27 @@ def build_app(cfg: ServeConfig) -> FastAPI:
         on_output=metrics.observe_output,
         on_step=metrics.observe_step,
     )
-    return create_app(async_engine, model.model_id, metrics)
+    return create_app(async_engine, model.model_id, metrics), async_engine
 
 
-def run_server(cfg: ServeConfig) -> None:
-    app = build_app(cfg)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
+def run_server(cfg: ServeConfig) -> int:
+    """Serve until SIGINT/SIGTERM. The engine loop runs in this (the main) thread, where the model was
+    loaded, and uvicorn in a thread beside it (see async_engine.py for why). Returns an exit code."""
+    app, engine = build_app(cfg)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
+    )
+    http = threading.Thread(target=server.run, name="swarmlm-http", daemon=True)
+
+    def request_exit(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        server.should_exit = True
+        engine.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_exit)
+    http.start()
+    engine.run()  # returns on stop() (signal or server shutdown) or when the engine fails
+    server.should_exit = True
+    http.join(timeout=30)
+    return 1 if engine.error is not None else 0
