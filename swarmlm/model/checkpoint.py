@@ -178,6 +178,41 @@ class HFCheckpoint:
         return None
 
 
+# Checkpoints store q/k/v and gate/up separately; `LlamaSpan` holds each group as one fused matrix.
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse_projections(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoint names (q_proj, k_proj, ...) to the model's fused ones (qkv_proj, gate_up_proj)."""
+    out = dict(state)
+    for layer in sorted({k.split(".")[1] for k in state if k.startswith("layers.")}, key=int):
+        for fused, parts in _FUSED.items():
+            names = [f"layers.{layer}.{p}.weight" for p in parts]
+            if all(n in out for n in names):
+                out[f"layers.{layer}.{fused}.weight"] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
+def split_projections(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """The inverse of `fuse_projections`, for writing checkpoints in the standard layout."""
+    sizes = {
+        "self_attn.qkv_proj": [cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2],
+        "mlp.gate_up_proj": [cfg.intermediate_size] * 2,
+    }
+    out = {}
+    for name, tensor in state.items():
+        m = re.fullmatch(r"(layers\.\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight", name)
+        if m is None:
+            out[name] = tensor
+            continue
+        for part, piece in zip(_FUSED[m.group(2)], tensor.split(sizes[m.group(2)]), strict=True):
+            out[f"{m.group(1)}.{part}.weight"] = piece
+    return out
+
+
 def open_checkpoint(path: Path) -> GGUFCheckpoint | HFCheckpoint:
     if path.is_file() and path.suffix == ".gguf":
         return GGUFCheckpoint(path)
@@ -206,7 +241,7 @@ def save_hf_checkpoint(state: dict[str, Tensor], config: ModelConfig, out_dir: P
     try:
         tensors = {
             (name if name == "lm_head.weight" else f"model.{name}"): t.detach().to("cpu").contiguous()
-            for name, t in state.items()
+            for name, t in split_projections(state, config).items()
             if not (name == "lm_head.weight" and config.tie_word_embeddings)
         }
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from swarmlm.model.checkpoint import CheckpointError, open_checkpoint, save_hf_checkpoint
+from swarmlm.model.checkpoint import CheckpointError, fuse_projections, open_checkpoint, save_hf_checkpoint
 from swarmlm.model.config import ModelConfig
 from swarmlm.model.llama import LlamaSpan
 from swarmlm.model.quant import QUANT_MODES, Int4Linear, Int8Linear, quantize_
@@ -98,7 +98,7 @@ def load_model(
     start, end = layers if layers is not None else (0, cfg.num_layers)
     with torch.device("meta"):
         span = LlamaSpan(cfg, start, end)
-    state = dict(ckpt.tensors(start, end))
+    state = fuse_projections(dict(ckpt.tensors(start, end)))
     if span.lm_head is not None and span.embed_tokens is not None and cfg.tie_word_embeddings:
         state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
     expected = set(span.state_dict())
