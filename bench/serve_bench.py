@@ -81,6 +81,9 @@ def server_command(backend: str, port: int, gguf: Path, llama_bin: Path | None) 
             backend.removeprefix("swarmlm-"),
             "--max-batch-seqs",
             str(MAX_BATCH),
+            # the GGUF is Q4_1: int4 weights are the like-for-like format next to llama.cpp's Q4_1 kernels
+            "--quant",
+            "int4",
         ]
     if backend == "llama-server":
         assert llama_bin is not None
