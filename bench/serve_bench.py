@@ -120,8 +120,8 @@ def server_command(backend: str, port: int, gguf: Path, llama_bin: Path | None) 
 
 
 @contextlib.contextmanager
-def running_server(backend: str, cmd: list[str]) -> Iterator[tuple[str, str]]:
-    """Start a server, wait for GET /health, yield (base URL, model id), then stop its process group."""
+def running_server(backend: str, cmd: list[str]) -> Iterator[tuple[str, str, int]]:
+    """Start a server, wait for GET /health, yield (base URL, model id, pid), then stop its process group."""
     port = int(cmd[cmd.index("--port") + 1])
     base = f"http://127.0.0.1:{port}"
     log_path = RESULTS / "logs" / f"{backend}.log"
@@ -143,7 +143,7 @@ def running_server(backend: str, cmd: list[str]) -> Iterator[tuple[str, str]]:
             time.sleep(0.5)
         # swarmlm rejects a wrong "model" field, so ask each server what it calls its model.
         model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
-        yield base, model
+        yield base, model, proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -153,6 +153,53 @@ def running_server(backend: str, cmd: list[str]) -> Iterator[tuple[str, str]]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ----- CPU accounting: was anything else running? ------------------------------------------------------
+def _busy_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies over all CPUs since boot, from /proc/stat.
+
+    Fields: user nice system idle iowait irq softirq steal (guest time is already inside user). Steal,
+    time the hypervisor gave to other VMs, is not "busy" here: no process on this machine caused it."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
+
+
+def _group_jiffies(pgid: int) -> int:
+    """utime + stime of every live process in a process group (the server and anything it spawned)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            rest = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)", which may contain spaces
+            if int(rest[2]) == pgid:
+                total += int(rest[11]) + int(rest[12])
+    return total
+
+
+def _self_jiffies() -> int:
+    t = os.times()
+    return round((t.user + t.system) * os.sysconf("SC_CLK_TCK"))
+
+
+class ForeignCpu:
+    """Share of the machine's CPU used by processes other than this benchmark and the server under test.
+
+    Two cores leave no headroom: another job (a test suite, a build) silently halves a backend's numbers,
+    and llama.cpp's spinning worker threads suffer most. Measuring it lets a reader discard tainted runs."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.pid = server_pid
+        self.start = (*_busy_jiffies(), _group_jiffies(server_pid), _self_jiffies())
+
+    def share(self) -> float | None:
+        busy, total, server, me = (b - a for a, b in zip(self.start, self.now(), strict=True))
+        return max(0.0, (busy - server - me) / total) if total > 0 else None
+
+    def now(self) -> tuple[int, int, int, int]:
+        return (*_busy_jiffies(), _group_jiffies(self.pid), _self_jiffies())
 
 
 # ----- client --------------------------------------------------------------------------------------------
@@ -321,7 +368,7 @@ class Plan:
 def run_backend(backend: str, cmd: list[str], plan: Plan, phases: list[str], rates: list[float]) -> list[dict]:
     rows = []
     console.rule(f"[bold]{backend}")
-    with running_server(backend, cmd) as (base, model):
+    with running_server(backend, cmd) as (base, model, pid):
         # Warm-up: first-request costs (lazy init, allocator growth, JIT) are not steady-state serving.
         asyncio.run(run_closed_loop(base, model, 1, 1, 16, 8, cap_s=120))
         for phase in phases:
@@ -330,11 +377,14 @@ def run_backend(backend: str, cmd: list[str], plan: Plan, phases: list[str], rat
                     wl = poisson_workload(rate, plan.sweep_requests)
                     cap = wl[-1].arrival_s + plan.drain_cap_s
                     console.print(f"  sweep rate={rate} req/s, {len(wl)} requests, cap {cap:.0f}s")
+                    meter = ForeignCpu(pid)
                     outcomes, t0 = asyncio.run(run_open_loop(base, model, wl, cap))
                     rows.append({"backend": backend, "phase": "sweep", **summarize(outcomes, t0, rate)})
+                    rows[-1]["foreign_cpu"] = meter.share()
                     console.print(f"    {_brief(rows[-1])}")
             elif phase == "throughput":
                 console.print(f"  throughput: {plan.throughput_streams} streams x {plan.throughput_rounds} rounds")
+                meter = ForeignCpu(pid)
                 outcomes, t0 = asyncio.run(
                     run_closed_loop(
                         base,
@@ -347,9 +397,11 @@ def run_backend(backend: str, cmd: list[str], plan: Plan, phases: list[str], rat
                     )
                 )
                 rows.append({"backend": backend, "phase": "throughput", **summarize(outcomes, t0, None)})
+                rows[-1]["foreign_cpu"] = meter.share()
                 console.print(f"    {_brief(rows[-1])}")
             elif phase == "single":
                 console.print(f"  single stream: {plan.single_repeats} requests, one at a time")
+                meter = ForeignCpu(pid)
                 outcomes, t0 = asyncio.run(
                     run_closed_loop(
                         base,
@@ -362,6 +414,7 @@ def run_backend(backend: str, cmd: list[str], plan: Plan, phases: list[str], rat
                     )
                 )
                 row = {"backend": backend, "phase": "single", **summarize(outcomes, t0, None)}
+                row["foreign_cpu"] = meter.share()
                 # Per-sequence decode speed is 1/TPOT: it excludes prefill and request overhead.
                 row["decode_tok_s"] = 1 / row["tpot_mean_s"] if row["tpot_mean_s"] else None
                 rows.append(row)
@@ -373,8 +426,12 @@ def _brief(s: dict) -> str:
     f = lambda v, k=1.0: "-" if v is None else f"{v * k:.2f}"  # noqa: E731
     return (
         f"done {s['completed']}/{s['requests']}  JCT {f(s['jct_mean_s'])}s p99 {f(s['jct_p99_s'])}s  "
-        f"TTFT {f(s['ttft_mean_s'])}s  TPOT {f(s['tpot_mean_s'], 1000)}ms  {f(s['output_tok_s'])} tok/s"
+        f"TTFT {f(s['ttft_mean_s'])}s  TPOT {f(s['tpot_mean_s'], 1000)}ms  {f(s['output_tok_s'])} tok/s  "
+        f"other CPU {f(s.get('foreign_cpu'), 100)}%"
     )
+
+
+FOREIGN_CPU_LIMIT = 0.05  # above this share of the machine used by other processes, a run is tainted
 
 
 def print_table(rows: list[dict], unavailable: dict[str, str]) -> None:
@@ -400,7 +457,7 @@ def print_table(rows: list[dict], unavailable: dict[str, str]) -> None:
     for r in rows:
         table.add_row(
             r["backend"],
-            r["phase"] + (" (sat)" if r.get("saturated") else ""),
+            r["phase"] + (" (sat)" if r.get("saturated") else "") + (" !" if tainted(r) else ""),
             "-" if r["offered_rate"] is None else f"{r['offered_rate']:g}",
             f"{r['completed']}/{r['failed']}/{r['cancelled']}",
             sec(r["jct_mean_s"]),
@@ -414,6 +471,12 @@ def print_table(rows: list[dict], unavailable: dict[str, str]) -> None:
     for backend, why in unavailable.items():
         table.add_row(backend, "unavailable", "", "", why[:60], *[""] * 6)
     console.print(table)
+    if any(tainted(r) for r in rows):
+        console.print(f"[yellow]! other processes used >{FOREIGN_CPU_LIMIT:.0%} of the CPU during that run[/yellow]")
+
+
+def tainted(r: dict) -> bool:
+    return (r.get("foreign_cpu") or 0.0) > FOREIGN_CPU_LIMIT
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -478,8 +541,9 @@ def main() -> None:
             phase_cap_s=60,
         )
         if args.quick
-        # Tuned on 2 cores: swarmlm saturates between 0.5 and 0.75 req/s on this workload.
-        else Plan(rates=[0.25, 0.5, 0.75], sweep_requests=32)
+        # Tuned on 2 cores: swarmlm (int4) keeps up at 0.75 req/s with a few requests in flight; the
+        # batch (16 slots) overflows, and scheduling starts to matter, from about 1.5 req/s.
+        else Plan(rates=[0.5, 1.0, 1.5, 2.0], sweep_requests=40)
     )
     if args.rates:
         plan.rates = [float(x) for x in args.rates.split(",")]
@@ -504,10 +568,14 @@ def main() -> None:
                 unavailable["llama-server"] = f"build failed: {err}"
 
     # Client and servers share the machine; anything else running (a test suite, a build) skews every
-    # number, worst for llama.cpp whose worker threads spin-wait. Warn rather than refuse.
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        console.print(f"[yellow]warning: 1-min load average is {load_before:.2f}; results will be noisy[/yellow]")
+    # number, worst for llama.cpp whose worker threads spin-wait. Warn rather than refuse; every run also
+    # records the CPU share other processes took while it ran (foreign_cpu).
+    before = _busy_jiffies()
+    time.sleep(2)
+    busy, total = (b - a for a, b in zip(before, _busy_jiffies(), strict=True))
+    busy_before = busy / total if total else 0.0
+    if busy_before > 0.1:
+        console.print(f"[yellow]warning: the CPU is {busy_before:.0%} busy before starting; results will be noisy")
     started = time.time()
     rows: list[dict] = []
     for backend in backends:
@@ -535,7 +603,7 @@ def main() -> None:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "duration_s": round(time.time() - started, 1),
         "quick": args.quick,
-        "load_avg_before": load_before,
+        "cpu_busy_before": round(busy_before, 3),
         "cpus": os.cpu_count(),
         "model": gguf.name,
         "llama_cpp_python_sdist": source_version(),

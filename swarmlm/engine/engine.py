@@ -214,17 +214,17 @@ class Engine:
             if len(batch) == self.config.max_batch_seqs or tokens_left == 0:
                 break
             n = min(seq.uncomputed, tokens_left)
-            if not self._reserve(seq, seq.num_computed + n, ranked, batch):
+            if not self._reserve(seq, seq.num_computed + n, ranked):
                 continue
             if seq.num_computed + n > seq.kv.capacity:  # prefix reuse moved the start forward
                 n = min(seq.uncomputed, tokens_left)
-                if not self._reserve(seq, seq.num_computed + n, ranked, batch):
+                if not self._reserve(seq, seq.num_computed + n, ranked):
                     continue
             batch.append((seq, n))
             tokens_left -= n
         return batch
 
-    def _reserve(self, seq: Sequence, length: int, ranked: list[Sequence], batch: list) -> bool:
+    def _reserve(self, seq: Sequence, length: int, ranked: list[Sequence]) -> bool:
         """Make sure `seq` has KV room for `length` tokens, preempting lower-ranked sequences if needed."""
         fresh = seq.kv is None
         if fresh and seq.host_kv is not None:
@@ -234,11 +234,12 @@ class Engine:
             if kv is not None:
                 seq.kv = kv
                 break
-            picked = {id(s) for s, _ in batch} | {id(seq)}
-            victims = [s for s in reversed(ranked) if s.kv is not None and id(s) not in picked]
-            if not victims:
+            # Only sequences ranked below this one give way (never a higher-priority one).
+            lower = ranked[ranked.index(seq) + 1 :]
+            victim = next((s for s in reversed(lower) if s.kv is not None), None)
+            if victim is None:
                 return False
-            self._preempt(victims[0])
+            self._preempt(victim)
         if fresh:
             if seq.host_kv is not None:
                 seq.num_computed = self.kv.restore(seq.kv, seq.host_kv)

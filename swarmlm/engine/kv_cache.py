@@ -54,7 +54,7 @@ class SequenceKV:
         self.k, self.v = k, v
 
 
-class KVCacheError(RuntimeError):
+class KVCacheError(ValueError):
     pass
 
 
@@ -72,7 +72,8 @@ class KVCacheManager:
 
     @property
     def capacity_tokens(self) -> int:
-        return self.budget_bytes // self.layout.bytes_per_token
+        """Whole blocks only, so any length up to this can be allocated (allocations round up to blocks)."""
+        return self.budget_bytes // self.layout.bytes_per_token // self.block_size * self.block_size
 
     @property
     def usage(self) -> float:
@@ -86,10 +87,6 @@ class KVCacheManager:
         while free < tokens and self.prefix.tokens:
             free += self.prefix.evict_one()
         return free >= tokens
-
-    def fits(self, tokens: int) -> bool:
-        """Whether `tokens` more could be allocated now, counting evictable prefix blocks as free."""
-        return self.capacity_tokens - self.used_tokens >= self._round_up(tokens)
 
     def ensure(self, kv: SequenceKV | None, length: int) -> SequenceKV | None:
         """Grow (or create) a sequence's cache to hold `length` tokens; None when the budget forbids it."""

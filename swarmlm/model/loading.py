@@ -65,10 +65,6 @@ class LoadedModel:
     tokenizer: Tokenizer
     digest: str
 
-    @property
-    def layers(self) -> tuple[int, int]:
-        return self.span.start, self.span.end
-
     def save_hf(self, out_dir: Path) -> None:
         """Export the whole model (weights, config, tokenizer and chat template) as an HF directory."""
         if not (self.span.is_first and self.span.is_last):

@@ -23,10 +23,6 @@ class Tokenizer:
         self.add_bos = add_bos and hf.bos_token_id is not None
 
     @property
-    def vocab_size(self) -> int:
-        return len(self.hf)
-
-    @property
     def has_chat_template(self) -> bool:
         return bool(self.hf.chat_template)
 
@@ -39,30 +35,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
-    def token_text(self, token_id: int) -> str:
-        return self.hf.convert_ids_to_tokens(token_id)
-
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions")
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        delta, self.emitted = text[len(self.emitted) :], text
-        return delta
 
 
 def load_tokenizer(ckpt: GGUFCheckpoint | HFCheckpoint) -> Tokenizer:

@@ -147,7 +147,7 @@ def create_app(engine: AsyncEngine, model_id: str, metrics: ServingMetrics) -> F
             for h in handles:
                 engine.abort(h.request_id)
             if isinstance(e, QueueFullError):
-                metrics.rejected.labels(model_id).inc()
+                metrics.rejected.inc()
                 raise APIError(
                     429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": str(e.retry_after)}
                 ) from e
@@ -271,7 +271,7 @@ def create_app(engine: AsyncEngine, model_id: str, metrics: ServingMetrics) -> F
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.waiting.labels(model_id).set(engine.num_queued)
+        metrics.waiting.set(engine.num_queued)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList)
