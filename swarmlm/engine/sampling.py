@@ -72,6 +72,8 @@ def apply_penalties(logits: Tensor, params: SamplingParams, prompt_ids: list[int
 def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick one token from one row of (already penalised) logits."""
     if params.greedy:
+        if logits.device.type == "cpu":  # torch's CPU argmax over a 49k vocabulary: ~100 us; numpy's: ~5 us
+            return int(logits.numpy().argmax())
         return int(logits.argmax())
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.numel():
