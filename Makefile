@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test lint bench-serve clean
+.PHONY: install demo test lint bench-serve bench-swarm clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -28,6 +28,9 @@ test: install lint
 
 bench-serve: install
 	$(PY) bench/serve_bench.py
+
+bench-swarm: install
+	$(PY) bench/swarm_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -541,9 +541,9 @@ def main() -> None:
             phase_cap_s=60,
         )
         if args.quick
-        # Tuned on 2 cores: swarmlm (int4) keeps up at 0.75 req/s with a few requests in flight; the
-        # batch (16 slots) overflows, and scheduling starts to matter, from about 1.5 req/s.
-        else Plan(rates=[0.5, 1.0, 1.5, 2.0], sweep_requests=40)
+        # Tuned on 2 cores: swarmlm (int4, 16 slots) serves 1 req/s with little queueing; from about
+        # 2.5 req/s the offered decode load exceeds what 16 slots deliver (~100 tok/s) and a queue forms.
+        else Plan(rates=[1.0, 2.0, 3.0], sweep_requests=60)
     )
     if args.rates:
         plan.rates = [float(x) for x in args.rates.split(",")]

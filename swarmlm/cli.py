@@ -65,6 +65,76 @@ def serve(
 
 
 @app.command()
+def peer(
+    model: Annotated[
+        str | None, typer.Option(help="A .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    ] = None,
+    initial_peers: Annotated[
+        list[str] | None, typer.Option("--initial-peers", help="Multiaddr of any peer already in the swarm")
+    ] = None,
+    host_maddrs: Annotated[
+        list[str] | None, typer.Option("--host-maddrs", help="Where to listen (default /ip4/127.0.0.1/tcp/0)")
+    ] = None,
+    identity: Annotated[
+        str | None, typer.Option(help="Private key file: a stable peer id (created if missing)")
+    ] = None,
+    layers: Annotated[
+        str, typer.Option(help="auto (least-served range), START:END, or none (serve no layers)")
+    ] = "auto",
+    num_layers: Annotated[int | None, typer.Option(help="Span size for --layers auto (default: all)")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
+    quant: Annotated[str, typer.Option(help="Weight-only quantization on CPU: none, int8 or int4")] = "none",
+    kv_budget: Annotated[int, typer.Option(help="KV cache budget in bytes")] = 1 << 30,
+    scheduler: Annotated[str, typer.Option(help="mlfq or fcfs: the order sessions' steps run in")] = "mlfq",
+) -> None:
+    """Join (or start) a swarm and serve a span of the model's layers to its clients."""
+    from swarmlm.model.checkpoint import CheckpointError
+    from swarmlm.swarm.peer import PeerConfig, run_peer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = PeerConfig(
+        model=model,
+        initial_peers=initial_peers or [],
+        host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
+        identity=identity,
+        layers=layers,
+        num_layers=num_layers,
+        dtype=dtype,
+        quant=quant,
+        kv_budget=kv_budget,
+        scheduler=scheduler,
+    )
+    try:
+        code = run_peer(cfg)
+    except (CheckpointError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    initial_peers: Annotated[list[str], typer.Option("--initial-peers", help="Multiaddr of any peer in the swarm")],
+    model: Annotated[str | None, typer.Option(help="The model whose swarm to show (default: the embedded one)")] = None,
+) -> None:
+    """Show the swarm's peers and per-layer coverage; exit code 1 if some layer has no live peer."""
+    from swarmlm.model.checkpoint import open_checkpoint
+    from swarmlm.model.loading import resolve_model
+    from swarmlm.swarm.peer import start_dht
+    from swarmlm.swarm.records import DEFAULT_TTL, fetch_records
+    from swarmlm.swarm.status import print_status
+
+    model_id, path = resolve_model(model)
+    num_layers = open_checkpoint(path).config.num_layers
+    dht = start_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], client=True)
+    try:
+        code = print_status(fetch_records(dht, model_id, online_only=False), model_id, num_layers, DEFAULT_TTL)
+    finally:
+        dht.shutdown()
+    raise typer.Exit(code)
+
+
+@app.command()
 def demo(
     port: int = 8000,
     prompt: str = "In two sentences, why do bees dance?",

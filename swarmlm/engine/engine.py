@@ -102,7 +102,7 @@ class Engine:
         config: EngineConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not (model.span.is_first and model.span.is_last):
+        if not model.span.is_whole:
             raise ValueError("the single-peer engine needs the whole model (layers 0..N)")
         self.model = model
         self.config = config = config or EngineConfig()

@@ -90,11 +90,10 @@ class GGUFCheckpoint:
             eos_token_ids=tuple(int(t) for t in (eos, eot) if t is not None),
         )
 
-    def tensors(self, start: int, end: int) -> Iterator[tuple[str, Tensor]]:
+    def tensors(self, start: int, end: int, embed: bool, head: bool) -> Iterator[tuple[str, Tensor]]:
         from gguf.quants import dequantize
 
         cfg = self.config
-        last = end == cfg.num_layers
         for t in self.reader.tensors:
             m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
             if m:
@@ -103,13 +102,13 @@ class GGUFCheckpoint:
                     continue
                 name = f"layers.{layer - start}.{_GGUF_BLOCK_NAMES[m.group(2)]}.weight"
             elif t.name == "token_embd.weight":
-                # A tied head is the embedding matrix, so the last span needs it too.
-                if start != 0 and not (last and cfg.tie_word_embeddings):
+                # A tied head is the embedding matrix, so a head needs it too.
+                if not (embed or (head and cfg.tie_word_embeddings)):
                     continue
-                name = "embed_tokens.weight" if start == 0 else "lm_head.weight"
-            elif t.name == "output_norm.weight" and last:
+                name = "embed_tokens.weight" if embed else "lm_head.weight"
+            elif t.name == "output_norm.weight" and head:
                 name = "norm.weight"
-            elif t.name == "output.weight" and last:
+            elif t.name == "output.weight" and head:
                 name = "lm_head.weight"
             else:
                 continue
@@ -148,32 +147,30 @@ class HFCheckpoint:
         if not self.files:
             raise CheckpointError(f"{path}: no *.safetensors weights found")
 
-    def tensors(self, start: int, end: int) -> Iterator[tuple[str, Tensor]]:
+    def tensors(self, start: int, end: int, embed: bool, head: bool) -> Iterator[tuple[str, Tensor]]:
         from safetensors import SafetensorError, safe_open
 
-        cfg = self.config
-        last = end == cfg.num_layers
         for file in self.files:
             try:
                 with safe_open(str(file), framework="pt") as f:
                     for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                        name = self._local_name(key, start, end, last)
+                        name = self._local_name(key, start, end, embed, head)
                         if name is not None:
                             yield name, f.get_tensor(key).float()
             except SafetensorError as e:
                 raise CheckpointError(f"{file}: corrupt safetensors file ({e})") from e
 
-    def _local_name(self, key: str, start: int, end: int, last: bool) -> str | None:
+    def _local_name(self, key: str, start: int, end: int, embed: bool, head: bool) -> str | None:
         key = key.removeprefix("model.")
         m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
         if m:
             layer = int(m.group(1))
             return f"layers.{layer - start}.{m.group(2)}" if _wanted(layer, start, end) else None
         if key == "embed_tokens.weight":
-            if start == 0:
+            if embed:
                 return key
-            return "lm_head.weight" if last and self.config.tie_word_embeddings else None
-        if key in ("norm.weight", "lm_head.weight") and last:
+            return "lm_head.weight" if head and self.config.tie_word_embeddings else None
+        if key in ("norm.weight", "lm_head.weight") and head:
             return key
         return None
 

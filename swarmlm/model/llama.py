@@ -121,32 +121,46 @@ class Block(nn.Module):
 
 
 class LlamaSpan(nn.Module):
-    """Layers [start, end) of a Llama-family model; the whole model when the span is (0, num_layers)."""
+    """Layers [start, end) of a Llama-family model; the whole model when the span is (0, num_layers).
 
-    def __init__(self, cfg: ModelConfig, start: int = 0, end: int | None = None) -> None:
+    `edges` (default: by position) adds the token embeddings when the span starts at layer 0 and the final
+    norm and head when it ends at the last layer. A swarm peer hosts blocks only (`edges=False`) and a
+    swarm client holds the edges only (`LlamaSpan.edges_only`): see docs/architecture.md.
+    """
+
+    def __init__(self, cfg: ModelConfig, start: int = 0, end: int | None = None, edges: bool = True) -> None:
         super().__init__()
         end = cfg.num_layers if end is None else end
-        if not 0 <= start < end <= cfg.num_layers:
+        if not (0 <= start < end <= cfg.num_layers or (edges and start == 0 and end == 0)):
             raise ValueError(f"layer span [{start}, {end}) is outside the model's {cfg.num_layers} layers")
         self.cfg, self.start, self.end = cfg, start, end
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        self.has_embeddings = edges and start == 0
+        self.has_head = edges and (end == cfg.num_layers or end == 0)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.has_embeddings else None
         self.layers = nn.ModuleList(Block(cfg, i - start) for i in range(start, end))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.has_head else None
         self.lm_head = None
-        if self.is_last:
+        if self.has_head:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             if cfg.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight
         # A plain attribute, not a buffer: `.to(bfloat16)` must not round the rotary frequencies.
         self.inv_freq = rope_inv_freq(cfg)
 
-    @property
-    def is_first(self) -> bool:
-        return self.start == 0
+    @classmethod
+    def edges_only(cls, cfg: ModelConfig) -> LlamaSpan:
+        """Embeddings, final norm and head with no layers: what a swarm client runs locally."""
+        return cls(cfg, 0, 0)
 
     @property
-    def is_last(self) -> bool:
-        return self.end == self.cfg.num_layers
+    def is_whole(self) -> bool:
+        """Token ids in, logits out: every layer and both edges."""
+        return self.has_embeddings and self.has_head and len(self.layers) == self.cfg.num_layers
+
+    def head(self, h: Tensor) -> Tensor:
+        """fp32 logits from final hidden states."""
+        assert self.lm_head is not None and self.norm is not None
+        return self.lm_head(self.norm(h)).float()
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if self.inv_freq.device != positions.device:
@@ -164,18 +178,18 @@ class LlamaSpan(nn.Module):
     ) -> Tensor:
         """Run the span.
 
-        x: token ids ([T] or [B, L]) for the first span, else hidden states ([T, hidden] or [B, L, hidden]).
+        x: token ids ([T] or [B, L]) with embeddings, else hidden states ([T, hidden] or [B, L, hidden]).
         positions: each token's position in its sequence, shaped like x's leading dims ([T] or [L]).
-        logits_rows: for the last span, the rows whose logits are wanted (the head is the single largest
+        logits_rows: with a head, the rows whose logits are wanted (the head is the single largest
         matmul, and a prefill chunk needs logits for its last token only); all rows when None.
-        Returns hidden states, or fp32 logits for the last span.
+        Returns hidden states, or fp32 logits with a head.
         """
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         cos, sin = self.rope(positions, h.dtype)
         for block in self.layers:
             h = block(h, cos, sin, backend)
-        if not self.is_last:
+        if not self.has_head:
             return h
         if logits_rows is not None:
             h = h[logits_rows]
-        return self.lm_head(self.norm(h)).float()
+        return self.head(h)

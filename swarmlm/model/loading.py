@@ -67,7 +67,7 @@ class LoadedModel:
 
     def save_hf(self, out_dir: Path) -> None:
         """Export the whole model (weights, config, tokenizer and chat template) as an HF directory."""
-        if not (self.span.is_first and self.span.is_last):
+        if not self.span.is_whole:
             raise ValueError("only a whole model can be exported")
         if any(isinstance(m, (Int8Linear, Int4Linear)) for m in self.span.modules()):
             raise ValueError("a quantized model cannot be exported; load it with quant='none'")
@@ -81,9 +81,11 @@ def load_model(
     dtype: str = "fp32",
     device: str = "auto",
     quant: str = "none",
+    edges: bool = True,
 ) -> LoadedModel:
     """Load layers [start, end) (all when None) of a GGUF file or HF directory, optionally with weight-only
-    int8/int4 linear layers (CPU; see `quant.py`)."""
+    int8/int4 linear layers (CPU; see `quant.py`). `edges` as in `LlamaSpan`: False for a swarm peer's
+    blocks; `layers=(0, 0)` for a swarm client's embeddings and head alone."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if quant not in QUANT_MODES:
@@ -93,8 +95,8 @@ def load_model(
     cfg = ckpt.config
     start, end = layers if layers is not None else (0, cfg.num_layers)
     with torch.device("meta"):
-        span = LlamaSpan(cfg, start, end)
-    state = fuse_projections(dict(ckpt.tensors(start, end)))
+        span = LlamaSpan(cfg, start, end, edges)
+    state = fuse_projections(dict(ckpt.tensors(start, end, span.has_embeddings, span.has_head)))
     if span.lm_head is not None and span.embed_tokens is not None and cfg.tie_word_embeddings:
         state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
     expected = set(span.state_dict())

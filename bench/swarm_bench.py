@@ -1,0 +1,203 @@
+"""Swarm benchmark: a 3-peer chain on loopback against the single-process engine, and failover recovery.
+
+Phases (all in one run, side by side on this machine):
+  single     one stream, greedy: decode tokens/s through the chain vs the local engine
+  concurrent 16 clients at once: aggregate tokens/s through the swarm vs the local engine's batching
+  failover   kill -9 of the middle peer a session is using, N times: time from the failure being seen to
+             the failed step answered by the new route (replay included), median and p95
+  netem      tokens/s with 20 ms added per hop (needs network namespaces: root and `ip netns`)
+
+    .venv/bin/python bench/swarm_bench.py [--kills 20] [--tokens 48]
+
+The last line of output is `BENCH_JSON {...}`; the same JSON goes to bench/results/swarm-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from swarmlm.engine.engine import Engine, EngineConfig
+from swarmlm.engine.sampling import SamplingParams
+from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.model.loading import load_model
+from swarmlm.swarm.client import RemoteModel
+from swarmlm.swarm.local import PeerProcess, start_swarm
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+PROMPT = "The river town woke slowly on winter mornings. Fishermen pushed their boats into the grey water"
+
+
+def local_rates(tokens: int, clients: int) -> tuple[float, float]:
+    """(single-stream decode tok/s, aggregate tok/s with `clients` sequences) of the whole model in-process."""
+    model = load_model()
+    engine = Engine(model, make_scheduler("fcfs"), EngineConfig(kv_budget_bytes=1 << 30))
+    ids = model.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+
+    def run(n: int) -> tuple[float, float]:
+        seqs = [engine.add(ids, params)[0] for _ in range(n)]
+        t0 = time.perf_counter()
+        while engine.has_work:
+            engine.step()
+        first = max(s.first_token for s in seqs)  # type: ignore[type-var]
+        wall = time.perf_counter() - t0
+        decode = (max(s.last_token for s in seqs) - first) / (tokens - 1)  # type: ignore[type-var, operator]
+        return 1 / decode, n * tokens / wall
+
+    run(1)  # warm-up
+    single, _ = run(1)
+    _, aggregate = run(clients)
+    return single, aggregate
+
+
+def remote_single(client: RemoteModel, tokens: int) -> float:
+    ids = client.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    best = 0.0
+    for _ in range(2):
+        times = [time.perf_counter() for _ in client.stream(ids, params)]
+        best = max(best, (len(times) - 1) / (times[-1] - times[0]))
+    return best
+
+
+def remote_concurrent(client: RemoteModel, tokens: int, clients: int) -> float:
+    ids = client.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    done: list[int] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            done.append(len(client.generate(ids, params)))
+        except BaseException as e:  # reported, never silently dropped
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {clients} clients failed: {errors[0]!r}")
+    return sum(done) / (time.perf_counter() - t0)
+
+
+def failover(client: RemoteModel, peers: dict[str, PeerProcess], kills: int, tokens: int) -> list[float]:
+    """Kill the middle peer in use `kills` times; a fresh peer replaces it before the next round."""
+    ids = client.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    boot = peers["first"].maddr
+    for i in range(kills):
+        before = len(client.stats.recovery_seconds)
+        victim = ""
+        for n, _ in enumerate(client.stream(ids, params)):
+            if n == tokens // 3:
+                victim = next(k for k in ("mid", "spare") if peers[k].peer_id in client.active_peers())
+                peers[victim].crash()
+        # A replacement joins before the next round, so there is always a spare to fail over to.
+        peers[victim] = PeerProcess("--layers", "10:20", initial=boot).wait_ready()
+        if len(client.stats.recovery_seconds) == before:
+            raise RuntimeError("the killed peer's session did not fail over")
+        console.print(f"  kill {i + 1}/{kills}: recovered in {client.stats.recovery_seconds[-1] * 1000:.0f} ms")
+    return client.stats.recovery_seconds[-kills:]
+
+
+def netem_available() -> str | None:
+    """None when namespaces can be used, else why not."""
+    if os.geteuid() != 0:
+        return "needs root for ip netns"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "iproute2 (ip, tc) not installed"
+    probe = subprocess.run(["ip", "netns", "add", "swarmlm-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"ip netns refused: {probe.stderr.strip()[:80]}"
+    subprocess.run(["ip", "netns", "del", "swarmlm-probe"], capture_output=True)
+    return "namespaces work, but the netem phase is not built yet"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="swarmlm swarm benchmark")
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--clients", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    console.rule("local engine (one process, whole model)")
+    local_single, local_agg = local_rates(args.tokens, args.clients)
+    console.print(f"  single {local_single:.1f} tok/s, {args.clients} streams {local_agg:.1f} tok/s")
+
+    console.rule("swarm: 3 peers on loopback + a spare middle peer")
+    started = start_swarm(["0:10", "10:20", "20:30", "10:20"])
+    peers = dict(zip(("first", "mid", "last", "spare"), started, strict=True))
+    try:
+        with RemoteModel(initial_peers=[peers["first"].maddr]) as client:
+            client.generate(client.tokenizer.encode(PROMPT), SamplingParams(max_tokens=4, temperature=0))  # warm-up
+            swarm_single = remote_single(client, args.tokens)
+            console.print(f"  single {swarm_single:.1f} tok/s")
+            swarm_agg = remote_concurrent(client, args.tokens, args.clients)
+            console.print(f"  {args.clients} clients {swarm_agg:.1f} tok/s")
+            recoveries = failover(client, peers, args.kills, args.tokens)
+    finally:
+        for p in peers.values():
+            p.stop()
+    netem_skip = netem_available()
+
+    p95 = sorted(recoveries)[max(0, round(0.95 * len(recoveries)) - 1)] if recoveries else None
+    result = {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "tokens": args.tokens,
+        "clients": args.clients,
+        "local_single_tok_s": local_single,
+        "swarm_single_tok_s": swarm_single,
+        "single_ratio": swarm_single / local_single,
+        "local_aggregate_tok_s": local_agg,
+        "swarm_aggregate_tok_s": swarm_agg,
+        "aggregate_ratio": swarm_agg / local_agg,
+        "kills": len(recoveries),
+        "recovery_median_s": statistics.median(recoveries) if recoveries else None,
+        "recovery_p95_s": p95,
+        "netem": None if netem_skip is None else f"skipped: {netem_skip}",
+    }
+    table = Table(title="Swarm benchmark (SmolLM2-135M fp32, 3 peers on loopback, 2 CPU cores)")
+    for col in ("measure", "local engine", "swarm", "ratio / target"):
+        table.add_column(col)
+    table.add_row(
+        "single stream tok/s", f"{local_single:.1f}", f"{swarm_single:.1f}", f"{result['single_ratio']:.2f} (>= 0.7)"
+    )
+    table.add_row(
+        f"{args.clients} clients tok/s", f"{local_agg:.1f}", f"{swarm_agg:.1f}", f"{result['aggregate_ratio']:.2f}"
+    )
+    if recoveries:
+        table.add_row(
+            f"failover over {len(recoveries)} kills",
+            "",
+            f"median {result['recovery_median_s'] * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms",  # type: ignore[operator]
+            "median <= 1 s + replay",
+        )
+    table.add_row("20 ms per hop (netem)", "", result["netem"] or "", "")
+    console.print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"swarm-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("BENCH_JSON " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""`RemoteModel`: generate with a model whose layers live on swarm peers, surviving peer failures.
+
+The client holds the token embeddings, the final norm and the head (Petals' split): only hidden states
+(bf16 by default, ~1 KB per token for SmolLM2) cross the network, sampling happens here with the
+engine's own sampling code, and the prompt never leaves this machine as text.
+
+A generation is an `InferenceSession`: a chain of hops (one P2P stream each) whose spans cover every
+layer. The session remembers what it sent into each boundary of the chain. When a hop fails (killed,
+timed out, or answered an error), the session bans that peer for a while, routes a new chain from that
+boundary to the end, replays the remembered inputs through it to rebuild the peers' KV caches, and
+carries on with the step that failed: the text is the same as without the failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from torch import Tensor
+
+from swarmlm.engine.sampling import SamplingParams, apply_penalties, sample_row
+from swarmlm.model.loading import load_model
+from swarmlm.swarm.loop import LoopThread
+from swarmlm.swarm.peer import SpanServicer, start_dht
+from swarmlm.swarm.protocol import WIRE_DTYPES, RemoteError, StepRequest, read_response
+from swarmlm.swarm.records import SpanRecord, fetch_records
+from swarmlm.swarm.routing import NoRouteError, find_route
+
+log = logging.getLogger("swarmlm.client")
+
+
+class HopFailure(RuntimeError):
+    pass
+
+
+@dataclass
+class ClientConfig:
+    wire_dtype: str = "bf16"
+    step_timeout: float = 30.0  # a peer that does not answer a step within this is treated as dead
+    route_timeout: float = 30.0  # how long to keep looking for a route before giving up
+    ban_seconds: float = 15.0
+
+
+@dataclass
+class SwarmStats:
+    failovers: int = 0
+    recovery_seconds: list[float] = field(default_factory=list)  # failure seen -> the failed step answered
+
+
+class _Hop:
+    """One peer of a session's chain: a P2P stream carrying this session's steps for its span.
+
+    The stream is driven message by message (hivemind's framing, one request then one reply) rather
+    than through `iterate_protobuf_handler`, whose reader waits for the request iterator to finish
+    before it reports a closed connection: a dead peer must surface at once, not at the deadline."""
+
+    HANDLER = SpanServicer._get_handle_name(None, "rpc_inference")  # the name add_p2p_handlers registers
+
+    def __init__(self, client: RemoteModel, record: SpanRecord, session_id: str, max_length: int) -> None:
+        self.client, self.record = client, record
+        self.header = {
+            "session_id": session_id,
+            "model_id": record.model_id,
+            "start": record.start,
+            "end": record.end,
+            "max_length": max_length,
+        }
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    def step(self, hidden: Tensor, position: int) -> Tensor:
+        try:
+            return self.client._loop.run(self._step(hidden, position), self.client.config.step_timeout)
+        except Exception as e:  # a dead, hung, refusing or misbehaving peer: the session routes around it
+            where = f"peer {self.record.peer_id[:12]}… (layers {self.record.start}..{self.record.end})"
+            raise HopFailure(f"{where}: {type(e).__name__}: {e}") from e
+
+    async def _step(self, hidden: Tensor, position: int) -> Tensor:
+        header = None
+        if self._writer is None:
+            peer = PeerID.from_base58(self.record.peer_id)
+            _, self._reader, self._writer = await self.client._p2p.call_binary_stream_handler(peer, self.HANDLER)
+            header = self.header
+        assert self._reader is not None
+        wire = WIRE_DTYPES[self.client.config.wire_dtype]
+        await P2P.send_protobuf(StepRequest(hidden.to(wire), position, header).to_proto(), self._writer)
+        reply, err = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, self._reader)
+        if err is not None:
+            raise RemoteError(err.message)
+        return read_response(reply).float()
+
+    async def _close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            with contextlib.suppress(Exception):  # the peer may be gone already
+                await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+            writer.close()
+
+    def close(self) -> None:
+        self.client._loop.submit(self._close())
+
+
+class InferenceSession:
+    """One generation's chain of hops; `step()` runs new tokens' hidden states through every layer."""
+
+    def __init__(self, client: RemoteModel, max_length: int) -> None:
+        self.client = client
+        self.max_length = max_length
+        self.session_id = uuid.uuid4().hex
+        self.num_layers = client.config_model.num_layers
+        self.hops: list[_Hop] = []
+        self.position = 0  # tokens already processed by every hop
+        self._inputs: dict[int, Tensor] = {}  # boundary layer -> inputs sent into it for positions < position
+        client.sessions.add(self)
+
+    def step(self, hidden: Tensor) -> Tensor:
+        """hidden: [n, hidden_size] at positions position..position+n. Returns the last layer's output."""
+        if self.position + hidden.shape[0] > self.max_length:
+            raise ValueError(f"the session holds {self.max_length} tokens")
+        current = {0: hidden}  # this step's input at each boundary
+        layer, i = 0, 0
+        failed_at: float | None = None
+        while layer < self.num_layers:
+            if i == len(self.hops):
+                self._route_from(layer)
+            hop = self.hops[i]
+            try:
+                out = hop.step(current[layer], self.position)
+            except HopFailure as e:
+                log.warning("hop failed, rerouting: %s", e)
+                failed_at = failed_at or time.monotonic()
+                self.client.ban(hop.record.peer_id)
+                self._drop_hops(i)
+                continue
+            layer = hop.record.end
+            current[layer] = out
+            i += 1
+        if failed_at is not None:
+            self.client.stats.failovers += 1
+            self.client.stats.recovery_seconds.append(time.monotonic() - failed_at)
+        for boundary, tensor in current.items():
+            if boundary < self.num_layers:
+                past = self._inputs.get(boundary)
+                self._inputs[boundary] = tensor if past is None else torch.cat([past, tensor])
+        self.position += hidden.shape[0]
+        return current[self.num_layers]
+
+    def _drop_hops(self, i: int) -> None:
+        """Close hops i.. and forget what was sent past the failed hop's start (the new chain's boundaries
+        may differ; replay recomputes them)."""
+        start = self.hops[i].record.start
+        for hop in self.hops[i:]:
+            hop.close()
+        del self.hops[i:]
+        self._inputs = {b: t for b, t in self._inputs.items() if b <= start}
+
+    def _route_from(self, layer: int) -> None:
+        """Append a chain covering layer..end, replaying the session's history through each new hop."""
+        deadline = time.monotonic() + self.client.config.route_timeout
+        first_new = len(self.hops)
+        while True:
+            try:
+                chain = find_route(self.client.records(), layer, self.num_layers, self.client.banned_peers())
+                for record in chain:
+                    hop = _Hop(self.client, record, self.session_id, self.max_length)
+                    self.hops.append(hop)
+                    past = self._inputs.get(record.start)
+                    if self.position > 0 and past is not None:
+                        out = hop.step(past, 0)  # replay: rebuilds this peer's KV for the session so far
+                        if record.end < self.num_layers:
+                            self._inputs[record.end] = out
+                return
+            except (NoRouteError, HopFailure) as e:
+                if isinstance(e, HopFailure):
+                    self.client.ban(self.hops[-1].record.peer_id)
+                for hop in self.hops[first_new:]:
+                    hop.close()
+                del self.hops[first_new:]
+                if time.monotonic() > deadline:
+                    raise NoRouteError(f"{e} (gave up after {self.client.config.route_timeout:.0f} s)") from e
+                time.sleep(0.5)  # records refresh every few seconds; a new peer may be joining
+
+    def close(self) -> None:
+        for hop in self.hops:
+            hop.close()
+        self.hops.clear()
+        self.client.sessions.discard(self)
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteModel:
+    """A model served by a swarm, used like a local one.
+
+    model = RemoteModel(initial_peers=["/ip4/…/p2p/…"])
+    ids = model.generate(model.tokenizer.encode("Hello"), SamplingParams(max_tokens=20, temperature=0))
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        initial_peers: Sequence[str] = (),
+        *,
+        dht: DHT | None = None,
+        config: ClientConfig | None = None,
+    ) -> None:
+        self.config = config or ClientConfig()
+        if self.config.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire dtype must be one of {sorted(WIRE_DTYPES)}")
+        self.local = load_model(model, layers=(0, 0))  # embeddings, final norm and head
+        self.model_id, self.tokenizer, self.config_model = self.local.model_id, self.local.tokenizer, self.local.config
+        self._own_dht = dht is None
+        self.dht = dht or start_dht(list(initial_peers), ["/ip4/127.0.0.1/tcp/0"], client=True)
+        self._loop = LoopThread("swarmlm-client")
+        self._p2p: P2P = self._loop.run(self.dht.replicate_p2p(), 60)
+        self._banned: dict[str, float] = {}
+        self.stats = SwarmStats()
+        self.sessions: set[InferenceSession] = set()
+
+    def records(self) -> list[SpanRecord]:
+        return fetch_records(self.dht, self.model_id)
+
+    def ban(self, peer_id: str) -> None:
+        self._banned[peer_id] = time.monotonic() + self.config.ban_seconds
+
+    def banned_peers(self) -> set[str]:
+        now = time.monotonic()
+        return {p for p, until in self._banned.items() if until > now}
+
+    def active_peers(self) -> set[str]:
+        """Peers that open sessions currently route through."""
+        return {hop.record.peer_id for session in list(self.sessions) for hop in session.hops}
+
+    def inference_session(self, max_length: int) -> InferenceSession:
+        return InferenceSession(self, max_length)
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """Yield generated token ids one by one (stops at EOS, a stop token id or max_tokens)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        span = self.local.span
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        output: list[int] = []
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.eos_token_ids))
+        with self.inference_session(len(prompt_ids) + params.max_tokens) as session:
+            new = list(prompt_ids)
+            while len(output) < params.max_tokens:
+                hidden = session.step(span.embed_tokens(torch.tensor(new)))
+                logits = span.head(hidden[-1:])[0]
+                apply_penalties(logits, params, prompt_ids, output)
+                token = sample_row(logits, params, generator)
+                output.append(token)
+                yield token
+                if token in stops:
+                    return
+                new = [token]
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        return list(self.stream(prompt_ids, params))
+
+    def close(self) -> None:
+        for session in list(self.sessions):
+            session.close()
+        self._loop.stop(self._p2p)
+        if self._own_dht:
+            self.dht.shutdown()
+
+    def __enter__(self) -> RemoteModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,116 @@
+"""A swarm of real `swarmlm peer` processes on this machine (for `make demo`, benchmarks and tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class PeerProcess:
+    """One `swarmlm peer` in its own process group, so its DHT and p2pd children go with it."""
+
+    def __init__(self, *args: str, initial: str | None = None, log_dir: Path | None = None) -> None:
+        log_dir = log_dir or Path(tempfile.gettempdir())
+        self.log = log_dir / f"swarmlm-peer-{os.getpid()}-{time.monotonic_ns()}.log"
+        cmd = [sys.executable, "-m", "swarmlm.cli", "peer", *args]
+        if initial:
+            cmd += ["--initial-peers", initial]
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.maddr = ""
+        self.peer_id = ""
+
+    def wait_ready(self, timeout: float = 180) -> PeerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            if "swarmlm peer ready" in text:
+                m = re.search(r"swarmlm peer (\S+): others join with --initial-peers (\S+)", text)
+                if m is None:
+                    raise RuntimeError(f"peer printed no multiaddr:\n{text[-3000:]}")
+                self.peer_id, self.maddr = m.group(1), m.group(2)
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"peer exited ({self.proc.returncode}):\n{text[-3000:]}")
+            time.sleep(0.25)
+        raise TimeoutError(f"peer not ready after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def span(self) -> tuple[int, int]:
+        m = re.search(r"swarmlm peer ready: \S+ layers (\d+)\.\.(\d+)", self.log.read_text())
+        if m is None:
+            raise RuntimeError("peer is not ready")
+        return int(m.group(1)), int(m.group(2))
+
+    def pids(self) -> set[int]:
+        """The peer and every process below it (DHT process, p2pd daemon, ...)."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        found, todo = set(), [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            if pid not in found:
+                found.add(pid)
+                todo.extend(children.get(pid, []))
+        return found
+
+    def crash(self) -> None:
+        """kill -9 of the whole process group: the peer vanishes without a word."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def leave(self, timeout: float = 30) -> None:
+        """SIGTERM, as Ctrl-C or a service manager would: the peer withdraws its record and shuts down."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.crash()
+
+    def stop(self) -> None:
+        """Leave, and kill anything of the peer's that is still running after that."""
+        tree = self.pids()
+        self.leave()
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (zombies count as gone)."""
+    running = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.add(pid)
+    return running
+
+
+def start_swarm(spans: list[str], extra: tuple[str, ...] = (), log_dir: Path | None = None) -> list[PeerProcess]:
+    """Start one peer per `--layers` value, the first as the bootstrap; returns them ready."""
+    peers: list[PeerProcess] = []
+    try:
+        for layers in spans:
+            boot = peers[0].maddr if peers else None
+            peers.append(PeerProcess("--layers", layers, *extra, initial=boot, log_dir=log_dir).wait_ready())
+    except BaseException:
+        for p in peers:
+            p.stop()
+        raise
+    return peers

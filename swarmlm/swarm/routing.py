@@ -1,0 +1,96 @@
+"""Choosing spans: which layers a joining peer serves, and which chain of peers a client uses."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+from swarmlm.swarm.records import SpanRecord
+
+HOP_SECONDS = 0.003  # assumed cost of one network hop before any is measured (loopback: ~1 ms)
+
+
+class NoRouteError(RuntimeError):
+    """No chain of live peers covers the layers; the message names the uncovered ones."""
+
+
+def coverage(records: Iterable[SpanRecord], num_layers: int) -> list[float]:
+    """Announced throughput per layer (sum over the peers serving it)."""
+    per_layer = [0.0] * num_layers
+    for r in records:
+        for layer in range(r.start, min(r.end, num_layers)):
+            per_layer[layer] += max(r.throughput, 1e-6)
+    return per_layer
+
+
+def choose_span(records: Iterable[SpanRecord], num_layers: int, span_layers: int) -> tuple[int, int]:
+    """Petals' rule: the window of `span_layers` consecutive layers with the lowest total throughput
+    (ties: the lowest start, which keeps equally sized spans aligned so chains connect)."""
+    span_layers = max(1, min(span_layers, num_layers))
+    per_layer = coverage(records, num_layers)
+    # Weakest layer first, then the window's total: a hole anywhere is filled before adding capacity.
+    best = min(
+        range(num_layers - span_layers + 1),
+        key=lambda s: (min(per_layer[s : s + span_layers]), sum(per_layer[s : s + span_layers]), s),
+    )
+    return best, best + span_layers
+
+
+def uncovered_layers(records: Iterable[SpanRecord], start: int, end: int) -> list[int]:
+    covered = set()
+    for r in records:
+        covered.update(range(max(r.start, start), min(r.end, end)))
+    return [layer for layer in range(start, end) if layer not in covered]
+
+
+def find_route(
+    records: Iterable[SpanRecord],
+    start: int,
+    end: int,
+    banned: set[str] = frozenset(),  # type: ignore[assignment]
+    rtt: dict[str, float] | None = None,
+) -> list[SpanRecord]:
+    """The fastest chain of whole spans from layer `start` to `end`: a shortest path over layer boundaries
+    where a hop costs its round trip (measured, else HOP_SECONDS) plus its time per token, inflated by the
+    sessions already waiting there."""
+    usable = [r for r in records if r.peer_id not in banned and r.num_layers > 0 and r.state == "online"]
+    rtt = rtt or {}
+    best: dict[int, float] = {start: 0.0}
+    came_from: dict[int, SpanRecord] = {}
+    heap = [(0.0, start)]
+    while heap:
+        cost, at = heapq.heappop(heap)
+        if at == end:
+            break
+        if cost > best.get(at, float("inf")):
+            continue
+        for r in usable:
+            if r.start != at or r.end > end:
+                continue
+            step = rtt.get(r.peer_id, HOP_SECONDS) + (1 + r.queue) / max(r.throughput, 1e-3)
+            if cost + step < best.get(r.end, float("inf")):
+                best[r.end] = cost + step
+                came_from[r.end] = r
+                heapq.heappush(heap, (cost + step, r.end))
+    if end not in came_from and start != end:
+        missing = uncovered_layers(usable, start, end)
+        detail = f"layers {_ranges(missing)} have no live peer" if missing else "the live spans do not line up"
+        raise NoRouteError(f"no route through layers {start}..{end}: {detail}")
+    chain: list[SpanRecord] = []
+    at = end
+    while at != start:
+        r = came_from[at]
+        chain.append(r)
+        at = r.start
+    return chain[::-1]
+
+
+def _ranges(layers: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    out: list[str] = []
+    for layer in layers:
+        if out and int(out[-1].split("-")[-1]) == layer - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{layer}"
+        else:
+            out.append(str(layer))
+    return ", ".join(out)

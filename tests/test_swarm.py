@@ -1,0 +1,157 @@
+"""The swarm with real peer processes on loopback: discovery, routing, identical output, failover."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from swarmlm.engine.engine import Engine, EngineConfig
+from swarmlm.engine.sampling import SamplingParams
+from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.model.loading import LoadedModel
+from swarmlm.swarm.client import ClientConfig, RemoteModel
+from swarmlm.swarm.local import PeerProcess, alive
+from swarmlm.swarm.records import SpanRecord
+from swarmlm.swarm.routing import NoRouteError, choose_span, find_route
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a quiet village,",
+    "Die Hauptstadt von Deutschland ist",  # non-English text
+]
+
+
+@pytest.fixture(scope="module")
+def swarm() -> Iterator[dict[str, PeerProcess]]:
+    """Layers 0..10 and 20..30 fixed; a late `auto` peer must fill the hole 10..20; a fourth peer serves
+    10..20 again, so the middle span has a spare for failover."""
+    peers: dict[str, PeerProcess] = {}
+    try:
+        peers["a"] = PeerProcess("--layers", "0:10").wait_ready()
+        boot = peers["a"].maddr
+        peers["c"] = PeerProcess("--layers", "20:30", initial=boot)
+        peers["c"].wait_ready()
+        peers["b"] = PeerProcess("--layers", "auto", "--num-layers", "10", initial=boot).wait_ready()
+        peers["d"] = PeerProcess("--layers", "10:20", initial=boot).wait_ready()
+        yield peers
+    finally:
+        for p in peers.values():
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def client(swarm: dict[str, PeerProcess]) -> Iterator[RemoteModel]:
+    with RemoteModel(initial_peers=[swarm["a"].maddr], config=ClientConfig(step_timeout=20)) as remote:
+        yield remote
+
+
+def local_greedy(model: LoadedModel, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    engine = Engine(model, make_scheduler("fcfs"), EngineConfig(kv_budget_bytes=256 << 20))
+    (seq,) = engine.add(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0))
+    while engine.has_work:
+        engine.step()
+    return seq.output_ids
+
+
+def test_late_peer_fills_the_least_covered_span(swarm: dict[str, PeerProcess]) -> None:
+    assert swarm["b"].span() == (10, 20)
+
+
+def test_records_describe_every_peer(client: RemoteModel, swarm: dict[str, PeerProcess]) -> None:
+    records = {r.peer_id: r for r in client.records()}
+    for name, span in {"a": (0, 10), "b": (10, 20), "c": (20, 30), "d": (10, 20)}.items():
+        r = records[swarm[name].peer_id]
+        assert (r.start, r.end) == span
+        assert r.throughput > 0 and r.digest and r.free_kv_tokens > 0
+
+
+def test_swarm_output_matches_the_local_engine(client: RemoteModel, model: LoadedModel) -> None:
+    for prompt in PROMPTS:
+        ids = model.tokenizer.encode(prompt)
+        assert client.generate(ids, SamplingParams(max_tokens=16, temperature=0)) == local_greedy(model, ids, 16)
+
+
+def test_seeded_sampling_is_reproducible(client: RemoteModel, model: LoadedModel) -> None:
+    ids = model.tokenizer.encode(PROMPTS[1])
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
+    assert client.generate(ids, params) == client.generate(ids, params)
+
+
+def test_uncovered_layers_give_a_clear_error(client: RemoteModel, swarm: dict[str, PeerProcess]) -> None:
+    with pytest.raises(NoRouteError, match="layers 10-19 have no live peer"):
+        find_route(client.records(), 0, 30, banned={swarm["b"].peer_id, swarm["d"].peer_id})
+
+
+def wait_gone(pids: set[int], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not alive(pids)
+
+
+def swarmlm_status(boot: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "swarmlm.cli", "status", "--initial-peers", boot]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_status_shows_peers_and_full_coverage(swarm: dict[str, PeerProcess]) -> None:
+    result = swarmlm_status(swarm["a"].maddr)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 live peers" in result.stdout
+    assert "1" * 10 + "2" * 10 + "1" * 10 in result.stdout  # peers per layer: the middle span twice
+
+
+def test_kill_9_mid_generation_gives_the_same_text(
+    client: RemoteModel, swarm: dict[str, PeerProcess], model: LoadedModel
+) -> None:
+    ids = model.tokenizer.encode(PROMPTS[0])
+    expected = local_greedy(model, ids, 24)
+    got: list[int] = []
+    stream = client.stream(ids, SamplingParams(max_tokens=24, temperature=0))
+    for token in stream:
+        got.append(token)
+        if len(got) == 6:
+            # Kill whichever middle peer this session is using, mid-generation, with no warning.
+            victim = next(p for p in (swarm["b"], swarm["d"]) if p.peer_id in client.active_peers())
+            tree = victim.pids()
+            victim.crash()
+    assert got == expected
+    assert client.stats.failovers >= 1
+    # The dead peer's record expires from the DHT within its TTL.
+    deadline = time.monotonic() + 25
+    while victim.peer_id in {r.peer_id for r in client.records()}:
+        assert time.monotonic() < deadline, "a dead peer's record outlived its TTL"
+        time.sleep(1)
+    assert wait_gone(tree), "the killed peer left processes behind"
+
+
+def test_status_exit_code_when_layers_are_uncovered(swarm: dict[str, PeerProcess]) -> None:
+    for name in ("b", "d"):
+        tree = swarm[name].pids()
+        swarm[name].leave()  # a clean leave withdraws the record at once
+        assert wait_gone(tree), "a peer that left cleanly kept processes running"
+    result = swarmlm_status(swarm["a"].maddr)
+    assert result.returncode == 1
+    assert "layers without a live peer: 10, 11" in result.stdout
+
+
+def test_routing_rules() -> None:
+    def rec(peer: str, start: int, end: int, tps: float = 10.0) -> SpanRecord:
+        return SpanRecord(peer, "m", start, end, throughput=tps)
+
+    assert choose_span([], 30, 10) == (0, 10)
+    assert choose_span([rec("a", 0, 10), rec("c", 20, 30)], 30, 10) == (10, 20)
+    assert choose_span([rec("a", 0, 30, 5.0), rec("b", 0, 15, 50.0)], 30, 15) == (15, 30)
+    fast, slow = rec("fast", 0, 30, 100.0), rec("slow", 0, 30, 1.0)
+    assert find_route([slow, fast], 0, 30) == [fast]
+    chain = find_route([rec("a", 0, 10), rec("b", 10, 30), fast], 0, 30, banned={"fast"})
+    assert [r.peer_id for r in chain] == ["a", "b"]
+    with pytest.raises(NoRouteError, match="3-4"):
+        find_route([rec("a", 0, 3), rec("b", 5, 30)], 0, 30)
