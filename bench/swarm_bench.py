@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--clients", type=int, default=16)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below: no peer outlives us
     torch.set_num_threads(2)
 
     console.rule("local engine (one process, whole model)")
@@ -144,6 +146,8 @@ def main() -> None:
     console.print(f"  single {local_single:.1f} tok/s, {args.clients} streams {local_agg:.1f} tok/s")
 
     console.rule("swarm: 3 peers on loopback + a spare middle peer")
+    # Four peers and this client share two cores: one compute thread each (see PeerProcess).
+    torch.set_num_threads(1)
     started = start_swarm(["0:10", "10:20", "20:30", "10:20"])
     peers = dict(zip(("first", "mid", "last", "spare"), started, strict=True))
     try:

@@ -86,6 +86,9 @@ def peer(
     quant: Annotated[str, typer.Option(help="Weight-only quantization on CPU: none, int8 or int4")] = "none",
     kv_budget: Annotated[int, typer.Option(help="KV cache budget in bytes")] = 1 << 30,
     scheduler: Annotated[str, typer.Option(help="mlfq or fcfs: the order sessions' steps run in")] = "mlfq",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for compute (default: all cores; 1 when peers share a machine)")
+    ] = None,
 ) -> None:
     """Join (or start) a swarm and serve a span of the model's layers to its clients."""
     from swarmlm.model.checkpoint import CheckpointError
@@ -103,6 +106,7 @@ def peer(
         quant=quant,
         kv_budget=kv_budget,
         scheduler=scheduler,
+        threads=threads,
     )
     try:
         code = run_peer(cfg)

@@ -16,10 +16,15 @@ from pathlib import Path
 class PeerProcess:
     """One `swarmlm peer` in its own process group, so its DHT and p2pd children go with it."""
 
-    def __init__(self, *args: str, initial: str | None = None, log_dir: Path | None = None) -> None:
+    def __init__(
+        self, *args: str, initial: str | None = None, log_dir: Path | None = None, threads: int | None = 1
+    ) -> None:
+        """`threads`: each peer's compute threads; peers sharing one machine should not each take every core."""
         log_dir = log_dir or Path(tempfile.gettempdir())
         self.log = log_dir / f"swarmlm-peer-{os.getpid()}-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "swarmlm.cli", "peer", *args]
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
         if initial:
             cmd += ["--initial-peers", initial]
         with self.log.open("w") as out:

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
+import torch
 from hivemind import DHT
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
@@ -49,6 +50,7 @@ class PeerConfig:
     kv_budget: int = 1 << 30
     scheduler: str = "mlfq"
     ttl: float = DEFAULT_TTL
+    threads: int | None = None  # torch intra-op threads; None: PyTorch's default (all cores)
 
 
 def start_dht(
@@ -116,6 +118,10 @@ def parse_layers(layers: str, total: int) -> tuple[int, int] | None:
 
 
 def run_peer(cfg: PeerConfig) -> int:
+    if cfg.threads is not None:
+        # Several peers on one machine must not each spin a thread per core: OpenMP workers that busy-wait
+        # between steps steal the cores the next peer in the chain needs.
+        torch.set_num_threads(cfg.threads)
     model_id, path = resolve_model(cfg.model)
     total = open_checkpoint(path).config.num_layers
     if cfg.layers != "auto":

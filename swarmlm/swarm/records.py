@@ -17,6 +17,7 @@ from hivemind.utils import get_dht_time
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 15.0
+DHT_TIMEOUT = 10.0  # every DHT call has a deadline: a dead DHT process must not hang its caller
 
 
 def model_key(model_id: str) -> str:
@@ -63,19 +64,24 @@ class SpanRecord:
             return None
 
 
+def _store(dht: DHT, record: SpanRecord, ttl: float) -> bool:
+    key, expires = model_key(record.model_id), get_dht_time() + ttl
+    future = dht.store(key, record.to_wire(), expires, subkey=record.peer_id, return_future=True)
+    return bool(future.result(timeout=DHT_TIMEOUT))
+
+
 def announce(dht: DHT, record: SpanRecord, ttl: float = DEFAULT_TTL) -> bool:
-    return bool(dht.store(model_key(record.model_id), record.to_wire(), get_dht_time() + ttl, subkey=record.peer_id))
+    return _store(dht, record, ttl)
 
 
 def withdraw(dht: DHT, record: SpanRecord) -> None:
     """Replace our record with an "offline" one that expires soon (DHT entries cannot be deleted)."""
-    offline = dataclasses.replace(record, state="offline")
-    dht.store(model_key(record.model_id), offline.to_wire(), get_dht_time() + 5, subkey=record.peer_id)
+    _store(dht, dataclasses.replace(record, state="offline"), 5.0)
 
 
 def fetch_records(dht: DHT, model_id: str, online_only: bool = True) -> list[SpanRecord]:
     """Every unexpired record of the model's swarm, sorted by span."""
-    found = dht.get(model_key(model_id), latest=True)
+    found = dht.get(model_key(model_id), latest=True, return_future=True).result(timeout=DHT_TIMEOUT)
     if found is None or not isinstance(found.value, dict):
         return []
     now = get_dht_time()
