@@ -99,7 +99,9 @@ def remote_concurrent(client: RemoteModel, tokens: int, clients: int) -> float:
     return sum(done) / (time.perf_counter() - t0)
 
 
-def failover(client: RemoteModel, peers: dict[str, PeerProcess], kills: int, tokens: int) -> list[float]:
+def failover(
+    client: RemoteModel, peers: dict[str, PeerProcess], kills: int, tokens: int, threads: int
+) -> list[float]:
     """Kill the middle peer in use `kills` times; a fresh peer replaces it before the next round."""
     ids = client.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
@@ -112,7 +114,7 @@ def failover(client: RemoteModel, peers: dict[str, PeerProcess], kills: int, tok
                 victim = next(k for k in ("mid", "spare") if peers[k].peer_id in client.active_peers())
                 peers[victim].crash()
         # A replacement joins before the next round, so there is always a spare to fail over to.
-        peers[victim] = PeerProcess("--layers", "10:20", initial=boot).wait_ready()
+        peers[victim] = PeerProcess("--layers", "10:20", initial=boot, threads=threads).wait_ready()
         if len(client.stats.recovery_seconds) == before:
             raise RuntimeError("the killed peer's session did not fail over")
         console.print(f"  kill {i + 1}/{kills}: recovered in {client.stats.recovery_seconds[-1] * 1000:.0f} ms")
@@ -137,6 +139,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--peer-threads", type=int, default=1, help="compute threads per peer (they share the cores)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below: no peer outlives us
     torch.set_num_threads(2)
@@ -146,9 +149,9 @@ def main() -> None:
     console.print(f"  single {local_single:.1f} tok/s, {args.clients} streams {local_agg:.1f} tok/s")
 
     console.rule("swarm: 3 peers on loopback + a spare middle peer")
-    # Four peers and this client share two cores: one compute thread each (see PeerProcess).
+    # Four peers and this client share the cores (see PeerProcess).
     torch.set_num_threads(1)
-    started = start_swarm(["0:10", "10:20", "20:30", "10:20"])
+    started = start_swarm(["0:10", "10:20", "20:30", "10:20"], threads=args.peer_threads)
     peers = dict(zip(("first", "mid", "last", "spare"), started, strict=True))
     try:
         with RemoteModel(initial_peers=[peers["first"].maddr]) as client:
@@ -157,7 +160,7 @@ def main() -> None:
             console.print(f"  single {swarm_single:.1f} tok/s")
             swarm_agg = remote_concurrent(client, args.tokens, args.clients)
             console.print(f"  {args.clients} clients {swarm_agg:.1f} tok/s")
-            recoveries = failover(client, peers, args.kills, args.tokens)
+            recoveries = failover(client, peers, args.kills, args.tokens, args.peer_threads)
     finally:
         for p in peers.values():
             p.stop()
@@ -168,6 +171,7 @@ def main() -> None:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "tokens": args.tokens,
         "clients": args.clients,
+        "peer_threads": args.peer_threads,
         "local_single_tok_s": local_single,
         "swarm_single_tok_s": swarm_single,
         "single_ratio": swarm_single / local_single,

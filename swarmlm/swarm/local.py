@@ -107,13 +107,16 @@ def alive(pids: set[int]) -> set[int]:
     return running
 
 
-def start_swarm(spans: list[str], extra: tuple[str, ...] = (), log_dir: Path | None = None) -> list[PeerProcess]:
+def start_swarm(
+    spans: list[str], extra: tuple[str, ...] = (), log_dir: Path | None = None, threads: int | None = 1
+) -> list[PeerProcess]:
     """Start one peer per `--layers` value, the first as the bootstrap; returns them ready."""
     peers: list[PeerProcess] = []
     try:
         for layers in spans:
             boot = peers[0].maddr if peers else None
-            peers.append(PeerProcess("--layers", layers, *extra, initial=boot, log_dir=log_dir).wait_ready())
+            peer = PeerProcess("--layers", layers, *extra, initial=boot, log_dir=log_dir, threads=threads)
+            peers.append(peer.wait_ready())
     except BaseException:
         for p in peers:
             p.stop()
