@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Serve and train language models on a swarm of ordinary machines.", no_args_is_help=True, add_completion=False
 )
 
 
+ModelOption = Annotated[
+    str | None, typer.Option(help="A .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+]
+
+
+def _exit_with(run: Callable[[T], int], cfg: T) -> NoReturn:
+    """Run a long-lived command; a bad model or setting is one red line and exit code 2, not a traceback."""
+    from swarmlm.model.checkpoint import CheckpointError
+
+    try:
+        code = run(cfg)
+    except (CheckpointError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    raise typer.Exit(code)
+
+
 @app.command()
 def serve(
-    model: Annotated[
-        str | None, typer.Option(help="A .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    ] = None,
+    model: ModelOption = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     scheduler: Annotated[str, typer.Option(help="mlfq (FastServe skip-join MLFQ) or fcfs")] = "mlfq",
@@ -33,7 +51,6 @@ def serve(
     starvation: Annotated[float, typer.Option(help="MLFQ: seconds of waiting before promotion to the top")] = 10.0,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
-    from swarmlm.model.checkpoint import CheckpointError
     from swarmlm.serve.server import ServeConfig, run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -56,19 +73,12 @@ def serve(
         mlfq_quantum=mlfq_quantum,
         starvation=starvation,
     )
-    try:
-        code = run_server(cfg)
-    except (CheckpointError, ValueError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from e
-    raise typer.Exit(code)
+    _exit_with(run_server, cfg)
 
 
 @app.command()
 def peer(
-    model: Annotated[
-        str | None, typer.Option(help="A .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    ] = None,
+    model: ModelOption = None,
     initial_peers: Annotated[
         list[str] | None, typer.Option("--initial-peers", help="Multiaddr of any peer already in the swarm")
     ] = None,
@@ -91,7 +101,6 @@ def peer(
     ] = None,
 ) -> None:
     """Join (or start) a swarm and serve a span of the model's layers to its clients."""
-    from swarmlm.model.checkpoint import CheckpointError
     from swarmlm.swarm.peer import PeerConfig, run_peer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,12 +117,7 @@ def peer(
         scheduler=scheduler,
         threads=threads,
     )
-    try:
-        code = run_peer(cfg)
-    except (CheckpointError, ValueError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from e
-    raise typer.Exit(code)
+    _exit_with(run_peer, cfg)
 
 
 @app.command()
