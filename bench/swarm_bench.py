@@ -99,9 +99,7 @@ def remote_concurrent(client: RemoteModel, tokens: int, clients: int) -> float:
     return sum(done) / (time.perf_counter() - t0)
 
 
-def failover(
-    client: RemoteModel, peers: dict[str, PeerProcess], kills: int, tokens: int, threads: int
-) -> list[float]:
+def failover(client: RemoteModel, peers: dict[str, PeerProcess], kills: int, tokens: int, threads: int) -> list[float]:
     """Kill the middle peer in use `kills` times; a fresh peer replaces it before the next round."""
     ids = client.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
@@ -130,8 +128,31 @@ def netem_available() -> str | None:
     probe = subprocess.run(["ip", "netns", "add", "swarmlm-probe"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"ip netns refused: {probe.stderr.strip()[:80]}"
-    subprocess.run(["ip", "netns", "del", "swarmlm-probe"], capture_output=True)
-    return "namespaces work, but the netem phase is not built yet"
+    try:
+        netem = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                "swarmlm-probe",
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "lo",
+                "root",
+                "netem",
+                "delay",
+                "20ms",
+            ],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", "swarmlm-probe"], capture_output=True)
+    if netem.returncode != 0:
+        return f"this kernel has no netem qdisc ({netem.stderr.strip()[:60]})"
+    return "namespaces and netem work, but the netem phase is not built yet"
 
 
 def main() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -140,6 +142,58 @@ def test_status_exit_code_when_layers_are_uncovered(swarm: dict[str, PeerProcess
     result = swarmlm_status(swarm["a"].maddr)
     assert result.returncode == 1
     assert "layers without a live peer: 10, 11" in result.stdout
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[list[tuple[str, str]]]:
+    """Two network namespaces joined by a veth pair: (namespace, address) of each "host"."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2 (ip)")
+    hosts = [("swarmlm-ns-a", "10.78.0.1"), ("swarmlm-ns-b", "10.78.0.2")]
+    setup = [["ip", "link", "add", "swl-va", "type", "veth", "peer", "name", "swl-vb"]]
+    for (ns, ip), dev in zip(hosts, ("swl-va", "swl-vb"), strict=True):
+        setup[:0] = [["ip", "netns", "add", ns]]
+        setup += [
+            ["ip", "link", "set", dev, "netns", ns],
+            ["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev],
+            ["ip", "-n", ns, "link", "set", dev, "up"],
+            ["ip", "-n", ns, "link", "set", "lo", "up"],
+        ]
+    try:
+        for cmd in setup:
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                pytest.skip(f"network namespaces unavailable: {' '.join(cmd)}: {result.stderr.strip()}")
+        yield hosts
+    finally:
+        for ns, _ in hosts:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_two_peers_on_separate_hosts(two_hosts: list[tuple[str, str]], model: LoadedModel) -> None:
+    (ns_a, ip_a), (_, ip_b) = two_hosts
+    peers = []
+    try:
+        for (ns, ip), layers in zip(two_hosts, ("0:15", "15:30"), strict=True):
+            initial = peers[0].maddr if peers else None
+            args = ("--layers", layers, "--host-maddrs", f"/ip4/{ip}/tcp/0")
+            peers.append(PeerProcess(*args, initial=initial, prefix=("ip", "netns", "exec", ns)).wait_ready())
+        assert f"/ip4/{ip_a}/" in peers[0].maddr and f"/ip4/{ip_b}/" in peers[1].maddr
+        ids = model.tokenizer.encode(PROMPTS[0])
+        # The client runs on host A and reaches host B's peer over the veth link.
+        script = (
+            "import json, sys; from swarmlm.engine.sampling import SamplingParams; "
+            "from swarmlm.swarm.client import RemoteModel; "
+            f"m = RemoteModel(initial_peers=[{peers[0].maddr!r}]); "
+            f"print(json.dumps(m.generate({ids!r}, SamplingParams(max_tokens=12, temperature=0)))); m.close()"
+        )
+        cmd = ["ip", "netns", "exec", ns_a, sys.executable, "-c", script]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == local_greedy(model, ids, 12)
+    finally:
+        for p in peers:
+            p.stop()
 
 
 def test_routing_rules() -> None:

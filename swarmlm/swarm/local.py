@@ -17,12 +17,18 @@ class PeerProcess:
     """One `swarmlm peer` in its own process group, so its DHT and p2pd children go with it."""
 
     def __init__(
-        self, *args: str, initial: str | None = None, log_dir: Path | None = None, threads: int | None = 1
+        self,
+        *args: str,
+        initial: str | None = None,
+        log_dir: Path | None = None,
+        threads: int | None = 1,
+        prefix: tuple[str, ...] = (),
     ) -> None:
-        """`threads`: each peer's compute threads; peers sharing one machine should not each take every core."""
+        """`threads`: each peer's compute threads; peers sharing one machine should not each take every core.
+        `prefix`: a command to run the peer under, e.g. ("ip", "netns", "exec", NAME) for another host."""
         log_dir = log_dir or Path(tempfile.gettempdir())
         self.log = log_dir / f"swarmlm-peer-{os.getpid()}-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "swarmlm.cli", "peer", *args]
+        cmd = [*prefix, sys.executable, "-m", "swarmlm.cli", "peer", *args]
         if threads is not None:
             cmd += ["--threads", str(threads)]
         if initial:
