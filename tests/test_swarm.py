@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.model.loading import LoadedModel
 from swarmlm.swarm.client import ClientConfig, RemoteModel
-from swarmlm.swarm.local import PeerProcess, alive
+from swarmlm.swarm.local import PeerProcess, alive, start_swarm
 from swarmlm.swarm.records import SpanRecord
 from swarmlm.swarm.routing import NoRouteError, choose_span, find_route
 
@@ -196,6 +197,25 @@ def test_two_peers_on_separate_hosts(two_hosts: list[tuple[str, str]], model: Lo
             p.stop()
 
 
+def test_spans_that_do_not_line_up(model: LoadedModel) -> None:
+    """Peers 0..20 and 12..30 overlap: the chain must use part of one of them."""
+    peers = start_swarm(["0:20", "12:30"])
+    try:
+        with RemoteModel(initial_peers=[peers[0].maddr]) as remote:
+            ids = model.tokenizer.encode(PROMPTS[2])
+            got, hops = [], []
+            for token in remote.stream(ids, SamplingParams(max_tokens=12, temperature=0)):
+                got.append(token)
+                if not hops:
+                    (session,) = remote.sessions
+                    hops = list(session.hops)
+            assert got == local_greedy(model, ids, 12)
+            assert [(h.start, h.end) for h in hops] in ([(0, 12), (12, 30)], [(0, 20), (20, 30)])
+    finally:
+        for p in peers:
+            p.stop()
+
+
 def test_routing_rules() -> None:
     def rec(peer: str, start: int, end: int, tps: float = 10.0) -> SpanRecord:
         return SpanRecord(peer, "m", start, end, throughput=tps)
@@ -204,8 +224,13 @@ def test_routing_rules() -> None:
     assert choose_span([rec("a", 0, 10), rec("c", 20, 30)], 30, 10) == (10, 20)
     assert choose_span([rec("a", 0, 30, 5.0), rec("b", 0, 15, 50.0)], 30, 15) == (15, 30)
     fast, slow = rec("fast", 0, 30, 100.0), rec("slow", 0, 30, 1.0)
-    assert find_route([slow, fast], 0, 30) == [fast]
+    assert [(h.record.peer_id, h.start, h.end) for h in find_route([slow, fast], 0, 30)] == [("fast", 0, 30)]
     chain = find_route([rec("a", 0, 10), rec("b", 10, 30), fast], 0, 30, banned={"fast"})
-    assert [r.peer_id for r in chain] == ["a", "b"]
+    assert [(h.record.peer_id, h.start, h.end) for h in chain] == [("a", 0, 10), ("b", 10, 30)]
+    # Spans that do not line up: the chain switches peers where the next span begins.
+    chain = find_route([rec("a", 0, 12), rec("b", 10, 22), rec("c", 20, 30)], 0, 30)
+    assert chain[0].start == 0 and chain[-1].end == 30
+    assert all(h.record.start <= h.start < h.end <= h.record.end for h in chain)
+    assert all(x.end == y.start for x, y in itertools.pairwise(chain))
     with pytest.raises(NoRouteError, match="3-4"):
         find_route([rec("a", 0, 3), rec("b", 5, 30)], 0, 30)

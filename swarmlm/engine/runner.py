@@ -70,10 +70,16 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
 
     @torch.inference_mode()
-    def forward(self, segments: list[Segment], inputs: Tensor, logits_rows: list[int] | None = None) -> Tensor:
+    def forward(
+        self,
+        segments: list[Segment],
+        inputs: Tensor,
+        logits_rows: list[int] | None = None,
+        blocks: tuple[int, int] | None = None,
+    ) -> Tensor:
         positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(self.device)
         rows = None if logits_rows is None else torch.tensor(logits_rows, dtype=torch.long, device=self.device)
-        out = self.span(inputs.to(self.device), positions, BatchAttention(segments), rows)
+        out = self.span(inputs.to(self.device), positions, BatchAttention(segments), rows, blocks)
         for seg in segments:
             seg.kv.length = seg.start + seg.length
         return out

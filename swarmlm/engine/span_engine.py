@@ -37,6 +37,7 @@ class SpanSession:
     max_length: int
     user: str
     arrival: float
+    blocks: tuple[int, int]  # which of the span's blocks this session runs through
     sched: SchedState = field(default_factory=SchedState)
     kv: SequenceKV | None = None
     steps: int = 0
@@ -93,13 +94,15 @@ class SpanEngine:
         return len(self._waiting)
 
     # ----- any thread -----------------------------------------------------------------------------
-    def open(self, session_id: str, max_length: int, user: str = "") -> SpanSession:
+    def open(
+        self, session_id: str, max_length: int, user: str = "", blocks: tuple[int, int] | None = None
+    ) -> SpanSession:
         if max_length > min(self.kv.capacity_tokens, self.span.cfg.max_position_embeddings):
             raise SessionError(
                 f"a session of {max_length} tokens does not fit this peer "
                 f"(KV budget {self.kv.capacity_tokens} tokens, context {self.span.cfg.max_position_embeddings})"
             )
-        session = SpanSession(session_id, max_length, user, self.clock())
+        session = SpanSession(session_id, max_length, user, self.clock(), blocks or (0, len(self.span.layers)))
         self.sessions[session_id] = session
         self._inbox.put(_Open(session))  # the scheduler is only ever touched by the engine thread
         return session
@@ -169,9 +172,12 @@ class SpanEngine:
     def step(self) -> None:
         start = self.clock()
         ranked = self.scheduler.rank(list(self._waiting), start)
+        blocks = ranked[0].blocks  # one forward runs one range of blocks: the best-ranked session's
         batch: list[_Step] = []
         tokens = 0
         for session in ranked:
+            if session.blocks != blocks:
+                continue
             step = self._waiting[session]
             n = step.hidden.shape[0]
             if batch and tokens + n > self.max_step_tokens:
@@ -190,7 +196,7 @@ class SpanEngine:
         segments = [Segment(s.session.kv, s.start, s.hidden.shape[0]) for s in batch]
         inputs = torch.cat([s.hidden for s in batch]).to(self.runner.dtype)
         try:
-            out = self.runner.forward(segments, inputs)
+            out = self.runner.forward(segments, inputs, blocks=blocks)
         except Exception as e:  # a bug or OOM in one step must not kill the peer
             for s in batch:
                 del self._waiting[s.session]

@@ -175,8 +175,10 @@ class LlamaSpan(nn.Module):
         positions: Tensor,
         backend: AttentionBackend | None = None,
         logits_rows: Tensor | None = None,
+        blocks: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Run the span.
+        """Run the span (or only its blocks [i, j) when `blocks` is given: a swarm session that uses part
+        of a peer's span).
 
         x: token ids ([T] or [B, L]) with embeddings, else hidden states ([T, hidden] or [B, L, hidden]).
         positions: each token's position in its sequence, shaped like x's leading dims ([T] or [L]).
@@ -186,7 +188,7 @@ class LlamaSpan(nn.Module):
         """
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         cos, sin = self.rope(positions, h.dtype)
-        for block in self.layers:
+        for block in self.layers if blocks is None else self.layers[blocks[0] : blocks[1]]:
             h = block(h, cos, sin, backend)
         if not self.has_head:
             return h

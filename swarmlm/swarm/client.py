@@ -33,7 +33,7 @@ from swarmlm.swarm.loop import LoopThread
 from swarmlm.swarm.peer import SpanServicer, start_dht
 from swarmlm.swarm.protocol import WIRE_DTYPES, RemoteError, StepRequest, read_response
 from swarmlm.swarm.records import SpanRecord, fetch_records
-from swarmlm.swarm.routing import NoRouteError, find_route
+from swarmlm.swarm.routing import NoRouteError, RouteHop, find_route
 
 log = logging.getLogger("swarmlm.client")
 
@@ -65,13 +65,13 @@ class _Hop:
 
     HANDLER = SpanServicer._get_handle_name(None, "rpc_inference")  # the name add_p2p_handlers registers
 
-    def __init__(self, client: RemoteModel, record: SpanRecord, session_id: str, max_length: int) -> None:
-        self.client, self.record = client, record
+    def __init__(self, client: RemoteModel, route: RouteHop, session_id: str, max_length: int) -> None:
+        self.client, self.record, self.start, self.end = client, route.record, route.start, route.end
         self.header = {
             "session_id": session_id,
-            "model_id": record.model_id,
-            "start": record.start,
-            "end": record.end,
+            "model_id": route.record.model_id,
+            "start": route.start,
+            "end": route.end,
             "max_length": max_length,
         }
         self._reader: asyncio.StreamReader | None = None
@@ -81,7 +81,7 @@ class _Hop:
         try:
             return self.client._loop.run(self._step(hidden, position), self.client.config.step_timeout)
         except Exception as e:  # a dead, hung, refusing or misbehaving peer: the session routes around it
-            where = f"peer {self.record.peer_id[:12]}… (layers {self.record.start}..{self.record.end})"
+            where = f"peer {self.record.peer_id[:12]}… (layers {self.start}..{self.end})"
             raise HopFailure(f"{where}: {type(e).__name__}: {e}") from e
 
     async def _step(self, hidden: Tensor, position: int) -> Tensor:
@@ -141,7 +141,7 @@ class InferenceSession:
                 self.client.ban(hop.record.peer_id)
                 self._drop_hops(i)
                 continue
-            layer = hop.record.end
+            layer = hop.end
             current[layer] = out
             i += 1
         if failed_at is not None:
@@ -157,7 +157,7 @@ class InferenceSession:
     def _drop_hops(self, i: int) -> None:
         """Close hops i.. and forget what was sent past the failed hop's start (the new chain's boundaries
         may differ; replay recomputes them)."""
-        start = self.hops[i].record.start
+        start = self.hops[i].start
         for hop in self.hops[i:]:
             hop.close()
         del self.hops[i:]
@@ -170,14 +170,14 @@ class InferenceSession:
         while True:
             try:
                 chain = find_route(self.client.records(), layer, self.num_layers, self.client.banned_peers())
-                for record in chain:
-                    hop = _Hop(self.client, record, self.session_id, self.max_length)
+                for route in chain:
+                    hop = _Hop(self.client, route, self.session_id, self.max_length)
                     self.hops.append(hop)
-                    past = self._inputs.get(record.start)
+                    past = self._inputs.get(hop.start)
                     if self.position > 0 and past is not None:
                         out = hop.step(past, 0)  # replay: rebuilds this peer's KV for the session so far
-                        if record.end < self.num_layers:
-                            self._inputs[record.end] = out
+                        if hop.end < self.num_layers:
+                            self._inputs[hop.end] = out
                 return
             except (NoRouteError, HopFailure) as e:
                 if isinstance(e, HopFailure):

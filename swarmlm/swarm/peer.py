@@ -94,14 +94,17 @@ class SpanServicer(ServicerBase):
     def _open(self, step: StepRequest, remote: str) -> SpanSession:
         h = step.header or {}
         r = self.record
-        if h.get("model_id") != r.model_id or (h.get("start"), h.get("end")) != (r.start, r.end):
+        start, end = h.get("start"), h.get("end")
+        ours = h.get("model_id") == r.model_id and isinstance(start, int) and isinstance(end, int)
+        if not ours or not r.start <= start < end <= r.end:
             raise SessionError(
                 f"this peer serves {r.model_id} layers {r.start}..{r.end}, "
-                f"not {h.get('model_id')} layers {h.get('start')}..{h.get('end')}"
+                f"not {h.get('model_id')} layers {start}..{end}"
             )
         if not isinstance(h.get("max_length"), int) or not isinstance(h.get("session_id"), str):
             raise SessionError("the session header needs session_id and max_length")
-        return self.engine.open(h["session_id"], h["max_length"], user=remote)
+        blocks = (start - r.start, end - r.start)  # which of our blocks this session runs through
+        return self.engine.open(h["session_id"], h["max_length"], user=remote, blocks=blocks)
 
 
 def parse_layers(layers: str, total: int) -> tuple[int, int] | None:

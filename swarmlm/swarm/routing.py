@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from swarmlm.swarm.records import SpanRecord
 
@@ -43,20 +44,31 @@ def uncovered_layers(records: Iterable[SpanRecord], start: int, end: int) -> lis
     return [layer for layer in range(start, end) if layer not in covered]
 
 
+@dataclass(frozen=True)
+class RouteHop:
+    """Layers [start, end) of a chain, computed by `record`'s peer (a part of its span, or all of it)."""
+
+    record: SpanRecord
+    start: int
+    end: int
+
+
 def find_route(
     records: Iterable[SpanRecord],
     start: int,
     end: int,
     banned: set[str] = frozenset(),  # type: ignore[assignment]
     rtt: dict[str, float] | None = None,
-) -> list[SpanRecord]:
-    """The fastest chain of whole spans from layer `start` to `end`: a shortest path over layer boundaries
-    where a hop costs its round trip (measured, else HOP_SECONDS) plus its time per token, inflated by the
-    sessions already waiting there."""
+) -> list[RouteHop]:
+    """The fastest chain from layer `start` to `end`: a shortest path over layer boundaries. A hop may use
+    any part of a peer's span, switching peers where another span begins (spans need not line up); it
+    costs its round trip (measured, else HOP_SECONDS) plus its share of the peer's time per token,
+    inflated by the sessions already waiting there."""
     usable = [r for r in records if r.peer_id not in banned and r.num_layers > 0 and r.state == "online"]
     rtt = rtt or {}
+    cuts = {start, end} | {r.start for r in usable} | {r.end for r in usable}
     best: dict[int, float] = {start: 0.0}
-    came_from: dict[int, SpanRecord] = {}
+    came_from: dict[int, RouteHop] = {}
     heap = [(0.0, start)]
     while heap:
         cost, at = heapq.heappop(heap)
@@ -65,23 +77,24 @@ def find_route(
         if cost > best.get(at, float("inf")):
             continue
         for r in usable:
-            if r.start != at or r.end > end:
+            if not r.start <= at < r.end:
                 continue
-            step = rtt.get(r.peer_id, HOP_SECONDS) + (1 + r.queue) / max(r.throughput, 1e-3)
-            if cost + step < best.get(r.end, float("inf")):
-                best[r.end] = cost + step
-                came_from[r.end] = r
-                heapq.heappush(heap, (cost + step, r.end))
+            per_layer = (1 + r.queue) / max(r.throughput, 1e-3) / r.num_layers
+            for stop in sorted(c for c in cuts if at < c <= min(r.end, end)):
+                total = cost + rtt.get(r.peer_id, HOP_SECONDS) + (stop - at) * per_layer
+                if total < best.get(stop, float("inf")):
+                    best[stop] = total
+                    came_from[stop] = RouteHop(r, at, stop)
+                    heapq.heappush(heap, (total, stop))
     if end not in came_from and start != end:
         missing = uncovered_layers(usable, start, end)
-        detail = f"layers {_ranges(missing)} have no live peer" if missing else "the live spans do not line up"
-        raise NoRouteError(f"no route through layers {start}..{end}: {detail}")
-    chain: list[SpanRecord] = []
+        raise NoRouteError(f"no route through layers {start}..{end}: layers {_ranges(missing)} have no live peer")
+    chain: list[RouteHop] = []
     at = end
     while at != start:
-        r = came_from[at]
-        chain.append(r)
-        at = r.start
+        hop = came_from[at]
+        chain.append(hop)
+        at = hop.start
     return chain[::-1]
 
 
