@@ -99,6 +99,9 @@ def peer(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for compute (default: all cores; 1 when peers share a machine)")
     ] = None,
+    rebalance_period: Annotated[
+        float, typer.Option(help="With --layers auto: seconds between checks whether another span needs us more")
+    ] = 60.0,
 ) -> None:
     """Join (or start) a swarm and serve a span of the model's layers to its clients."""
     from swarmlm.swarm.peer import PeerConfig, run_peer
@@ -116,6 +119,7 @@ def peer(
         kv_budget=kv_budget,
         scheduler=scheduler,
         threads=threads,
+        rebalance_period=rebalance_period,
     )
     _exit_with(run_peer, cfg)
 

@@ -20,7 +20,7 @@ from swarmlm.model.loading import LoadedModel
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.local import PeerProcess, alive, start_swarm
 from swarmlm.swarm.records import SpanRecord
-from swarmlm.swarm.routing import NoRouteError, choose_span, find_route
+from swarmlm.swarm.routing import NoRouteError, better_span, choose_span, find_route
 
 pytestmark = pytest.mark.slow
 
@@ -216,6 +216,29 @@ def test_spans_that_do_not_line_up(model: LoadedModel) -> None:
             p.stop()
 
 
+def test_auto_peers_rebalance_to_a_hole() -> None:
+    """Three `auto` peers of 15 layers: 0..15, 15..30, 0..15 again. When the 15..30 peer crashes, one of
+    the others moves there (and only one: the first claims the hole before the other checks)."""
+    auto = ("--layers", "auto", "--num-layers", "15", "--rebalance-period", "2")
+    first = PeerProcess(*auto).wait_ready()
+    peers = [first, PeerProcess(*auto, initial=first.maddr).wait_ready()]
+    peers.append(PeerProcess(*auto, initial=first.maddr).wait_ready())
+    try:
+        assert [p.span() for p in peers] == [(0, 15), (15, 30), (0, 15)]
+        peers[1].crash()
+        with RemoteModel(initial_peers=[first.maddr]) as watcher:
+            deadline = time.monotonic() + 90
+            while True:
+                spans = sorted((r.start, r.end) for r in watcher.records())
+                if spans == [(0, 15), (15, 30)]:
+                    break
+                assert time.monotonic() < deadline, f"no peer moved to the hole: {spans}"
+                time.sleep(1)
+    finally:
+        for p in peers:
+            p.stop()
+
+
 def test_routing_rules() -> None:
     def rec(peer: str, start: int, end: int, tps: float = 10.0) -> SpanRecord:
         return SpanRecord(peer, "m", start, end, throughput=tps)
@@ -223,6 +246,10 @@ def test_routing_rules() -> None:
     assert choose_span([], 30, 10) == (0, 10)
     assert choose_span([rec("a", 0, 10), rec("c", 20, 30)], 30, 10) == (10, 20)
     assert choose_span([rec("a", 0, 30, 5.0), rec("b", 0, 15, 50.0)], 30, 15) == (15, 30)
+    # Rebalancing: move into a hole; never for a marginal gain.
+    me = rec("me", 0, 15)
+    assert better_span([rec("x", 0, 15), me], me, 30, 15) == (15, 30)
+    assert better_span([rec("x", 0, 15, 10.0), rec("y", 15, 30, 12.0), me], me, 30, 15) is None
     fast, slow = rec("fast", 0, 30, 100.0), rec("slow", 0, 30, 1.0)
     assert [(h.record.peer_id, h.start, h.end) for h in find_route([slow, fast], 0, 30)] == [("fast", 0, 30)]
     chain = find_route([rec("a", 0, 10), rec("b", 10, 30), fast], 0, 30, banned={"fast"})

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
@@ -30,7 +31,7 @@ from swarmlm.model.loading import load_model, resolve_model
 from swarmlm.swarm.loop import LoopThread
 from swarmlm.swarm.protocol import ProtocolError, StepRequest, error_response, step_response
 from swarmlm.swarm.records import DEFAULT_TTL, SpanRecord, announce, fetch_records, withdraw
-from swarmlm.swarm.routing import choose_span
+from swarmlm.swarm.routing import better_span, choose_span
 
 log = logging.getLogger("swarmlm.peer")
 
@@ -50,6 +51,7 @@ class PeerConfig:
     kv_budget: int = 1 << 30
     scheduler: str = "mlfq"
     ttl: float = DEFAULT_TTL
+    rebalance_period: float = 60.0  # seconds between balance checks of an `auto` peer; 0: never move
     threads: int | None = None  # torch intra-op threads; None: PyTorch's default (all cores)
 
 
@@ -69,29 +71,32 @@ def start_dht(
 class SpanServicer(ServicerBase):
     """P2P handlers of a serving peer: `rpc_inference` is one session's stream."""
 
-    def __init__(self, engine: SpanEngine, record: SpanRecord) -> None:
-        self.engine = engine
+    def __init__(self, engine: SpanEngine | None, record: SpanRecord) -> None:
+        self.engine = engine  # replaced when the peer moves to another span
         self.record = record
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         session: SpanSession | None = None
+        engine = self.engine
         try:
             async for msg in requests:
                 step = StepRequest.from_proto(msg)
+                if engine is None or engine is not self.engine:
+                    raise SessionError("this peer is moving to other layers; route around it")
                 if session is None:
-                    session = self._open(step, str(context.remote_id))
-                future = self.engine.submit(session, step.hidden, step.position)
+                    session = self._open(engine, step, str(context.remote_id))
+                future = engine.submit(session, step.hidden, step.position)
                 out = await asyncio.wrap_future(future)
                 yield step_response(out.to(step.hidden.dtype))
         except (ProtocolError, SessionError, KVCacheError) as e:
             yield error_response(str(e))
         finally:
-            if session is not None:
-                self.engine.close(session)
+            if session is not None and engine is not None:
+                engine.close(session)
 
-    def _open(self, step: StepRequest, remote: str) -> SpanSession:
+    def _open(self, engine: SpanEngine, step: StepRequest, remote: str) -> SpanSession:
         h = step.header or {}
         r = self.record
         start, end = h.get("start"), h.get("end")
@@ -104,7 +109,7 @@ class SpanServicer(ServicerBase):
         if not isinstance(h.get("max_length"), int) or not isinstance(h.get("session_id"), str):
             raise SessionError("the session header needs session_id and max_length")
         blocks = (start - r.start, end - r.start)  # which of our blocks this session runs through
-        return self.engine.open(h["session_id"], h["max_length"], user=remote, blocks=blocks)
+        return engine.open(h["session_id"], h["max_length"], user=remote, blocks=blocks)
 
 
 def parse_layers(layers: str, total: int) -> tuple[int, int] | None:
@@ -127,70 +132,121 @@ def run_peer(cfg: PeerConfig) -> int:
         torch.set_num_threads(cfg.threads)
     model_id, path = resolve_model(cfg.model)
     total = open_checkpoint(path).config.num_layers
-    if cfg.layers != "auto":
-        span = parse_layers(cfg.layers, total)  # fail on a bad value before starting anything
-    dht = start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.identity)
-    stop = threading.Event()
-    engine: SpanEngine | None = None
-    record: SpanRecord | None = None
-    loop: LoopThread | None = None
-    p2p: P2P | None = None
+    span = None if cfg.layers == "auto" else parse_layers(cfg.layers, total)  # fail early on a bad value
+    peer = Peer(cfg, model_id, total, start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.identity))
     try:
-        for maddr in dht.get_visible_maddrs():
-            print(f"swarmlm peer {dht.peer_id}: others join with --initial-peers {maddr}", flush=True)
-        if cfg.layers == "auto":
-            span = choose_span(fetch_records(dht, model_id), total, cfg.num_layers or total)
-        start, end = span if span is not None else (0, 0)
-        record = SpanRecord(str(dht.peer_id), model_id, start, end, version=swarmlm.__version__)
-        if span is not None:
-            model = load_model(cfg.model, layers=span, dtype=cfg.dtype, quant=cfg.quant, edges=False)
-            engine = SpanEngine(model.span, make_scheduler(cfg.scheduler), cfg.kv_budget)
-            record.digest, record.dtype = model.digest, cfg.dtype
-            record.throughput = engine.measure_throughput()
-            loop = LoopThread("swarmlm-p2p")
-            p2p = loop.run(dht.replicate_p2p(), DAEMON_START_TIMEOUT)
-            loop.run(SpanServicer(engine, record).add_p2p_handlers(p2p), DAEMON_START_TIMEOUT)
-        _heartbeat(dht, record, engine, cfg.ttl)  # first announcement before we say we are ready
-        threading.Thread(target=_heartbeats, args=(dht, record, engine, cfg.ttl, stop), daemon=True).start()
-        print(f"swarmlm peer ready: {model_id} layers {start}..{end} ({record.throughput:.1f} tok/s)", flush=True)
-
-        def request_exit(signum: int, _frame: object) -> None:
-            log.info("signal %d: leaving the swarm", signum)
-            stop.set()
-            if engine is not None:
-                engine.stop()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, request_exit)
-        if engine is not None:
-            engine.run()
-        else:
-            stop.wait()
-        return 0
+        return peer.serve(span)
     finally:
-        stop.set()
-        if record is not None:
+        peer.shutdown()
+
+
+class Peer:
+    """One running peer: its DHT node, its record, and the engine serving its current span."""
+
+    def __init__(self, cfg: PeerConfig, model_id: str, num_layers: int, dht: DHT) -> None:
+        self.cfg, self.model_id, self.num_layers, self.dht = cfg, model_id, num_layers, dht
+        self.record = SpanRecord(str(dht.peer_id), model_id, 0, 0, version=swarmlm.__version__)
+        self.engine: SpanEngine | None = None
+        self.stop = threading.Event()
+        self.move_to: tuple[int, int] | None = None
+        self.loop: LoopThread | None = None
+        self.p2p: P2P | None = None
+        self.servicer = SpanServicer(None, self.record)
+
+    def serve(self, span: tuple[int, int] | None) -> int:
+        for maddr in self.dht.get_visible_maddrs():
+            print(f"swarmlm peer {self.dht.peer_id}: others join with --initial-peers {maddr}", flush=True)
+        auto = self.cfg.layers == "auto"
+        if auto:
+            span = choose_span(fetch_records(self.dht, self.model_id), self.num_layers, self._span_layers)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._request_exit)
+        if span is None:  # serves no layers: a bootstrap or gateway node
+            self._heartbeat()
+            threading.Thread(target=self._heartbeats, daemon=True).start()
+            print(f"swarmlm peer ready: {self.model_id} layers 0..0 (no layers)", flush=True)
+            self.stop.wait()
+            return 0
+        self.loop = LoopThread("swarmlm-p2p")
+        self.p2p = self.loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
+        self.loop.run(self.servicer.add_p2p_handlers(self.p2p), DAEMON_START_TIMEOUT)
+        threading.Thread(target=self._heartbeats, daemon=True).start()
+        while not self.stop.is_set():
+            self._load(span)
+            self._heartbeat()  # announce the (new) span before saying we are ready
+            print(
+                f"swarmlm peer ready: {self.model_id} layers {span[0]}..{span[1]} ({self.record.throughput:.1f} tok/s)",
+                flush=True,
+            )
+            assert self.engine is not None
+            self.engine.run()  # returns on a signal, or when the heartbeat decides to move
+            if self.move_to is None:
+                break
+            span, self.move_to = self.move_to, None
+        return 0
+
+    @property
+    def _span_layers(self) -> int:
+        return self.cfg.num_layers or self.num_layers
+
+    def _load(self, span: tuple[int, int]) -> None:
+        cfg = self.cfg
+        model = load_model(cfg.model, layers=span, dtype=cfg.dtype, quant=cfg.quant, edges=False)
+        engine = SpanEngine(model.span, make_scheduler(cfg.scheduler), cfg.kv_budget)
+        r = self.record
+        r.start, r.end, r.digest, r.dtype = span[0], span[1], model.digest, cfg.dtype
+        r.throughput = engine.measure_throughput()
+        r.state = "online"
+        self.engine = self.servicer.engine = engine
+
+    def _request_exit(self, signum: int, _frame: object) -> None:
+        log.info("signal %d: leaving the swarm", signum)
+        self.stop.set()
+        if self.engine is not None:
+            self.engine.stop()
+
+    def _heartbeat(self) -> None:
+        if (engine := self.engine) is not None:
+            self.record.free_kv_tokens = engine.kv.capacity_tokens - engine.kv.used_tokens
+            self.record.sessions = len(engine.sessions)
+            self.record.queue = engine.waiting
+        if not announce(self.dht, self.record, self.cfg.ttl):
+            log.warning("could not store our record in the DHT (no reachable peers?)")
+
+    def _heartbeats(self) -> None:
+        last_balance = time.monotonic()
+        while not self.stop.wait(self.cfg.ttl / 3):
             try:
-                withdraw(dht, record)
-            except Exception:  # Ctrl-C in a terminal also reaches the DHT process: it may be gone already
-                log.warning("could not withdraw our record; it expires within %.0f s", cfg.ttl)
-        if loop is not None:
-            loop.stop(p2p)
-        dht.shutdown()
+                self._heartbeat()
+                period = self.cfg.rebalance_period
+                if self.cfg.layers == "auto" and period > 0 and time.monotonic() - last_balance > period:
+                    last_balance = time.monotonic()
+                    self._rebalance()
+            except Exception:  # a DHT hiccup must not end the heartbeat; the next one retries
+                log.exception("heartbeat failed")
 
+    def _rebalance(self) -> None:
+        """Move to a better span when that raises the swarm's weakest layer by a clear margin."""
+        if self.engine is None or self.move_to is not None:
+            return
+        records = [r for r in fetch_records(self.dht, self.model_id, online_only=False) if r.state != "offline"]
+        target = better_span(records, self.record, self.num_layers, self._span_layers)
+        if target is not None:
+            log.info("moving from layers %d..%d to %d..%d", self.record.start, self.record.end, *target)
+            # Claim the target at once ("moving": counted for balance, skipped by routing) so that other
+            # peers checking meanwhile do not all rush to the same hole.
+            self.record.start, self.record.end, self.record.state = *target, "moving"
+            self._heartbeat()
+            self.move_to = target
+            self.servicer.engine = None  # new sessions are refused at once until the new span is loaded
+            self.engine.stop()
 
-def _heartbeat(dht: DHT, record: SpanRecord, engine: SpanEngine | None, ttl: float) -> None:
-    if engine is not None:
-        record.free_kv_tokens = engine.kv.capacity_tokens - engine.kv.used_tokens
-        record.sessions = len(engine.sessions)
-        record.queue = engine.waiting
-    if not announce(dht, record, ttl):
-        log.warning("could not store our record in the DHT (no reachable peers?)")
-
-
-def _heartbeats(dht: DHT, record: SpanRecord, engine: SpanEngine | None, ttl: float, stop: threading.Event) -> None:
-    while not stop.wait(ttl / 3):
+    def shutdown(self) -> None:
+        self.stop.set()
         try:
-            _heartbeat(dht, record, engine, ttl)
-        except Exception:  # a DHT hiccup must not end the heartbeat; the next one retries
-            log.exception("heartbeat failed")
+            withdraw(self.dht, self.record)
+        except Exception:  # Ctrl-C in a terminal also reaches the DHT process: it may be gone already
+            log.warning("could not withdraw our record; it expires within %.0f s", self.cfg.ttl)
+        if self.loop is not None:
+            self.loop.stop(self.p2p)
+        self.dht.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +36,23 @@ def choose_span(records: Iterable[SpanRecord], num_layers: int, span_layers: int
         key=lambda s: (min(per_layer[s : s + span_layers]), sum(per_layer[s : s + span_layers]), s),
     )
     return best, best + span_layers
+
+
+MOVE_MARGIN = 1.33  # move only if the weakest layer's throughput grows by a third (Petals: quality < 0.75)
+
+
+def better_span(
+    records: Iterable[SpanRecord], me: SpanRecord, num_layers: int, span_layers: int
+) -> tuple[int, int] | None:
+    """The span `me` should move to, or None: moving must raise the swarm's weakest layer clearly."""
+    others = [r for r in records if r.peer_id != me.peer_id]
+    target = choose_span(others, num_layers, span_layers)
+    if target == (me.start, me.end):
+        return None
+    now = min(coverage([*others, me], num_layers))
+    moved = dataclasses.replace(me, start=target[0], end=target[1])
+    after = min(coverage([*others, moved], num_layers))
+    return target if after > now * MOVE_MARGIN else None
 
 
 def uncovered_layers(records: Iterable[SpanRecord], start: int, end: int) -> list[int]:
