@@ -173,6 +173,8 @@ class Peer:
         threading.Thread(target=self._heartbeats, daemon=True).start()
         while not self.stop.is_set():
             self._load(span)
+            if self.stop.is_set():  # a signal that came while loading found no engine to stop
+                break
             self._heartbeat()  # announce the (new) span before saying we are ready
             print(
                 f"swarmlm peer ready: {self.model_id} layers {span[0]}..{span[1]} ({self.record.throughput:.1f} tok/s)",
