@@ -173,8 +173,8 @@ class InferenceSession:
                 for route in chain:
                     hop = _Hop(self.client, route, self.session_id, self.max_length)
                     self.hops.append(hop)
-                    past = self._inputs.get(hop.start)
-                    if self.position > 0 and past is not None:
+                    if self.position > 0:
+                        past = self._inputs[hop.start]  # every boundary's history is kept (see step)
                         out = hop.step(past, 0)  # replay: rebuilds this peer's KV for the session so far
                         if hop.end < self.num_layers:
                             self._inputs[hop.end] = out
