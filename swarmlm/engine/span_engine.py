@@ -40,7 +40,6 @@ class SpanSession:
     blocks: tuple[int, int]  # which of the span's blocks this session runs through
     sched: SchedState = field(default_factory=SchedState)
     kv: SequenceKV | None = None
-    steps: int = 0
 
     @property
     def length(self) -> int:
@@ -85,8 +84,6 @@ class SpanEngine:
         self.sessions: dict[str, SpanSession] = {}
         self._inbox: queue.SimpleQueue[_Step | _Open | _Close | None] = queue.SimpleQueue()
         self._waiting: dict[SpanSession, _Step] = {}
-        self.steps = 0
-        self.tokens = 0
 
     @property
     def waiting(self) -> int:
@@ -207,12 +204,9 @@ class SpanEngine:
         for s in batch:
             n = s.hidden.shape[0]
             del self._waiting[s.session]
-            s.session.steps += 1
             s.future.set_result(out[row : row + n])
             row += n
             self.scheduler.charge(s.session, now - start, now, prompt_tokens=n - 1, output_tokens=1)
-        self.steps += 1
-        self.tokens += tokens
 
     def _fail_all(self, error: Exception) -> None:
         for step in self._waiting.values():
