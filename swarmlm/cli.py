@@ -102,6 +102,10 @@ def peer(
     rebalance_period: Annotated[
         float, typer.Option(help="With --layers auto: seconds between checks whether another span needs us more")
     ] = 60.0,
+    api: Annotated[
+        str | None, typer.Option(help="HOST:PORT: also serve the OpenAI API and /dashboard, backed by the swarm")
+    ] = None,
+    max_batch_seqs: Annotated[int, typer.Option(help="With --api: sequences the gateway runs at once")] = 32,
 ) -> None:
     """Join (or start) a swarm and serve a span of the model's layers to its clients."""
     from swarmlm.swarm.peer import PeerConfig, run_peer
@@ -120,6 +124,8 @@ def peer(
         scheduler=scheduler,
         threads=threads,
         rebalance_period=rebalance_period,
+        api=api,
+        max_batch_seqs=max_batch_seqs,
     )
     _exit_with(run_peer, cfg)
 
@@ -132,8 +138,7 @@ def status(
     """Show the swarm's peers and per-layer coverage; exit code 1 if some layer has no live peer."""
     from swarmlm.model.checkpoint import open_checkpoint
     from swarmlm.model.loading import resolve_model
-    from swarmlm.swarm.peer import start_dht
-    from swarmlm.swarm.records import DEFAULT_TTL, fetch_records
+    from swarmlm.swarm.records import DEFAULT_TTL, fetch_records, start_dht
     from swarmlm.swarm.status import print_status
 
     model_id, path = resolve_model(model)

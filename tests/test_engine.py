@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarmlm.engine.engine import Engine, EngineConfig, FinishReason, Sequence
+from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.engine.sequence import FinishReason, Sequence
 from swarmlm.model.loading import LoadedModel
 
 QUESTIONS = [
@@ -54,9 +55,9 @@ def test_tiny_kv_budget_preempts_and_recomputes(model: LoadedModel, one_at_a_tim
     layout_bytes = 2 * model.config.num_layers * model.config.num_kv_heads * model.config.head_dim * 4
     engine = make_engine(model, kv_budget_bytes=layout_bytes * 96)
     seqs = run(engine, [(ids, GREEDY) for ids in prompts(model)])
-    assert engine.preemptions > 0
+    assert engine.executor.preemptions > 0
     assert [s.output_ids for s in seqs] == one_at_a_time
-    assert engine.kv.used_tokens == 0  # everything freed
+    assert engine.executor.kv.used_tokens == 0  # everything freed
 
 
 def test_chunked_prefill_is_exact(model: LoadedModel, one_at_a_time: list[list[int]]) -> None:
@@ -64,9 +65,9 @@ def test_chunked_prefill_is_exact(model: LoadedModel, one_at_a_time: list[list[i
     seqs = run(engine, [(ids, GREEDY) for ids in prompts(model)])
     assert [s.output_ids for s in seqs] == one_at_a_time
     # again, now starting from cached prefixes that are longer than one chunk
-    hits = engine.kv.prefix_hits
+    hits = engine.executor.kv.prefix_hits
     seqs = run(engine, [(ids, GREEDY) for ids in prompts(model)])
-    assert engine.kv.prefix_hits - hits > 7 * len(seqs)
+    assert engine.executor.kv.prefix_hits - hits > 7 * len(seqs)
     assert [s.output_ids for s in seqs] == one_at_a_time
 
 
@@ -74,9 +75,9 @@ def test_prefix_cache_hits_give_identical_outputs(model: LoadedModel, one_at_a_t
     engine = make_engine(model)
     ids = prompts(model)
     first = run(engine, [(ids[0], GREEDY)])[0]
-    hits_before = engine.kv.prefix_hits
+    hits_before = engine.executor.kv.prefix_hits
     again = run(engine, [(ids[0], GREEDY), (ids[2], GREEDY)])
-    assert engine.kv.prefix_hits - hits_before >= 32  # the repeated prompt and the shared system prompt
+    assert engine.executor.kv.prefix_hits - hits_before >= 32  # the repeated prompt and the shared system prompt
     assert first.output_ids == again[0].output_ids == one_at_a_time[0]
     assert again[1].output_ids == one_at_a_time[2]
 
@@ -143,9 +144,9 @@ def test_abort_frees_kv(model: LoadedModel) -> None:
     (seq,) = engine.add(prompts(model)[1], SamplingParams(max_tokens=200, temperature=0))
     for _ in range(3):
         engine.step()
-    assert engine.kv.used_tokens > 0
+    assert engine.executor.kv.used_tokens > 0
     engine.abort(seq.request_id)
-    assert seq.finish_reason == FinishReason.ABORT and engine.kv.used_tokens == 0 and not engine.has_work
+    assert seq.finish_reason == FinishReason.ABORT and engine.executor.kv.used_tokens == 0 and not engine.has_work
 
 
 def test_requests_that_cannot_fit_are_refused(model: LoadedModel) -> None:

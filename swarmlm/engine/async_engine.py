@@ -20,8 +20,9 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from swarmlm.engine.engine import Engine, FinishReason, Sequence, StepOutput
+from swarmlm.engine.engine import Engine
 from swarmlm.engine.sampling import SamplingParams
+from swarmlm.engine.sequence import FinishReason, Sequence, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ class QueueFullError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class RequestFailedError(RuntimeError):
+    """The engine gave up on one request (its executor could not run it); the others carry on."""
 
 
 @dataclass
@@ -172,7 +177,8 @@ class AsyncEngine:
     def _emit(self, out: StepOutput) -> None:
         if self.on_output is not None:
             self.on_output(out)
-        self._post(self._deliver, out.seq.request_id, out)
+        item = out if out.seq.error is None else RequestFailedError(out.seq.error)
+        self._post(self._deliver, out.seq.request_id, item)
 
     def _run(self) -> None:
         engine = self.engine
@@ -220,4 +226,4 @@ class AsyncEngine:
                 self._post(self._deliver, cmd.handle.request_id, e)
 
 
-__all__ = ["AsyncEngine", "EngineDeadError", "FinishReason", "QueueFullError", "RequestHandle"]
+__all__ = ["AsyncEngine", "EngineDeadError", "FinishReason", "QueueFullError", "RequestFailedError", "RequestHandle"]

@@ -12,77 +12,16 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 
 import torch
 
-from swarmlm.engine.kv_cache import KVCacheManager, KVLayout, SequenceKV
-from swarmlm.engine.runner import ModelRunner, Segment
-from swarmlm.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample_row, token_logprob
-from swarmlm.engine.scheduler import SchedState, Scheduler
+from swarmlm.engine.executor import Executor, LocalExecutor
+from swarmlm.engine.sampling import SamplingParams, apply_penalties, sample_row, token_logprob
+from swarmlm.engine.scheduler import Scheduler
+from swarmlm.engine.sequence import FinishReason, Sequence, StepOutput
 from swarmlm.model.loading import LoadedModel
 from swarmlm.model.tokenizer import Tokenizer
-
-
-class FinishReason(StrEnum):
-    STOP = "stop"
-    LENGTH = "length"
-    ABORT = "abort"
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One generated continuation (a request with n > 1 has n of them)."""
-
-    request_id: str
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    user: str
-    arrival: float
-    generator: torch.Generator | None
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    kv: SequenceKV | None = None
-    host_kv: SequenceKV | None = None  # offloaded cache of a preempted sequence (accelerators only)
-    num_computed: int = 0  # tokens whose keys and values are in `kv`
-    prefix_stored: bool = False
-    text: str = ""
-    emitted: int = 0  # characters of `text` already reported
-    finish_reason: FinishReason | None = None
-    sched: SchedState = field(default_factory=SchedState)
-    first_scheduled: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def uncomputed(self) -> int:
-        return self.num_tokens - self.num_computed
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def token_slice(self, start: int, end: int) -> list[int]:
-        n = len(self.prompt_ids)
-        if end <= n:
-            return self.prompt_ids[start:end]
-        return self.prompt_ids[start:] + self.output_ids[max(0, start - n) : end - n]
-
-
-@dataclass
-class StepOutput:
-    seq: Sequence
-    token_id: int | None  # None when the sequence only finished (aborted) this step
-    text_delta: str
-    logprob: TokenLogprob | None
-    inter_token: float | None = None  # seconds since this sequence's previous token
 
 
 @dataclass
@@ -101,24 +40,21 @@ class Engine:
         scheduler: Scheduler,
         config: EngineConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        executor: Executor | None = None,
     ) -> None:
-        if not model.span.is_whole:
-            raise ValueError("the single-peer engine needs the whole model (layers 0..N)")
+        """`model` gives the tokenizer and config; the forward passes run on `executor` (by default the
+        whole `model` in this process)."""
         self.model = model
         self.config = config = config or EngineConfig()
         self.tokenizer: Tokenizer = model.tokenizer
         self.scheduler = scheduler
         self.clock = clock
-        self.runner = ModelRunner(model.span)
+        self.executor = executor or LocalExecutor(model.span, config.kv_budget_bytes, config.prefix_block)
         cfg = model.config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.runner.dtype, self.runner.device)
-        budget = config.kv_budget_bytes or default_kv_budget(self.runner.device)
-        self.kv = KVCacheManager(layout, budget, config.prefix_block)
         self.active: list[Sequence] = []
         self.prefill_seconds_per_token = 0.0
         self.decode_step_seconds = 0.0
-        self.preemptions = 0
         self.steps = 0
         self._ids = itertools.count()
 
@@ -133,9 +69,10 @@ class Engine:
                 f"the model's context of {self.max_model_len} tokens"
             )
         need = len(prompt_ids) + params.max_tokens
-        if need > self.kv.capacity_tokens:
+        if need > self.executor.capacity_tokens:
             raise ValueError(
-                f"the request needs {need} tokens of KV cache but this peer's budget holds {self.kv.capacity_tokens}"
+                f"the request needs {need} tokens of KV cache but this peer's budget holds "
+                f"{self.executor.capacity_tokens}"
             )
         if bad := [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary")
@@ -179,30 +116,26 @@ class Engine:
         batch = self._pack(ranked)
         if not batch:
             return []
-        segments, inputs, rows, sampling = [], [], [], []
-        row = 0
-        for seq, n in batch:
-            segments.append(Segment(seq.kv, seq.num_computed, n))
-            inputs.extend(seq.token_slice(seq.num_computed, seq.num_computed + n))
-            row += n
-            if seq.num_computed + n == seq.num_tokens:
-                rows.append(row - 1)
-                sampling.append(seq)
+        for seq, _ in batch:
             if seq.first_scheduled is None:
                 seq.first_scheduled = start
-        logits = self.runner.forward(segments, torch.tensor(inputs), rows)
+        result = self.executor.forward(batch)
         now = self.clock()
         outputs = []
+        for seq, error in result.failed.items():
+            seq.error = error
+            self._finish(seq, FinishReason.ABORT)
+            outputs.append(StepOutput(seq, None, "", None))
         for seq, n in batch:
-            seq.num_computed += n
-            if not seq.prefix_stored and seq.num_computed >= len(seq.prompt_ids):
-                self.kv.store_prefix(seq.kv, seq.prompt_ids)
-                seq.prefix_stored = True
-        for seq, row_logits in zip(sampling, logits, strict=True):
+            if seq not in result.failed:
+                seq.num_computed += n
+        for seq, row_logits in zip(result.sampled, result.logits, strict=True):
             outputs.append(self._sample(seq, row_logits, now))
+        sampled = set(result.sampled)
         for seq, n in batch:
-            generated = 1 if seq in sampling else 0
-            self.scheduler.charge(seq, now - start, now, prompt_tokens=n - generated, output_tokens=generated)
+            if seq not in result.failed:
+                generated = 1 if seq in sampled else 0
+                self.scheduler.charge(seq, now - start, now, prompt_tokens=n - generated, output_tokens=generated)
         self.steps += 1
         return outputs
 
@@ -210,51 +143,20 @@ class Engine:
         """Take sequences in rank order while the step's token, sequence and KV budgets allow."""
         batch: list[tuple[Sequence, int]] = []
         tokens_left = self.config.max_step_tokens
-        for seq in ranked:
+        for i, seq in enumerate(ranked):
             if len(batch) == self.config.max_batch_seqs or tokens_left == 0:
                 break
+            lower = ranked[i + 1 :]
             n = min(seq.uncomputed, tokens_left)
-            if not self._reserve(seq, seq.num_computed + n, ranked):
+            if not self.executor.reserve(seq, seq.num_computed + n, lower):
                 continue
-            if seq.num_computed + n > seq.kv.capacity:  # prefix reuse moved the start forward
-                n = min(seq.uncomputed, tokens_left)
-                if not self._reserve(seq, seq.num_computed + n, ranked):
-                    continue
+            # Prefix reuse may have moved the start forward: size the chunk again from there.
+            n = min(seq.uncomputed, tokens_left)
+            if not self.executor.reserve(seq, seq.num_computed + n, lower):
+                continue
             batch.append((seq, n))
             tokens_left -= n
         return batch
-
-    def _reserve(self, seq: Sequence, length: int, ranked: list[Sequence]) -> bool:
-        """Make sure `seq` has KV room for `length` tokens, preempting lower-ranked sequences if needed."""
-        fresh = seq.kv is None
-        if fresh and seq.host_kv is not None:
-            length = max(length, seq.host_kv.length)
-        while True:
-            kv = self.kv.ensure(seq.kv, length)
-            if kv is not None:
-                seq.kv = kv
-                break
-            # Only sequences ranked below this one give way (never a higher-priority one).
-            lower = ranked[ranked.index(seq) + 1 :]
-            victim = next((s for s in reversed(lower) if s.kv is not None), None)
-            if victim is None:
-                return False
-            self._preempt(victim)
-        if fresh:
-            if seq.host_kv is not None:
-                seq.num_computed = self.kv.restore(seq.kv, seq.host_kv)
-                seq.host_kv = None
-            elif seq.num_computed == 0:
-                seq.num_computed = self.kv.reuse_prefix(seq.kv, seq.prompt_ids)
-        return True
-
-    def _preempt(self, seq: Sequence) -> None:
-        seq.host_kv = self.kv.offload(seq.kv) if self.runner.device.type != "cpu" else None
-        self.kv.free(seq.kv)
-        seq.kv = None
-        if seq.host_kv is None:
-            seq.num_computed = 0  # recompute prompt and output so far on resume
-        self.preemptions += 1
 
     # ----- sampling and stopping ------------------------------------------------------------------
     def _sample(self, seq: Sequence, raw: torch.Tensor, now: float) -> StepOutput:
@@ -308,8 +210,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
         seq.finished_at = self.clock()
-        self.kv.free(seq.kv)
-        seq.kv = seq.host_kv = None
+        self.executor.release(seq)
         self.active.remove(seq)
         self.scheduler.forget(seq)
 
@@ -322,23 +223,14 @@ class Engine:
             (seq,) = self.add(ids, params, request_id="profile")
             seq.prefix_stored = True  # keep the profile out of the prefix cache
             t0 = time.perf_counter()
-            while seq.num_computed < len(ids):
+            while not seq.finished and seq.num_computed < len(ids):
                 self.step()
             t1 = time.perf_counter()
             while not seq.finished:
                 self.step()
             t2 = time.perf_counter()
+            if seq.error is not None:
+                raise RuntimeError(f"profiling failed: {seq.error}")
             self.prefill_seconds_per_token = (t1 - t0) / prompt_tokens
             self.decode_step_seconds = (t2 - t1) / max(1, params.max_tokens - 1)
         self.steps = 0
-
-
-def default_kv_budget(device: torch.device) -> int:
-    """A quarter of the memory free now (device memory on an accelerator), at most 8 GiB."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        import os
-
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(min(free // 4, 8 << 30))

@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from swarmlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestHandle
-from swarmlm.engine.engine import StepOutput
+from swarmlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError, RequestHandle
 from swarmlm.engine.sampling import SamplingParams
+from swarmlm.engine.sequence import StepOutput
 from swarmlm.model.tokenizer import Tokenizer
 from swarmlm.serve.metrics import ServingMetrics
 from swarmlm.serve.protocol import (
@@ -208,6 +208,8 @@ def create_app(engine: AsyncEngine, model_id: str, metrics: ServingMetrics) -> F
             task.result()
         except EngineDeadError as e:
             raise APIError(503, str(e), "server_error", code="engine_unavailable") from e
+        except RequestFailedError as e:
+            raise APIError(503, str(e), "server_error", code="request_failed") from e
         finally:
             for h in handles:
                 engine.abort(h.request_id)
@@ -217,8 +219,9 @@ def create_app(engine: AsyncEngine, model_id: str, metrics: ServingMetrics) -> F
             try:
                 async for chunk in stream():
                     yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            except EngineDeadError as e:
-                err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_failed"}}
+            except (EngineDeadError, RequestFailedError) as e:
+                code = "engine_failed" if isinstance(e, EngineDeadError) else "request_failed"
+                err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": code}}
                 yield f"data: {json.dumps(err)}\n\n"
             finally:  # normal end, client gone (the generator is cancelled), or error: free the KV now
                 for h in handles:

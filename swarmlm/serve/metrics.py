@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from swarmlm.engine.engine import Engine, StepOutput
+from swarmlm.engine.engine import Engine
+from swarmlm.engine.sequence import StepOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -40,6 +41,10 @@ class ServingMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
         self.rejected = counter("request_rejected", "Requests refused with 429 (queue full)")
+        self.failover_recovery = histogram(
+            "swarm_failover_recovery_seconds", "A failed hop seen -> its step answered by a replacement chain"
+        )
+        self.generated = 0  # tokens generated so far, readable without Prometheus internals (dashboard)
         self.success = Counter(
             "swarmlm:request_success", "Finished sequences by finish reason", [*labels, "finished_reason"], registry=r
         )
@@ -49,6 +54,7 @@ class ServingMetrics:
         seq = out.seq
         if out.token_id is not None:
             self.generation_tokens.inc()
+            self.generated += 1
             if len(seq.output_ids) == 1:
                 self.ttft.observe(seq.first_token - seq.arrival)
                 self.prompt_tokens.inc(len(seq.prompt_ids))
@@ -62,7 +68,8 @@ class ServingMetrics:
 
     def observe_step(self, engine: Engine) -> None:
         self.running.set(sum(1 for s in engine.active if s.first_scheduled is not None))
-        self.kv_usage.set(engine.kv.usage)
-        self.prefix_hits.set(engine.kv.prefix_hits)
-        self.prefix_queries.set(engine.kv.prefix_queries)
-        self.preemptions.set(engine.preemptions)
+        executor = engine.executor
+        self.kv_usage.set(executor.kv_usage)
+        self.prefix_hits.set(executor.prefix_hits)
+        self.prefix_queries.set(executor.prefix_queries)
+        self.preemptions.set(executor.preemptions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import uvicorn
@@ -12,8 +13,9 @@ from fastapi import FastAPI
 
 from swarmlm.engine.async_engine import AsyncEngine
 from swarmlm.engine.engine import Engine, EngineConfig
+from swarmlm.engine.executor import Executor
 from swarmlm.engine.scheduler import make_scheduler
-from swarmlm.model.loading import load_model
+from swarmlm.model.loading import LoadedModel, load_model
 from swarmlm.serve.api import create_app
 from swarmlm.serve.metrics import ServingMetrics
 
@@ -40,8 +42,12 @@ class ServeConfig:
     starvation: float = 10.0
 
 
-def build_app(cfg: ServeConfig) -> tuple[FastAPI, AsyncEngine]:
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
+def build_app(
+    cfg: ServeConfig, model: LoadedModel | None = None, executor: Executor | None = None, profile: bool = True
+) -> tuple[FastAPI, AsyncEngine, ServingMetrics]:
+    """The engine, its metrics and the API app. By default the engine runs the whole model loaded from
+    `cfg`; a swarm gateway passes its edge-only `model` and a `SwarmExecutor` instead."""
+    model = model or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
     scheduler = (
         make_scheduler(cfg.scheduler, cfg.fair, base_quantum=cfg.mlfq_quantum, starvation=cfg.starvation)
         if cfg.scheduler == "mlfq"
@@ -56,19 +62,18 @@ def build_app(cfg: ServeConfig) -> tuple[FastAPI, AsyncEngine]:
             max_step_tokens=cfg.max_step_tokens,
             max_model_len=cfg.max_model_len,
         ),
+        executor=executor,
     )
-    engine.profile()
+    if profile:
+        engine.profile()
     log.info(
-        "loaded %s (%d layers, digest %s…, %s/%s), %s; prefill %.2f ms/token, decode step %.1f ms, KV budget %.0f MiB",
+        "%s (%d layers, digest %s…), %s; prefill %.2f ms/token, decode step %.1f ms",
         model.model_id,
         model.config.num_layers,
         model.digest[:12],
-        cfg.dtype,
-        cfg.quant,
         scheduler.name,
         engine.prefill_seconds_per_token * 1e3,
         engine.decode_step_seconds * 1e3,
-        engine.kv.budget_bytes / 2**20,
     )
     metrics = ServingMetrics(model.model_id)
     async_engine = AsyncEngine(
@@ -78,27 +83,51 @@ def build_app(cfg: ServeConfig) -> tuple[FastAPI, AsyncEngine]:
         on_output=metrics.observe_output,
         on_step=metrics.observe_step,
     )
-    return create_app(async_engine, model.model_id, metrics), async_engine
+    return create_app(async_engine, model.model_id, metrics), async_engine, metrics
+
+
+class ApiServer:
+    """uvicorn in a thread of its own, beside the engine loop (which runs where the model was loaded: see
+    async_engine.py)."""
+
+    def __init__(self, app: FastAPI, engine: AsyncEngine, host: str, port: int) -> None:
+        self.engine = engine
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        )
+        self._http = threading.Thread(target=self.server.run, name="swarmlm-http", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start listening; raises if the address cannot be bound (uvicorn ends its thread then)."""
+        self._http.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._http.is_alive() or time.monotonic() > deadline:
+                config = self.server.config
+                raise RuntimeError(f"the API could not listen on {config.host}:{config.port} (see the log above)")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.engine.stop()
+
+    def join(self) -> None:
+        self.server.should_exit = True
+        self._http.join(timeout=30)
 
 
 def run_server(cfg: ServeConfig) -> int:
-    """Serve until SIGINT/SIGTERM. The engine loop runs in this (the main) thread, where the model was
-    loaded, and uvicorn in a thread beside it (see async_engine.py for why). Returns an exit code."""
-    app, engine = build_app(cfg)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
-    )
-    http = threading.Thread(target=server.run, name="swarmlm-http", daemon=True)
+    """Serve until SIGINT/SIGTERM; the engine loop runs in this (the main) thread. Returns an exit code."""
+    app, engine, _ = build_app(cfg)
+    api = ApiServer(app, engine, cfg.host, cfg.port)
 
     def request_exit(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)
-        server.should_exit = True
-        engine.stop()
+        api.stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_exit)
-    http.start()
+    api.start()
     engine.run()  # returns on stop() (signal or server shutdown) or when the engine fails
-    server.should_exit = True
-    http.join(timeout=30)
+    api.join()
     return 1 if engine.error is not None else 0

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,10 +30,10 @@ from torch import Tensor
 from swarmlm.engine.sampling import SamplingParams, apply_penalties, sample_row
 from swarmlm.model.loading import load_model
 from swarmlm.swarm.loop import LoopThread
-from swarmlm.swarm.peer import SpanServicer, start_dht
 from swarmlm.swarm.protocol import WIRE_DTYPES, RemoteError, StepRequest, read_response
-from swarmlm.swarm.records import SpanRecord, fetch_records
+from swarmlm.swarm.records import SpanRecord, fetch_records, start_dht
 from swarmlm.swarm.routing import NoRouteError, RouteHop, find_route
+from swarmlm.swarm.servicer import SpanServicer
 
 log = logging.getLogger("swarmlm.client")
 
@@ -54,6 +54,13 @@ class ClientConfig:
 class SwarmStats:
     failovers: int = 0
     recovery_seconds: list[float] = field(default_factory=list)  # failure seen -> the failed step answered
+    on_recovery: Callable[[float], None] | None = None  # e.g. a Prometheus histogram's observe
+
+    def recovered(self, seconds: float) -> None:
+        self.failovers += 1
+        self.recovery_seconds.append(seconds)
+        if self.on_recovery is not None:
+            self.on_recovery(seconds)
 
 
 class _Hop:
@@ -145,8 +152,7 @@ class InferenceSession:
             current[layer] = out
             i += 1
         if failed_at is not None:
-            self.client.stats.failovers += 1
-            self.client.stats.recovery_seconds.append(time.monotonic() - failed_at)
+            self.client.stats.recovered(time.monotonic() - failed_at)
         for boundary, tensor in current.items():
             if boundary < self.num_layers:
                 past = self._inputs.get(boundary)
@@ -238,7 +244,7 @@ class RemoteModel:
 
     def banned_peers(self) -> set[str]:
         now = time.monotonic()
-        return {p for p, until in self._banned.items() if until > now}
+        return {p for p, until in list(self._banned.items()) if until > now}  # sessions ban from many threads
 
     def active_peers(self) -> set[str]:
         """Peers that open sessions currently route through."""

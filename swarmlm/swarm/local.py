@@ -37,12 +37,13 @@ class PeerProcess:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.maddr = ""
         self.peer_id = ""
+        self.api = args[args.index("--api") + 1] if "--api" in args else None  # host:port of its gateway
 
     def wait_ready(self, timeout: float = 180) -> PeerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_text()
-            if "swarmlm peer ready" in text:
+            if "swarmlm peer ready" in text and (self.api is None or "swarmlm gateway:" in text):
                 m = re.search(r"swarmlm peer (\S+): others join with --initial-peers (\S+)", text)
                 if m is None:
                     raise RuntimeError(f"peer printed no multiaddr:\n{text[-3000:]}")

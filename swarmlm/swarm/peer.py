@@ -9,33 +9,36 @@ parent or test harness kills the group).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
 import torch
 from hivemind import DHT
-from hivemind.p2p import P2P, P2PContext, ServicerBase
-from hivemind.proto import runtime_pb2
+from hivemind.p2p import P2P
 
 import swarmlm
-from swarmlm.engine.kv_cache import KVCacheError
 from swarmlm.engine.scheduler import make_scheduler
-from swarmlm.engine.span_engine import SessionError, SpanEngine, SpanSession
+from swarmlm.engine.span_engine import SpanEngine
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import load_model, resolve_model
+from swarmlm.swarm.gateway import Gateway, ServeConfig, parse_address
 from swarmlm.swarm.loop import LoopThread
-from swarmlm.swarm.protocol import ProtocolError, StepRequest, error_response, step_response
-from swarmlm.swarm.records import DEFAULT_TTL, SpanRecord, announce, fetch_records, withdraw
+from swarmlm.swarm.records import (
+    DAEMON_START_TIMEOUT,
+    DEFAULT_TTL,
+    SpanRecord,
+    announce,
+    fetch_records,
+    start_dht,
+    withdraw,
+)
 from swarmlm.swarm.routing import better_span, choose_span
+from swarmlm.swarm.servicer import SpanServicer
 
 log = logging.getLogger("swarmlm.peer")
-
-DAEMON_START_TIMEOUT = 60.0  # hivemind's 15 s default is too tight for a loaded 2-core machine
 
 
 @dataclass
@@ -53,63 +56,8 @@ class PeerConfig:
     ttl: float = DEFAULT_TTL
     rebalance_period: float = 60.0  # seconds between balance checks of an `auto` peer; 0: never move
     threads: int | None = None  # torch intra-op threads; None: PyTorch's default (all cores)
-
-
-def start_dht(
-    initial_peers: list[str], host_maddrs: list[str], identity: str | None = None, client: bool = False
-) -> DHT:
-    return DHT(
-        initial_peers=initial_peers or None,
-        host_maddrs=host_maddrs,
-        identity_path=identity,
-        client_mode=client,
-        startup_timeout=DAEMON_START_TIMEOUT,
-        start=True,
-    )
-
-
-class SpanServicer(ServicerBase):
-    """P2P handlers of a serving peer: `rpc_inference` is one session's stream."""
-
-    def __init__(self, engine: SpanEngine | None, record: SpanRecord) -> None:
-        self.engine = engine  # replaced when the peer moves to another span
-        self.record = record
-
-    async def rpc_inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        session: SpanSession | None = None
-        engine = self.engine
-        try:
-            async for msg in requests:
-                step = StepRequest.from_proto(msg)
-                if engine is None or engine is not self.engine:
-                    raise SessionError("this peer is moving to other layers; route around it")
-                if session is None:
-                    session = self._open(engine, step, str(context.remote_id))
-                future = engine.submit(session, step.hidden, step.position)
-                out = await asyncio.wrap_future(future)
-                yield step_response(out.to(step.hidden.dtype))
-        except (ProtocolError, SessionError, KVCacheError) as e:
-            yield error_response(str(e))
-        finally:
-            if session is not None and engine is not None:
-                engine.close(session)
-
-    def _open(self, engine: SpanEngine, step: StepRequest, remote: str) -> SpanSession:
-        h = step.header or {}
-        r = self.record
-        start, end = h.get("start"), h.get("end")
-        ours = h.get("model_id") == r.model_id and isinstance(start, int) and isinstance(end, int)
-        if not ours or not r.start <= start < end <= r.end:
-            raise SessionError(
-                f"this peer serves {r.model_id} layers {r.start}..{r.end}, "
-                f"not {h.get('model_id')} layers {start}..{end}"
-            )
-        if not isinstance(h.get("max_length"), int) or not isinstance(h.get("session_id"), str):
-            raise SessionError("the session header needs session_id and max_length")
-        blocks = (start - r.start, end - r.start)  # which of our blocks this session runs through
-        return engine.open(h["session_id"], h["max_length"], user=remote, blocks=blocks)
+    api: str | None = None  # HOST:PORT: also run the OpenAI API and dashboard, backed by the swarm
+    max_batch_seqs: int = 32  # the gateway's concurrent sequences
 
 
 def parse_layers(layers: str, total: int) -> tuple[int, int] | None:
@@ -133,6 +81,8 @@ def run_peer(cfg: PeerConfig) -> int:
     model_id, path = resolve_model(cfg.model)
     total = open_checkpoint(path).config.num_layers
     span = None if cfg.layers == "auto" else parse_layers(cfg.layers, total)  # fail early on a bad value
+    if cfg.api is not None:
+        parse_address(cfg.api)
     peer = Peer(cfg, model_id, total, start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.identity))
     try:
         return peer.serve(span)
@@ -152,6 +102,7 @@ class Peer:
         self.loop: LoopThread | None = None
         self.p2p: P2P | None = None
         self.servicer = SpanServicer(None, self.record)
+        self.gateway: Gateway | None = None
 
     def serve(self, span: tuple[int, int] | None) -> int:
         for maddr in self.dht.get_visible_maddrs():
@@ -165,8 +116,12 @@ class Peer:
             self._heartbeat()
             threading.Thread(target=self._heartbeats, daemon=True).start()
             print(f"swarmlm peer ready: {self.model_id} layers 0..0 (no layers)", flush=True)
-            self.stop.wait()
-            return 0
+            if self.cfg.api is None:
+                self.stop.wait()
+                return 0
+            gateway = self._start_gateway()
+            gateway.engine.run()  # in the main thread, where its head runs fastest; returns on a signal
+            return 1 if gateway.engine.error is not None else 0
         self.loop = LoopThread("swarmlm-p2p")
         self.p2p = self.loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
         self.loop.run(self.servicer.add_p2p_handlers(self.p2p), DAEMON_START_TIMEOUT)
@@ -181,6 +136,9 @@ class Peer:
                 flush=True,
             )
             assert self.engine is not None
+            if self.cfg.api is not None and self.gateway is None:
+                gateway = self._start_gateway()
+                threading.Thread(target=gateway.engine.run, name="swarmlm-gateway", daemon=True).start()
             self.engine.run()  # returns on a signal, or when the heartbeat decides to move
             if self.move_to is None:
                 break
@@ -201,11 +159,25 @@ class Peer:
         r.state = "online"
         self.engine = self.servicer.engine = engine
 
+    def _start_gateway(self) -> Gateway:
+        """The OpenAI API and dashboard on `--api`, announced in our record."""
+        assert self.cfg.api is not None
+        host, port = parse_address(self.cfg.api)
+        serve = ServeConfig(self.cfg.model, host, port, self.cfg.scheduler, max_batch_seqs=self.cfg.max_batch_seqs)
+        self.gateway = Gateway(self.dht, serve, self.cfg.ttl)
+        self.gateway.start()
+        self.record.api = self.gateway.address
+        self._heartbeat()
+        print(f"swarmlm gateway: http://{self.gateway.address}/v1 (dashboard: /dashboard)", flush=True)
+        return self.gateway
+
     def _request_exit(self, signum: int, _frame: object) -> None:
         log.info("signal %d: leaving the swarm", signum)
         self.stop.set()
         if self.engine is not None:
             self.engine.stop()
+        if self.gateway is not None:
+            self.gateway.stop()
 
     def _heartbeat(self) -> None:
         if (engine := self.engine) is not None:
@@ -245,6 +217,8 @@ class Peer:
 
     def shutdown(self) -> None:
         self.stop.set()
+        if self.gateway is not None:
+            self.gateway.close()
         try:
             withdraw(self.dht, self.record)
         except Exception:  # Ctrl-C in a terminal also reaches the DHT process: it may be gone already

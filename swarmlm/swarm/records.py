@@ -17,6 +17,7 @@ from hivemind.utils import get_dht_time
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 15.0
+DAEMON_START_TIMEOUT = 60.0  # hivemind's 15 s default is too tight for a loaded 2-core machine
 DHT_TIMEOUT = 10.0  # every DHT call has a deadline: a dead DHT process must not hang its caller
 
 
@@ -92,3 +93,16 @@ def fetch_records(dht: DHT, model_id: str, online_only: bool = True) -> list[Spa
             continue
         records.append(record)
     return sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
+
+
+def start_dht(
+    initial_peers: list[str], host_maddrs: list[str], identity: str | None = None, client: bool = False
+) -> DHT:
+    return DHT(
+        initial_peers=initial_peers or None,
+        host_maddrs=host_maddrs,
+        identity_path=identity,
+        client_mode=client,
+        startup_timeout=DAEMON_START_TIMEOUT,
+        start=True,
+    )

@@ -55,6 +55,14 @@ def better_span(
     return target if after > now * MOVE_MARGIN else None
 
 
+def peers_per_layer(records: Iterable[SpanRecord], num_layers: int) -> list[int]:
+    counts = [0] * num_layers
+    for r in records:
+        for layer in range(r.start, min(r.end, num_layers)):
+            counts[layer] += 1
+    return counts
+
+
 def uncovered_layers(records: Iterable[SpanRecord], start: int, end: int) -> list[int]:
     covered = set()
     for r in records:
@@ -106,7 +114,7 @@ def find_route(
                     heapq.heappush(heap, (total, stop))
     if end not in came_from and start != end:
         missing = uncovered_layers(usable, start, end)
-        raise NoRouteError(f"no route through layers {start}..{end}: layers {_ranges(missing)} have no live peer")
+        raise NoRouteError(f"no route through layers {start}..{end}: layers {format_layers(missing)} have no live peer")
     chain: list[RouteHop] = []
     at = end
     while at != start:
@@ -116,7 +124,7 @@ def find_route(
     return chain[::-1]
 
 
-def _ranges(layers: list[int]) -> str:
+def format_layers(layers: list[int]) -> str:
     """[3, 4, 5, 9] -> '3-5, 9'."""
     out: list[str] = []
     for layer in layers:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from swarmlm.swarm.records import SpanRecord
-from swarmlm.swarm.routing import coverage, uncovered_layers
+from swarmlm.swarm.routing import coverage, peers_per_layer, uncovered_layers
 
 
 def peer_table(records: list[SpanRecord], ttl: float) -> Table:
@@ -35,11 +35,7 @@ def peer_table(records: list[SpanRecord], ttl: float) -> Table:
 
 def coverage_line(records: list[SpanRecord], num_layers: int) -> str:
     """One character per layer: the number of live peers serving it (0-9, + for more)."""
-    counts = [0] * num_layers
-    for r in records:
-        for layer in range(r.start, min(r.end, num_layers)):
-            counts[layer] += 1
-    return "".join(str(c) if c < 10 else "+" for c in counts)
+    return "".join(str(c) if c < 10 else "+" for c in peers_per_layer(records, num_layers))
 
 
 def print_status(records: list[SpanRecord], model_id: str, num_layers: int, ttl: float) -> int:

@@ -1,0 +1,144 @@
+"""Where an engine step's forward pass runs, and where the sequences' KV caches live.
+
+The engine (engine.py) decides *what* a step does: which sequences, how many tokens each, what to sample.
+An executor runs it. `LocalExecutor` holds the whole model and every sequence's KV cache in this process.
+`swarmlm.swarm.executor.SwarmExecutor` keeps only the embeddings and the head here and sends each
+sequence's hidden states through the swarm's peers, who keep its KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from swarmlm.engine.kv_cache import KVCacheManager, KVLayout
+from swarmlm.engine.runner import ModelRunner, Segment
+from swarmlm.engine.sequence import Sequence
+from swarmlm.model.llama import LlamaSpan
+
+
+@dataclass
+class StepResult:
+    logits: Tensor  # [len(sampled), vocab]: one row per sequence whose step reached its last token
+    sampled: list[Sequence]
+    failed: dict[Sequence, str] = field(default_factory=dict)  # sequences the executor gave up on, and why
+
+
+class Executor(Protocol):
+    capacity_tokens: int  # the longest sequence (prompt plus output) one sequence may reach
+    preemptions: int  # sequences whose KV was dropped to make room
+
+    def reserve(self, seq: Sequence, length: int, lower: list[Sequence]) -> bool:
+        """Make room for `seq` to hold `length` tokens, preempting sequences of `lower` (ranked below it,
+        best first) if needed. False: no room this step."""
+        ...
+
+    def forward(self, batch: list[tuple[Sequence, int]]) -> StepResult:
+        """Run each sequence's next `n` tokens (from `seq.num_computed`) in one step."""
+        ...
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence finished or was aborted: free what it holds."""
+        ...
+
+    @property
+    def kv_usage(self) -> float: ...  # fraction of the KV budget in use (0-1)
+
+    @property
+    def prefix_hits(self) -> int: ...
+
+    @property
+    def prefix_queries(self) -> int: ...
+
+
+class LocalExecutor:
+    """The whole model in this process: one batched forward pass over a budgeted, prefix-cached KV store."""
+
+    def __init__(self, span: LlamaSpan, kv_budget_bytes: int | None, prefix_block: int = 16) -> None:
+        if not span.is_whole:
+            raise ValueError("a local executor needs the whole model (layers 0..N)")
+        self.runner = ModelRunner(span)
+        cfg = span.cfg
+        layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.runner.dtype, self.runner.device)
+        self.kv = KVCacheManager(layout, kv_budget_bytes or default_kv_budget(self.runner.device), prefix_block)
+        self.preemptions = 0
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.kv.capacity_tokens
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv.usage
+
+    @property
+    def prefix_hits(self) -> int:
+        return self.kv.prefix_hits
+
+    @property
+    def prefix_queries(self) -> int:
+        return self.kv.prefix_queries
+
+    def reserve(self, seq: Sequence, length: int, lower: list[Sequence]) -> bool:
+        fresh = seq.kv is None
+        if fresh and seq.host_kv is not None:
+            length = max(length, seq.host_kv.length)
+        while True:
+            kv = self.kv.ensure(seq.kv, length)
+            if kv is not None:
+                seq.kv = kv
+                break
+            # Only sequences ranked below this one give way (never a higher-priority one).
+            victim = next((s for s in reversed(lower) if s.kv is not None), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        if fresh:
+            if seq.host_kv is not None:
+                seq.num_computed = self.kv.restore(seq.kv, seq.host_kv)
+                seq.host_kv = None
+            elif seq.num_computed == 0:
+                seq.num_computed = self.kv.reuse_prefix(seq.kv, seq.prompt_ids)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        seq.host_kv = self.kv.offload(seq.kv) if self.runner.device.type != "cpu" else None
+        self.kv.free(seq.kv)
+        seq.kv = None
+        if seq.host_kv is None:
+            seq.num_computed = 0  # recompute prompt and output so far on resume
+        self.preemptions += 1
+
+    def forward(self, batch: list[tuple[Sequence, int]]) -> StepResult:
+        segments, inputs, rows, sampled = [], [], [], []
+        row = 0
+        for seq, n in batch:
+            segments.append(Segment(seq.kv, seq.num_computed, n))
+            inputs.extend(seq.token_slice(seq.num_computed, seq.num_computed + n))
+            row += n
+            if seq.num_computed + n == seq.num_tokens:
+                rows.append(row - 1)
+                sampled.append(seq)
+        logits = self.runner.forward(segments, torch.tensor(inputs), rows)
+        for seq, n in batch:
+            if not seq.prefix_stored and seq.num_computed + n >= len(seq.prompt_ids):
+                self.kv.store_prefix(seq.kv, seq.prompt_ids)
+                seq.prefix_stored = True
+        return StepResult(logits, sampled)
+
+    def release(self, seq: Sequence) -> None:
+        self.kv.free(seq.kv)
+        seq.kv = seq.host_kv = None
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """A quarter of the memory free now (device memory on an accelerator), at most 8 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(min(free // 4, 8 << 30))

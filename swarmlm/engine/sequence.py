@@ -1,0 +1,73 @@
+"""A sequence being generated, and what a step reports for it: the engine's unit of work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+from swarmlm.engine.kv_cache import SequenceKV
+from swarmlm.engine.sampling import SamplingParams, TokenLogprob
+from swarmlm.engine.scheduler import SchedState
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated continuation (a request with n > 1 has n of them)."""
+
+    request_id: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    user: str
+    arrival: float
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    kv: SequenceKV | None = None
+    host_kv: SequenceKV | None = None  # offloaded cache of a preempted sequence (accelerators only)
+    num_computed: int = 0  # tokens whose keys and values the executor holds (in `kv` when local)
+    prefix_stored: bool = False
+    text: str = ""
+    emitted: int = 0  # characters of `text` already reported
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # why the executor gave up on this sequence (finish reason ABORT)
+    sched: SchedState = field(default_factory=SchedState)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(0, start - n) : end - n]
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    token_id: int | None  # None when the sequence only finished (aborted) this step
+    text_delta: str
+    logprob: TokenLogprob | None
+    inter_token: float | None = None  # seconds since this sequence's previous token

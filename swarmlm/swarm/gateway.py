@@ -1,0 +1,124 @@
+"""A swarm gateway (`swarmlm peer --api HOST:PORT`): the OpenAI-compatible API and the dashboard, backed
+by the swarm.
+
+It is `swarmlm serve`'s stack unchanged (API, AsyncEngine, Engine with its scheduler, sampling and
+metrics) with a `SwarmExecutor` in place of the local model, plus `/dashboard`. It shares its peer's DHT
+node, so a gateway needs no extra process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+
+from swarmlm.engine.async_engine import AsyncEngine
+from swarmlm.serve.dashboard import add_dashboard
+from swarmlm.serve.server import ApiServer, ServeConfig, build_app
+from swarmlm.swarm.client import RemoteModel
+from swarmlm.swarm.executor import SwarmExecutor
+from swarmlm.swarm.records import SpanRecord, fetch_records
+from swarmlm.swarm.routing import NoRouteError, find_route, format_layers, peers_per_layer, uncovered_layers
+
+log = logging.getLogger("swarmlm.gateway")
+
+RATE_WINDOW = 10.0  # seconds of history behind the dashboard's tokens/s
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'host:port' -> (host, port). Raises ValueError with a message for the user."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--api must be HOST:PORT (e.g. 127.0.0.1:8000), not {address!r}")
+    return host, int(port)
+
+
+class Gateway:
+    def __init__(self, dht: DHT, cfg: ServeConfig, ttl: float) -> None:
+        self.remote = RemoteModel(cfg.model, dht=dht)
+        self.executor = SwarmExecutor(self.remote, cfg.max_batch_seqs)
+        self.ttl = ttl
+        records = self.remote.records()
+        layers = self.remote.config_model.num_layers
+        try:  # skip-join needs a prefill cost; measure it now if the swarm can already serve
+            find_route(records, 0, layers, set())
+            profile = True
+        except NoRouteError as e:
+            log.warning("not profiling the swarm (%s); skip-join starts without a prefill estimate", e)
+            profile = False
+        app, self.engine, self.metrics = build_app(cfg, self.remote.local, self.executor, profile=profile)
+        self.remote.stats.on_recovery = self.metrics.failover_recovery.observe
+        add_dashboard(app, self.state)
+        self.api = ApiServer(app, self.engine, cfg.host, cfg.port)
+        self.address = f"{cfg.host}:{cfg.port}"
+        self._rate: deque[tuple[float, int]] = deque()
+
+    def start(self) -> None:
+        self.api.start()
+        log.info("OpenAI API on http://%s/v1, dashboard on http://%s/dashboard", self.address, self.address)
+
+    def stop(self) -> None:
+        self.api.stop()
+
+    def close(self) -> None:
+        self.api.stop()
+        self.api.join()
+        self.executor.close()
+        self.remote.close()
+
+    async def state(self) -> dict[str, Any]:
+        """What /dashboard shows: every peer of the swarm, per-layer coverage and this gateway's load."""
+        records = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: fetch_records(self.remote.dht, self.remote.model_id, online_only=False)
+        )
+        records = [r for r in records if r.state != "offline"]
+        online = [r for r in records if r.state == "online"]
+        return {
+            "model": self.remote.model_id,
+            "num_layers": self.remote.config_model.num_layers,
+            "ttl": self.ttl,
+            "coverage": peers_per_layer(online, self.remote.config_model.num_layers),
+            "peers": [self._peer(r) for r in records],
+            "gateway": self._load(online),
+        }
+
+    def _peer(self, r: SpanRecord) -> dict[str, Any]:
+        return {
+            **r.to_wire(),
+            "last_seen": max(0.0, get_dht_time() - (r.expires - self.ttl)),  # stored with expiry = refresh + ttl
+        }
+
+    def _load(self, online: list[SpanRecord]) -> dict[str, Any]:
+        engine: AsyncEngine = self.engine
+        active = list(engine.engine.active)
+        now, generated = time.monotonic(), self.metrics.generated
+        self._rate.append((now, generated))
+        while len(self._rate) > 2 and now - self._rate[0][0] > RATE_WINDOW:
+            self._rate.popleft()
+        t0, g0 = self._rate[0]
+        missing = uncovered_layers(online, 0, self.remote.config_model.num_layers)
+        if engine.error is not None:
+            health = f"failed: {engine.error!r}"
+        elif missing:
+            health = f"degraded: no peer serves layers {format_layers(missing)}"
+        else:
+            health = "ok"
+        stats = self.remote.stats
+        return {
+            "health": health,
+            "running": sum(1 for s in active if s.first_scheduled is not None),
+            "waiting": engine.num_queued + sum(1 for s in active if s.first_scheduled is None),
+            "tokens_per_second": (generated - g0) / (now - t0) if now > t0 else 0.0,
+            "failovers": stats.failovers,
+            "recovery_seconds_median": sorted(stats.recovery_seconds)[len(stats.recovery_seconds) // 2]
+            if stats.recovery_seconds
+            else None,
+        }
+
+
+__all__ = ["Gateway", "ServeConfig", "parse_address"]
