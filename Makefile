@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test lint bench-serve bench-swarm clean
+.PHONY: install browser demo test lint bench-serve bench-swarm clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -23,7 +23,14 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check swarmlm tests bench
 
-test: install lint
+# The dashboard's browser test drives Debian's chromium; installed when we may (root + apt), else skipped.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	echo "chromium unavailable: the dashboard's browser test will be skipped"
+
+test: install lint browser
 	$(VENV)/bin/pytest -q
 
 bench-serve: install

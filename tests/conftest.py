@@ -17,6 +17,30 @@ import pytest
 from swarmlm.model.loading import LoadedModel, default_model_path, load_model
 
 
+def swarm_processes() -> set[int]:
+    """Running peers, servers and libp2p daemons of swarmlm on this machine."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"p2pd") for a in argv[:1]) or b"swarmlm.cli" in argv:
+            found.add(int(cmdline.parent.name))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_orphans() -> Iterator[None]:
+    """The suite leaves no peer, server or p2pd daemon behind."""
+    before = swarm_processes()
+    yield
+    deadline = time.monotonic() + 15
+    while (left := swarm_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left running after the suite: {sorted(left)}"
+
+
 @pytest.fixture(scope="session")
 def model() -> LoadedModel:
     return load_model(device="cpu")

@@ -49,7 +49,8 @@ _PAGE = """<!doctype html>
 <div>peers per layer</div>
 <div class="bar" id="coverage"></div>
 <table><thead><tr><th>peer</th><th>layers</th><th>span</th><th>state</th><th>tok/s</th><th>sessions</th>
-<th>queue</th><th>free KV tokens</th><th>last seen</th><th>api</th></tr></thead><tbody id="peers"></tbody></table>
+<th>queue</th><th>our requests</th><th>free KV tokens</th><th>last seen</th><th>api</th></tr></thead>
+<tbody id="peers"></tbody></table>
 <script>
 const $ = (id) => document.getElementById(id);
 function cell(text) { const td = document.createElement("td"); td.textContent = text; return td; }
@@ -85,7 +86,8 @@ function draw(s) {
     const seen = cell(p.last_seen.toFixed(0) + " s ago");
     if (p.last_seen > s.ttl) seen.className = "stale";
     tr.append(cell(p.peer_id.slice(0, 16) + "…"), cell(p.end > p.start ? p.start + ".." + p.end : "none"), span,
-              cell(p.state), cell(p.throughput.toFixed(1)), cell(p.sessions), cell(p.queue), cell(p.free_kv_tokens),
+              cell(p.state), cell(p.throughput.toFixed(1)), cell(p.sessions), cell(p.queue), cell(p.gateway_sessions),
+              cell(p.free_kv_tokens),
               seen, cell(p.api || "-"));
     return tr;
   }));

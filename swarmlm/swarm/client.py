@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -246,9 +247,9 @@ class RemoteModel:
         now = time.monotonic()
         return {p for p, until in list(self._banned.items()) if until > now}  # sessions ban from many threads
 
-    def active_peers(self) -> set[str]:
-        """Peers that open sessions currently route through."""
-        return {hop.record.peer_id for session in list(self.sessions) for hop in session.hops}
+    def active_peers(self) -> dict[str, int]:
+        """Peer id -> how many of this client's open sessions route through it."""
+        return dict(Counter(hop.record.peer_id for session in list(self.sessions) for hop in list(session.hops)))
 
     def inference_session(self, max_length: int) -> InferenceSession:
         return InferenceSession(self, max_length)

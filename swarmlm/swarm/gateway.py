@@ -78,18 +78,20 @@ class Gateway:
         )
         records = [r for r in records if r.state != "offline"]
         online = [r for r in records if r.state == "online"]
+        in_use = self.remote.active_peers()
         return {
             "model": self.remote.model_id,
             "num_layers": self.remote.config_model.num_layers,
             "ttl": self.ttl,
             "coverage": peers_per_layer(online, self.remote.config_model.num_layers),
-            "peers": [self._peer(r) for r in records],
+            "peers": [self._peer(r, in_use) for r in records],
             "gateway": self._load(online),
         }
 
-    def _peer(self, r: SpanRecord) -> dict[str, Any]:
+    def _peer(self, r: SpanRecord, in_use: dict[str, int]) -> dict[str, Any]:
         return {
             **r.to_wire(),
+            "gateway_sessions": in_use.get(r.peer_id, 0),  # this gateway's requests in flight through it
             "last_seen": max(0.0, get_dht_time() - (r.expires - self.ttl)),  # stored with expiry = refresh + ttl
         }
 

@@ -1,0 +1,190 @@
+"""A gateway (`swarmlm peer --layers none --api`) in front of real peer processes on loopback: the OpenAI
+API backed by the swarm, many concurrent clients, the dashboard in headless Chromium, and a peer killed
+mid-stream."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from swarmlm.engine.engine import Engine, EngineConfig
+from swarmlm.engine.sampling import SamplingParams
+from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.model.loading import LoadedModel
+from swarmlm.swarm.local import PeerProcess, start_swarm
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPTS = ["The capital of France is", "Once upon a time, in a quiet village,", "Die Hauptstadt von Deutschland ist"]
+
+
+class Swarm:
+    def __init__(self) -> None:
+        self.peers: list[PeerProcess] = []
+        self.gateway: PeerProcess | None = None
+
+    @property
+    def base(self) -> str:
+        assert self.gateway is not None and self.gateway.api is not None
+        return f"http://{self.gateway.api}"
+
+    def stop(self) -> None:
+        for p in [*self.peers, *([self.gateway] if self.gateway else [])]:
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def swarm() -> Iterator[Swarm]:
+    """Layers 0..15 once and 15..30 twice (a spare for failover), and a gateway serving no layers."""
+    s = Swarm()
+    try:
+        s.peers = start_swarm(["0:15", "15:30", "15:30"])
+        api = f"127.0.0.1:{free_port()}"
+        s.gateway = PeerProcess(
+            "--layers", "none", "--api", api, "--max-batch-seqs", "16", initial=s.peers[0].maddr, threads=None
+        ).wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def expected_text(model: LoadedModel, prompt_ids: list[int], max_tokens: int) -> str:
+    """The single-process engine's greedy continuation."""
+    engine = Engine(model, make_scheduler("fcfs"), EngineConfig(kv_budget_bytes=256 << 20))
+    (seq,) = engine.add(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0))
+    while engine.has_work:
+        engine.step()
+    return seq.text
+
+
+def test_openai_client_streams_the_local_engines_answer(swarm: Swarm, model: LoadedModel) -> None:
+    client = OpenAI(base_url=f"{swarm.base}/v1", api_key="test")
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt_ids = model.tokenizer.encode(model.tokenizer.chat_prompt(messages))
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == expected_text(model, prompt_ids, 24)
+    assert "Paris" in text
+
+
+def test_bad_requests_get_clear_errors(swarm: Swarm) -> None:
+    r = httpx.post(f"{swarm.base}/v1/completions", json={"model": "nope", "prompt": "hi"}, timeout=30)
+    assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+    r = httpx.post(f"{swarm.base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 10**6})
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+
+
+def test_many_concurrent_clients_all_complete(swarm: Swarm, model: LoadedModel) -> None:
+    expected = {p: expected_text(model, model.tokenizer.encode(p), 12) for p in PROMPTS}
+
+    def one(i: int) -> tuple[str, str]:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": i % 2 == 0}
+        with httpx.Client(timeout=300) as http:
+            if not body["stream"]:
+                r = http.post(f"{swarm.base}/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return prompt, r.json()["choices"][0]["text"]
+            text = ""
+            with http.stream("POST", f"{swarm.base}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        assert "error" not in chunk, chunk
+                        text += chunk["choices"][0]["text"]
+            return prompt, text
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(24)))
+    assert len(results) == 24
+    for prompt, text in results:  # batched through the swarm, each answer is still the greedy one
+        assert text == expected[prompt]
+
+
+def test_dashboard_in_headless_chromium(swarm: Swarm, tmp_path: Path) -> None:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.skip("Debian chromium and chromium-driver are not installed (make browser)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--window-size=1400,900",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        browser.get(f"{swarm.base}/dashboard")
+        everyone = {p.peer_id for p in swarm.peers} | {swarm.gateway.peer_id}  # type: ignore[union-attr]
+
+        def shown(_: object) -> set[str]:
+            rows = browser.find_elements(By.CSS_SELECTOR, "tr.peer")
+            ids = {r.get_attribute("data-peer-id") for r in rows}
+            return ids if ids == everyone else set()
+
+        WebDriverWait(browser, 30).until(shown)
+        cells = browser.find_elements(By.CSS_SELECTOR, "#coverage .cell")
+        assert [c.text for c in cells] == ["1"] * 15 + ["2"] * 15  # peers per layer
+        assert browser.find_element(By.ID, "covered").text == "30 / 30"
+        assert browser.find_element(By.ID, "gateway-health").text == "ok"
+        shot = tmp_path / "dashboard.png"
+        browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    finally:
+        browser.quit()
+
+
+def test_kill_9_mid_stream_through_the_gateway(swarm: Swarm, model: LoadedModel) -> None:
+    """The gateway's sessions fail over like a RemoteModel's: the streamed text is unchanged."""
+    prompt = PROMPTS[1]
+    expected = expected_text(model, model.tokenizer.encode(prompt), 32)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 32, "temperature": 0, "stream": True}
+    text, chunks, victim = "", 0, None
+    with httpx.Client(timeout=300) as http, http.stream("POST", f"{swarm.base}/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            text += chunk["choices"][0]["text"]
+            chunks += 1
+            if chunks == 5:
+                state = http.get(f"{swarm.base}/dashboard/state").json()
+                in_use = {p["peer_id"] for p in state["peers"] if p["gateway_sessions"] and p["start"] == 15}
+                victim = next(p for p in swarm.peers[1:] if p.peer_id in in_use)
+                victim.crash()
+        metrics = http.get(f"{swarm.base}/metrics").text
+    assert victim is not None
+    assert text == expected
+    name = "swarmlm:swarm_failover_recovery_seconds_count"
+    count = next(line for line in metrics.splitlines() if line.startswith(name))
+    assert float(count.split()[-1]) >= 1
