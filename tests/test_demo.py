@@ -1,4 +1,4 @@
-"""`make demo`'s main job, end to end: server process, openai client, clean stop."""
+"""`make demo`'s main job, end to end: a local swarm and its gateway, the openai client, a clean stop."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ def test_demo_streams_an_answer_and_stops_cleanly() -> None:
         "--prompt",
         "What is the capital of France?",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Paris" in done.stdout
-    assert f"http://127.0.0.1:{port}/v1" in done.stdout and "/metrics" in done.stdout
+    assert f"http://127.0.0.1:{port}/v1" in done.stdout and f"http://127.0.0.1:{port}/dashboard" in done.stdout
+    assert "15..30" in done.stdout  # the table of the swarm's peers
     assert "stopped." in done.stdout
     # the server is gone: nothing listens on the port any more
     probe = subprocess.run(
