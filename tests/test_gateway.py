@@ -18,8 +18,7 @@ from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.model.loading import LoadedModel
-from swarmlm.swarm.local import PeerProcess, start_swarm
-from tests.conftest import free_port
+from swarmlm.swarm.local import PeerProcess, free_port, start_swarm
 
 pytestmark = pytest.mark.slow
 
