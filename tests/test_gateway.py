@@ -187,3 +187,19 @@ def test_kill_9_mid_stream_through_the_gateway(swarm: Swarm, model: LoadedModel)
     name = "swarmlm:swarm_failover_recovery_seconds_count"
     count = next(line for line in metrics.splitlines() if line.startswith(name))
     assert float(count.split()[-1]) >= 1
+
+
+def test_a_serving_peer_can_also_be_the_gateway(model: LoadedModel) -> None:
+    """`--api` on a peer that serves layers: its gateway runs beside its span engine (in a thread)."""
+    api = f"127.0.0.1:{free_port()}"
+    peer = PeerProcess("--layers", "0:30", "--api", api)
+    try:
+        peer.wait_ready()
+        body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 12, "temperature": 0}
+        r = httpx.post(f"http://{api}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected_text(model, model.tokenizer.encode(PROMPTS[2]), 12)
+        state = httpx.get(f"http://{api}/dashboard/state", timeout=30).json()
+        assert [(p["start"], p["end"], p["api"]) for p in state["peers"]] == [(0, 30, api)]
+    finally:
+        peer.stop()

@@ -64,6 +64,12 @@ class _Step:
     future: Future[Tensor]
 
 
+# How long a step may wait for the rest of the previous batch (see _gather): a share of that batch's compute
+# time, since a straggler left behind costs a whole extra step.
+GATHER_FRACTION = 0.3
+GATHER_MAX_SECONDS = 0.03
+
+
 class SpanEngine:
     def __init__(
         self,
@@ -84,6 +90,8 @@ class SpanEngine:
         self.sessions: dict[str, SpanSession] = {}
         self._inbox: queue.SimpleQueue[_Step | _Open | _Close | None] = queue.SimpleQueue()
         self._waiting: dict[SpanSession, _Step] = {}
+        self._last_batch: set[SpanSession] = set()  # sessions of the previous step, expected again soon
+        self._last_step_seconds = 0.0
 
     @property
     def waiting(self) -> int:
@@ -137,7 +145,26 @@ class SpanEngine:
                     return
                 self._take(item)
             if self._waiting:
+                if not self._gather():
+                    self._fail_all(SessionError("the peer is shutting down"))
+                    return
                 self.step()
+
+    def _gather(self) -> bool:
+        """Wait a little for the rest of the previous batch. A gateway sends all its sequences'
+        steps at once, but they arrive some hundreds of microseconds apart, one stream each: without this,
+        the first one would run alone and the others a step later, and the batch would splinter down the
+        chain. A lone session (single stream) never waits. Returns False on stop()."""
+        deadline = time.monotonic() + min(GATHER_MAX_SECONDS, GATHER_FRACTION * self._last_step_seconds)
+        while self._last_batch - self._waiting.keys():
+            try:
+                item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            self._take(item)
+        return True
 
     def _drain(self, block: bool) -> list[_Step | _Open | _Close | None]:
         items = []
@@ -159,6 +186,7 @@ class SpanEngine:
                 step.future.set_exception(SessionError("session closed"))
             self.kv.free(session.kv)
             session.kv = None
+            self._last_batch.discard(session)
             self.sessions.pop(session.session_id, None)
             self.scheduler.forget(session)
         elif item.session in self._waiting:
@@ -200,6 +228,7 @@ class SpanEngine:
                 s.future.set_exception(e)
             return
         now = self.clock()
+        self._last_batch, self._last_step_seconds = {s.session for s in batch}, now - start
         row = 0
         for s in batch:
             n = s.hidden.shape[0]
