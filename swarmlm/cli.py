@@ -26,7 +26,7 @@ def _exit_with(run: Callable[[T], int], cfg: T) -> NoReturn:
 
     try:
         code = run(cfg)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:  # OSError: an address already in use
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
     raise typer.Exit(code)

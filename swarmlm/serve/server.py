@@ -104,7 +104,7 @@ class ApiServer:
         while not self.server.started:
             if not self._http.is_alive() or time.monotonic() > deadline:
                 config = self.server.config
-                raise RuntimeError(f"the API could not listen on {config.host}:{config.port} (see the log above)")
+                raise OSError(f"the API could not listen on {config.host}:{config.port} (see the log above)")
             time.sleep(0.05)
 
     def stop(self) -> None:

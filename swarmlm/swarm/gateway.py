@@ -2,8 +2,9 @@
 by the swarm.
 
 It is `swarmlm serve`'s stack unchanged (API, AsyncEngine, Engine with its scheduler, sampling and
-metrics) with a `SwarmExecutor` in place of the local model, plus `/dashboard`. It shares its peer's DHT
-node, so a gateway needs no extra process.
+metrics) with a `SwarmExecutor` in place of the local model, plus `/dashboard`. It joins the swarm through
+its peer but as a client node of its own: a libp2p host cannot open a stream to itself, and a gateway
+must be able to route through its own peer's span.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def parse_address(address: str) -> tuple[str, int]:
 
 class Gateway:
     def __init__(self, dht: DHT, cfg: ServeConfig, ttl: float) -> None:
-        self.remote = RemoteModel(cfg.model, dht=dht)
+        self.remote = RemoteModel(cfg.model, initial_peers=[str(m) for m in dht.get_visible_maddrs()])
         self.executor = SwarmExecutor(self.remote, cfg.max_batch_seqs)
         self.ttl = ttl
         records = self.remote.records()

@@ -137,8 +137,8 @@ class Peer:
             )
             assert self.engine is not None
             if self.cfg.api is not None and self.gateway is None:
-                gateway = self._start_gateway()
-                threading.Thread(target=gateway.engine.run, name="swarmlm-gateway", daemon=True).start()
+                # In a thread: starting it profiles the swarm, which needs our own engine running.
+                threading.Thread(target=self._run_gateway, name="swarmlm-gateway", daemon=True).start()
             self.engine.run()  # returns on a signal, or when the heartbeat decides to move
             if self.move_to is None:
                 break
@@ -170,6 +170,16 @@ class Peer:
         self._heartbeat()
         print(f"swarmlm gateway: http://{self.gateway.address}/v1 (dashboard: /dashboard)", flush=True)
         return self.gateway
+
+    def _run_gateway(self) -> None:
+        try:
+            gateway = self._start_gateway()
+        except Exception:
+            log.exception("the gateway failed to start; stopping the peer")
+            self._request_exit(signal.SIGTERM, None)
+            return
+        if not self.stop.is_set():  # a signal may have come while it started
+            gateway.engine.run()
 
     def _request_exit(self, signum: int, _frame: object) -> None:
         log.info("signal %d: leaving the swarm", signum)
