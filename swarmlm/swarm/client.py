@@ -86,8 +86,12 @@ class _Hop:
         self._writer: asyncio.StreamWriter | None = None
 
     def step(self, hidden: Tensor, position: int) -> Tensor:
+        return self.client._loop.run(self.call(hidden, position), self.client.config.step_timeout + 5)
+
+    async def call(self, hidden: Tensor, position: int) -> Tensor:
+        """One step through this hop, on the client's loop; any failure is a HopFailure."""
         try:
-            return self.client._loop.run(self._step(hidden, position), self.client.config.step_timeout)
+            return await asyncio.wait_for(self._step(hidden, position), self.client.config.step_timeout)
         except Exception as e:  # a dead, hung, refusing or misbehaving peer: the session routes around it
             where = f"peer {self.record.peer_id[:12]}… (layers {self.start}..{self.end})"
             raise HopFailure(f"{where}: {type(e).__name__}: {e}") from e
@@ -140,18 +144,18 @@ class InferenceSession:
         while layer < self.num_layers:
             if i == len(self.hops):
                 self._route_from(layer)
-            hop = self.hops[i]
-            try:
-                out = hop.step(current[layer], self.position)
-            except HopFailure as e:
-                log.warning("hop failed, rerouting: %s", e)
-                failed_at = failed_at or time.monotonic()
-                self.client.ban(hop.record.peer_id)
-                self._drop_hops(i)
-                continue
-            layer = hop.end
-            current[layer] = out
-            i += 1
+            timeout = self.client.config.step_timeout * (len(self.hops) - i) + 5
+            for out in self.client._loop.run(self._through(i, current[layer]), timeout):
+                hop = self.hops[i]
+                if isinstance(out, HopFailure):
+                    log.warning("hop failed, rerouting: %s", out)
+                    failed_at = failed_at or time.monotonic()
+                    self.client.ban(hop.record.peer_id)
+                    self._drop_hops(i)
+                    break
+                layer = hop.end
+                current[layer] = out
+                i += 1
         if failed_at is not None:
             self.client.stats.recovered(time.monotonic() - failed_at)
         for boundary, tensor in current.items():
@@ -160,6 +164,19 @@ class InferenceSession:
                 self._inputs[boundary] = tensor if past is None else torch.cat([past, tensor])
         self.position += hidden.shape[0]
         return current[self.num_layers]
+
+    async def _through(self, i: int, hidden: Tensor) -> list[Tensor | HopFailure]:
+        """Run `hidden` through hops i.. in one visit to the loop thread (one thread hand-off per token, not
+        one per hop): each hop's output, up to the first failure, which comes last."""
+        outs: list[Tensor | HopFailure] = []
+        for hop in self.hops[i:]:
+            try:
+                hidden = await hop.call(hidden, self.position)
+            except HopFailure as e:
+                outs.append(e)
+                break
+            outs.append(hidden)
+        return outs
 
     def _drop_hops(self, i: int) -> None:
         """Close hops i.. and forget what was sent past the failed hop's start (the new chain's boundaries
