@@ -146,14 +146,14 @@ class Engine:
         for i, seq in enumerate(ranked):
             if len(batch) == self.config.max_batch_seqs or tokens_left == 0:
                 break
-            lower = ranked[i + 1 :]
+            lower, computed = ranked[i + 1 :], seq.num_computed
             n = min(seq.uncomputed, tokens_left)
             if not self.executor.reserve(seq, seq.num_computed + n, lower):
                 continue
-            # Prefix reuse may have moved the start forward: size the chunk again from there.
-            n = min(seq.uncomputed, tokens_left)
-            if not self.executor.reserve(seq, seq.num_computed + n, lower):
-                continue
+            if seq.num_computed != computed:  # prefix reuse moved the start forward: size the chunk again
+                n = min(seq.uncomputed, tokens_left)
+                if not self.executor.reserve(seq, seq.num_computed + n, lower):
+                    continue
             batch.append((seq, n))
             tokens_left -= n
         return batch

@@ -138,21 +138,23 @@ class SpanEngine:
     # ----- engine thread --------------------------------------------------------------------------
     def run(self) -> None:
         """Serve steps until `stop()`: take whatever arrived, run one batched step, repeat."""
-        while True:
-            for item in self._drain(block=not self._waiting):
-                if item is None:
-                    self._fail_all(SessionError("the peer is shutting down"))
-                    return
-                self._take(item)
+        while self._collect():
             if self._waiting:
-                if not self._gather():
-                    self._fail_all(SessionError("the peer is shutting down"))
-                    return
                 self.step()
+        self._fail_all(SessionError("the peer is shutting down"))
+
+    def _collect(self) -> bool:
+        """Take what arrived (waiting for something when idle), then, briefly, the rest of the previous
+        batch. False on stop()."""
+        for item in self._drain(block=not self._waiting):
+            if item is None:
+                return False
+            self._take(item)
+        return not self._waiting or self._gather()
 
     def _gather(self) -> bool:
         """Wait a little for the rest of the previous batch. A gateway sends all its sequences'
-        steps at once, but they arrive some hundreds of microseconds apart, one stream each: without this,
+        steps at once, but they arrive up to a few milliseconds apart, one stream each: without this,
         the first one would run alone and the others a step later, and the batch would splinter down the
         chain. A lone session (single stream) never waits. Returns False on stop()."""
         deadline = time.monotonic() + min(GATHER_MAX_SECONDS, GATHER_FRACTION * self._last_step_seconds)
