@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
 import typer
@@ -161,6 +162,197 @@ def demo(
     from swarmlm.demo import run_demo
 
     raise typer.Exit(run_demo(port, prompt, once))
+
+
+def _parse_part(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        rank, world = (int(x) for x in value.split("/"))
+    except ValueError as e:
+        raise typer.BadParameter("give RANK/WORLD, e.g. 0/3", param_hint="--data-part") from e
+    return rank, world
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="A folder written by `swarmlm data prepare` (stays on this peer)")],
+    run_dir: Annotated[Path, typer.Option(help="This peer's checkpoints and round log (resumed if present)")],
+    run_id: Annotated[str, typer.Option(help="Peers with the same run id train together")] = "swarmlm-train",
+    initial_peers: Annotated[
+        list[str] | None, typer.Option("--initial-peers", help="Multiaddr of any peer already in the run")
+    ] = None,
+    host_maddrs: Annotated[
+        list[str] | None, typer.Option("--host-maddrs", help="Where to listen (default /ip4/127.0.0.1/tcp/0)")
+    ] = None,
+    identity: Annotated[str | None, typer.Option(help="Private key file: a stable peer id")] = None,
+    size: Annotated[str, typer.Option(help="Model size from scratch: tiny, small or base")] = "tiny",
+    model: Annotated[str | None, typer.Option(help="Fine-tune this .gguf / HF directory instead")] = None,
+    lora_rank: Annotated[int, typer.Option(help="> 0: train LoRA adapters of this rank only (peft)")] = 0,
+    seed: Annotated[int, typer.Option(help="Initial weights' seed (the same on every peer of a run)")] = 0,
+    data_part: Annotated[str | None, typer.Option(help="RANK/WORLD: train on this slice of the data only")] = None,
+    batch_size: int = 8,
+    mode: Annotated[str, typer.Option(help="diloco, or ddp (average gradients every step: the baseline)")] = "diloco",
+    inner_steps: Annotated[int, typer.Option(help="H: local AdamW steps per round")] = 50,
+    inner_lr: float = 1e-3,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.9,
+    rounds: Annotated[int, typer.Option(help="Stop when the swarm reaches this round")] = 10,
+    target_group_size: Annotated[int, typer.Option(help="Peers expected in a round's group")] = 4,
+    min_group_size: Annotated[int, typer.Option(help="Fewest peers a round averages with (1: alone too)")] = 1,
+    aggregation: Annotated[str, typer.Option(help="mean, trimmed_mean or centered_clip")] = "mean",
+    wire: Annotated[str, typer.Option(help="fp16 or fp32 on the wire")] = "fp16",
+    matchmaking_time: Annotated[float, typer.Option(help="Seconds a round waits for its group to fill")] = 2.0,
+    averaging_timeout: Annotated[float, typer.Option(help="Give up a round's averaging after this")] = 60.0,
+    dp_clip: Annotated[float, typer.Option(help="DP: clip each round's update to this L2 norm")] = 1.0,
+    dp_noise: Annotated[float | None, typer.Option(help="DP: Gaussian noise multiplier (turns DP on)")] = None,
+    dp_delta: Annotated[float | None, typer.Option(help="DP: delta of the (epsilon, delta) reported")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for compute (default: all cores)")] = None,
+    export: Annotated[Path | None, typer.Option(help="At the end, export the best round as an HF directory")] = None,
+    byzantine: Annotated[
+        str | None, typer.Option(help="Fault injection for tests: send poisoned updates (sign_flip or noise)")
+    ] = None,
+) -> None:
+    """Train with the swarm: DiLoCo rounds on this peer's own data, averaged with the peers present."""
+    from swarmlm.train.config import TrainConfig
+    from swarmlm.train.diloco import run_training
+
+    # force: opacus configures the root logger when imported
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def run(_: None) -> int:  # the config is checked inside: a bad setting is one clean error
+        cfg = TrainConfig(
+            data=data,
+            run_dir=run_dir,
+            run_id=run_id,
+            initial_peers=initial_peers or [],
+            host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
+            identity=identity,
+            size=size,
+            model=model,
+            lora_rank=lora_rank,
+            seed=seed,
+            data_part=_parse_part(data_part),
+            batch_size=batch_size,
+            mode=mode,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+            rounds=rounds,
+            target_group_size=target_group_size,
+            min_group_size=min_group_size,
+            aggregation=aggregation,
+            wire=wire,
+            matchmaking_time=matchmaking_time,
+            averaging_timeout=averaging_timeout,
+            dp_clip=dp_clip,
+            dp_noise=dp_noise,
+            dp_delta=dp_delta,
+            metrics_port=metrics_port,
+            byzantine=byzantine,
+        )
+        return run_training(cfg, export)
+
+    _exit_with(run, None)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A training run folder (its best round) or a round-*.json")],
+    data: Annotated[Path, typer.Option(help="A prepared data folder: its validation split is used")],
+    blocks: Annotated[int, typer.Option(help="Most validation blocks to use")] = 256,
+) -> None:
+    """Validation loss and perplexity of a training checkpoint."""
+    from swarmlm.train.evaluation import evaluate_checkpoint
+
+    _exit_with(lambda c: evaluate_checkpoint(*c), (checkpoint, data, blocks))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A training run folder (its best round) or a round-*.json")],
+    out: Annotated[Path, typer.Option(help="The HF directory to write (config, safetensors, tokenizer)")],
+) -> None:
+    """Export a trained model as an HF directory that `swarmlm serve` and `swarmlm peer` load."""
+    from swarmlm.train.evaluation import export_checkpoint
+
+    _exit_with(lambda c: export_checkpoint(*c), (checkpoint, out))
+
+
+data_app = typer.Typer(
+    help="Training data: clean, tokenize and pack text into checksummed token shards.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (its old shards are replaced)")],
+    sources: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Text files, folders (*.txt, *.md, *.jsonl) or JSONL files (default: Shakespeare's plays)"),
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenize with this model's tokenizer (default: embedded SmolLM2)")
+    ] = None,
+    train_tokenizer: Annotated[
+        int | None, typer.Option(help="Train a byte-level BPE of this vocabulary size on the corpus instead")
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per block (training sequence)")] = 256,
+    val_fraction: Annotated[float, typer.Option(help="Share of blocks held out for validation")] = 0.05,
+    shard_blocks: Annotated[int, typer.Option(help="Most blocks per shard file")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation split")] = 0,
+) -> None:
+    """Clean, deduplicate and tokenize text; pack it into train/val shards with a checksummed manifest."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from swarmlm.train.data import prepare
+
+    def run(srcs: list[Path]) -> int:
+        m = prepare(
+            srcs,
+            out,
+            tokenizer=tokenizer,
+            train_tokenizer=train_tokenizer,
+            block_size=block_size,
+            val_fraction=val_fraction,
+            shard_blocks=shard_blocks,
+            seed=seed,
+        )
+        st = m.stats
+        tok = "trained BPE (tokenizer/)" if m.tokenizer["kind"] == "trained" else m.tokenizer["model"]
+        table = Table(title=f"swarmlm data prepare → {out}")
+        table.add_column("", style="bold")
+        table.add_column("count", justify="right")
+        for name, value in [
+            ("files", st.files),
+            ("documents", st.documents),
+            ("lines read", st.lines_read),
+            ("lines kept", st.lines_kept),
+            ("empty dropped", st.empty_dropped),
+            ("duplicates removed", st.duplicates_removed),
+            ("boilerplate dropped", st.boilerplate_dropped),
+            ("bad JSONL lines", st.bad_jsonl_lines),
+            ("characters", st.characters),
+            ("tokens", st.tokens),
+            ("train blocks", st.train_blocks),
+            ("val blocks", st.val_blocks),
+            ("shards", m.num_shards),
+        ]:
+            table.add_row(name, f"{value:,}")
+        console = Console()
+        console.print(table)
+        console.print(f"tokenizer: {tok}, vocab {m.vocab_size:,}; {m.block_size} tokens per block ({m.dtype})")
+        return 0
+
+    _exit_with(run, sources or [])
 
 
 if __name__ == "__main__":

@@ -218,6 +218,7 @@ class Engine:
     def profile(self, prompt_tokens: int = 128) -> None:
         """Measure this peer's prefill cost per token and decode step time (for skip-join and metrics)."""
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        prompt_tokens = min(prompt_tokens, self.max_model_len - params.max_tokens)  # small models have short contexts
         ids = [i % self.model.config.vocab_size for i in range(7, 7 + prompt_tokens)]
         for _ in range(2):  # the first round warms up allocators and kernels
             (seq,) = self.add(ids, params, request_id="profile")

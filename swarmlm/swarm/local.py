@@ -24,6 +24,8 @@ def free_port() -> int:
 class PeerProcess:
     """One `swarmlm peer` in its own process group, so its DHT and p2pd children go with it."""
 
+    command = "peer"
+
     def __init__(
         self,
         *args: str,
@@ -35,8 +37,8 @@ class PeerProcess:
         """`threads`: each peer's compute threads; peers sharing one machine should not each take every core.
         `prefix`: a command to run the peer under, e.g. ("ip", "netns", "exec", NAME) for another host."""
         log_dir = log_dir or Path(tempfile.gettempdir())
-        self.log = log_dir / f"swarmlm-peer-{os.getpid()}-{time.monotonic_ns()}.log"
-        cmd = [*prefix, sys.executable, "-m", "swarmlm.cli", "peer", *args]
+        self.log = log_dir / f"swarmlm-{self.command}-{os.getpid()}-{time.monotonic_ns()}.log"
+        cmd = [*prefix, sys.executable, "-m", "swarmlm.cli", self.command, *args]
         if threads is not None:
             cmd += ["--threads", str(threads)]
         if initial:
@@ -47,14 +49,20 @@ class PeerProcess:
         self.peer_id = ""
         self.api = args[args.index("--api") + 1] if "--api" in args else None  # host:port of its gateway
 
+    def _ready(self, text: str) -> re.Match[str] | None:
+        """(peer id, multiaddr) once the log says the process is ready."""
+        if "swarmlm peer ready" in text and (self.api is None or "swarmlm gateway:" in text):
+            m = re.search(r"swarmlm peer (\S+): others join with --initial-peers (\S+)", text)
+            if m is None:
+                raise RuntimeError(f"peer printed no multiaddr:\n{text[-3000:]}")
+            return m
+        return None
+
     def wait_ready(self, timeout: float = 180) -> PeerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_text()
-            if "swarmlm peer ready" in text and (self.api is None or "swarmlm gateway:" in text):
-                m = re.search(r"swarmlm peer (\S+): others join with --initial-peers (\S+)", text)
-                if m is None:
-                    raise RuntimeError(f"peer printed no multiaddr:\n{text[-3000:]}")
+            if m := self._ready(text):
                 self.peer_id, self.maddr = m.group(1), m.group(2)
                 return self
             if self.proc.poll() is not None:

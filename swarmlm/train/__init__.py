@@ -1,0 +1,1 @@
+"""Training: data, DiLoCo, aggregation, privacy, checkpoints, evaluation."""

@@ -1,0 +1,211 @@
+"""Robust decentralized all-reduce on hivemind: every group member ends with bit-identical results.
+
+hivemind's `DecentralizedAverager` splits the vector into parts, one reducer per part (butterfly
+all-reduce over its P2P streams, groups formed by matchmaking through the DHT). We change three things:
+
+1. **Each reducer applies an aggregation rule to its part** (`aggregation.py`: mean, trimmed mean,
+   CenteredClip) instead of a running weighted sum: it keeps its part's contributions and aggregates when
+   all senders are in (the BTARD approach).
+2. **Reducers send the aggregate itself, rounded through the wire format once**, where hivemind sends
+   each sender the difference from its own part. With differences, every member ends with a slightly
+   different result (`local + fp16(avg - local)`), so peers' global weights would drift apart. Here all
+   members, the reducer included, receive the same fp16 (or fp32) values, so after a DiLoCo outer step
+   every peer's weights have the same digest.
+3. **The result is applied only when every part arrived.** If a reducer died mid-way, hivemind fills
+   its parts with the local values and reports success, which again splits the peers' states; we raise
+   instead, so the averager retries with whoever is left (the contributions are untouched until then).
+
+Bytes sent over the wire (parts to reducers and aggregates back) are counted for the training
+benchmark in a counter shared with the averager's process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
+from hivemind.compression import (
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    deserialize_torch_tensor,
+    serialize_torch_tensor,
+)
+from hivemind.proto import averaging_pb2
+from hivemind.utils import amap_in_executor, get_dht_time
+from torch import Tensor
+
+from swarmlm.train.aggregation import Aggregator, get_aggregator
+
+WIRE_FORMATS: dict[str, CompressionBase] = {"fp16": Float16Compression(), "fp32": NoCompression()}
+
+
+class _Contributions:
+    """Stands in for `TensorPartReducer.accumulator`: keeps each sender's part instead of summing."""
+
+    def __init__(self) -> None:
+        self.parts: list[Tensor] = []
+        self.weights: list[float] = []
+
+    def add_(self, part: Tensor, alpha: float = 1.0) -> None:
+        self.parts.append(part.float())
+        self.weights.append(alpha)
+
+
+class RobustPartReducer(TensorPartReducer):
+    """Aggregates one part at a time with `rule` once all live senders contributed it."""
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, rule: Aggregator, wire: CompressionBase):
+        self.rule, self.wire = rule, wire
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        super().reset_accumulators()
+        if not self.finished.is_set():
+            self.accumulator = _Contributions()
+
+    def check_current_part_finished(self) -> None:
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            acc: _Contributions = self.accumulator
+            result = self.rule(torch.stack(acc.parts), torch.tensor(acc.weights))
+            # Round once through the wire format, so our own copy equals what the other members receive.
+            rounded = deserialize_torch_tensor(serialize_torch_tensor(result, self.wire.compression_type))
+            self.current_part_future.set_result(rounded.reshape(self.part_shapes[self.current_part_index]))
+            self.reset_accumulators()
+
+
+class RobustAllReduceRunner(AllReduceRunner):
+    def __init__(
+        self,
+        *,
+        rule: Aggregator,
+        bytes_sent: Any,
+        tensors: Sequence[Tensor],
+        peer_fractions: tuple[float, ...],
+        compression: CompressionBase,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(tensors=tensors, peer_fractions=peer_fractions, compression=compression, **kwargs)
+        self.tensor_part_reducer.finished.set()  # hivemind's reducer is replaced below, before it saw any part
+        part_size = kwargs.get("part_size_bytes")
+        extra = {"part_size_bytes": part_size} if part_size else {}
+        # Absolute results, not differences from our own part (point 2 of the module docstring).
+        self.tensor_part_container = TensorPartContainer(
+            tensors,
+            peer_fractions,
+            compression=compression,
+            return_deltas=False,
+            tensor_infos=kwargs.get("tensor_infos"),
+            **extra,
+        )
+        self.parts_for_local_averaging = self.tensor_part_container.get_raw_input_parts(
+            self.ordered_peer_ids.index(self.peer_id)
+        )
+        self.tensor_part_reducer = RobustPartReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), rule, compression
+        )
+        self.bytes_sent = bytes_sent
+
+    def _count(self, message: averaging_pb2.AveragingData) -> averaging_pb2.AveragingData:
+        with self.bytes_sent.get_lock():
+            self.bytes_sent.value += message.ByteSize()
+        return message
+
+    async def _communicate_with_peer(self, peer_id: Any) -> None:
+        if peer_id != self.peer_id:  # remote reducer: hivemind's code registers whatever it sends back
+            return await super()._communicate_with_peer(peer_id)
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        sender_index = self.sender_peer_ids.index(peer_id)
+        for part_index, part in enumerate(self.parts_for_local_averaging):
+            result = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=self.weight)
+            self.tensor_part_container.register_processed_part(peer_index, part_index, result)
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            yield self._count(message)
+
+    async def _accumulate_parts_streaming(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """Reducer side: aggregate each incoming part, answer with the aggregate itself."""
+        received = 0
+        try:
+            async for part, weight in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                result = await self.tensor_part_reducer.accumulate_part(sender_index, received, part, weight=weight)
+                received += 1
+                serialized = serialize_torch_tensor(result, self.tensor_part_reducer.wire.compression_type)
+                yield self._count(averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized))
+        finally:
+            if received != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class RobustAverager(DecentralizedAverager):
+    """A `DecentralizedAverager` whose all-reduce is robust, bit-identical across members and all-or-nothing.
+
+    `state_fn` returns (metadata, tensors) that a newcomer downloads with `load_state_from_peers`.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        dht: Any,
+        *,
+        aggregation: str = "mean",
+        wire: str = "fp16",
+        state_fn: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if wire not in WIRE_FORMATS:
+            raise ValueError(f"wire format must be one of {sorted(WIRE_FORMATS)}, not {wire!r}")
+        self.rule = get_aggregator(aggregation)
+        self.bytes_sent = mp.Value(ctypes.c_int64, 0)  # shared with the averager's process (fork)
+        self._state_fn = state_fn
+        super().__init__(tensors, dht, compression=WIRE_FORMATS[wire], **kwargs)
+
+    async def _run_allreduce_inplace_(
+        self, tensors: Sequence[Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs: Any
+    ) -> None:
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = RobustAllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            rule=self.rule,
+            bytes_sent=self.bytes_sent,
+            **kwargs,
+        )
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            async for _ in runner:
+                raise ValueError("auxiliary peers receive no results")
+            return
+        results = [result async for result in runner]
+        if runner.tensor_part_container.failed_size:
+            raise AllreduceException("a reducer failed mid-way: the round is retried with the peers left")
+        for tensor, result in zip(tensors, results, strict=True):
+            tensor.copy_(result)  # all parts arrived: apply at once (point 3)
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
+
+    def get_current_state(self) -> tuple[Any, Sequence[Tensor], Sequence[CompressionInfo] | None]:
+        if self._state_fn is None:
+            return super().get_current_state()
+        metadata, tensors = self._state_fn()
+        return metadata, tensors, None

@@ -1,0 +1,467 @@
+"""One training peer: DiLoCo rounds (or synchronous data-parallel steps) averaged over the swarm.
+
+A DiLoCo round on each peer (Douillard et al., 2023):
+
+1. `H` inner AdamW steps on the peer's own data, starting from the swarm's global weights;
+2. pseudo-gradient = global weights - local weights (optionally poisoned, for attack tests; optionally
+   clipped and noised for differential privacy);
+3. robust all-reduce of the pseudo-gradients with whoever is in the group (`allreduce.py`);
+4. outer Nesterov SGD step on the global weights with the averaged pseudo-gradient; local = global.
+
+Every member of a group receives bit-identical averages and applies the same outer step to the same
+global weights, so after a round all members hold weights with the same digest. Each member also sends
+its round and digest along (hivemind's gather): a member whose starting point differed from the group's
+majority downloads the state from a peer afterwards. A round whose averaging fails (no group in time,
+or a reducer died) keeps the local progress: the next round's pseudo-gradient then covers it too.
+
+A newcomer, or a peer restarted behind the others, downloads the global weights, the outer optimizer's
+momentum and the round number from the most advanced peer before training (hivemind's state sharing).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from swarmlm.train.allreduce import RobustAverager
+from swarmlm.train.checkpoint import best_round, latest_checkpoint, mark_best, save_checkpoint
+from swarmlm.train.config import TrainConfig
+from swarmlm.train.data import TokenShards, load_data_tokenizer
+from swarmlm.train.evaluation import evaluate
+from swarmlm.train.model import TrainableModel, build_model
+from swarmlm.train.privacy import PeerPrivacy
+
+logger = logging.getLogger(__name__)
+
+
+def tensors_digest(tensors: list[Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+@dataclass
+class RoundReport:
+    round: int
+    train_loss: float
+    val_loss: float
+    group_size: int
+    digest: str
+    tokens: int
+    compute_s: float
+    wall_s: float
+    bytes_sent: int
+    epsilon: float | None
+    averaged: bool
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    return {
+        f"{prefix}.{index}.{key}": value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+        for index, state in opt.state_dict()["state"].items()
+        for key, value in state.items()
+    }
+
+
+def _restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        train = TokenShards.open(cfg.data, "train")
+        val = TokenShards.open(cfg.data, "val")
+        self.tokenizer = load_data_tokenizer(cfg.data)
+        self.shards = train.part(*cfg.data_part) if cfg.data_part else train
+        if len(self.shards) == 0:
+            raise ValueError(f"{cfg.data}: no training blocks for this peer")
+        self.val_blocks = val.blocks(range(min(cfg.eval_blocks, len(val))))
+        eos = self.tokenizer.eos_token_ids[0] if self.tokenizer.eos_token_ids else None
+        self.model: TrainableModel = build_model(cfg, train.vocab_size, train.block_size, eos)
+        params = self.model.params
+        # The swarm's agreed weights: what every round starts from and what the outer optimizer moves.
+        self.global_params = [p.detach().clone().requires_grad_(True) for p in params]
+        self.inner_opt = torch.optim.AdamW(params, lr=cfg.inner_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        self.outer_opt = torch.optim.SGD(
+            self.global_params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=True
+        )
+        self.privacy = PeerPrivacy(cfg.dp_clip, cfg.dp_noise, cfg.dp_delta) if cfg.dp_noise is not None else None
+        self.round = 0
+        self.position = 0  # batches drawn from this peer's data so far
+        self.inner_steps_done = 0
+        self.best_val = float("inf")
+        self.checkpoints = cfg.run_dir / "checkpoints"
+        self.log_path = cfg.run_dir / "rounds.jsonl"
+        self._state_lock = threading.Lock()
+        self._shared_state: tuple[dict[str, Any], list[Tensor]] = self._snapshot()
+        self._sent_base: tuple[int, str] = (0, "")
+        self.dht: Any = None
+        self.averager: RobustAverager | None = None
+
+    # ---- swarm plumbing ----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        from swarmlm.swarm.records import start_dht
+
+        cfg = self.cfg
+        self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.identity)
+        self.averager = RobustAverager(
+            [torch.zeros_like(p) for p in self.global_params],
+            self.dht,
+            prefix=cfg.run_id,
+            aggregation=cfg.aggregation,
+            wire=cfg.wire,
+            state_fn=self._shared,
+            target_group_size=cfg.target_group_size,
+            min_group_size=cfg.min_group_size,
+            min_matchmaking_time=cfg.matchmaking_time,
+            request_timeout=cfg.matchmaking_time / 2,  # hivemind: below the matchmaking time
+            allreduce_timeout=cfg.averaging_timeout,
+            next_chunk_timeout=10.0,
+            start=True,
+        )
+        self.averager.state_sharing_priority = float(self.round)
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(a) for a in self.dht.get_visible_maddrs()]
+
+    def close(self) -> None:
+        if self.averager is not None:
+            self.averager.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+
+    def _snapshot(self) -> tuple[dict[str, Any], list[Tensor]]:
+        momentum = [
+            self.outer_opt.state.get(g, {}).get("momentum_buffer", torch.zeros_like(g)).detach().clone()
+            for g in self.global_params
+        ]
+        meta = {"round": self.round, "digest": self.digest(), "names": self.model.names}
+        return meta, [g.detach().clone() for g in self.global_params] + momentum
+
+    def _shared(self) -> tuple[dict[str, Any], list[Tensor]]:
+        with self._state_lock:
+            return self._shared_state
+
+    def digest(self) -> str:
+        return tensors_digest(self.global_params)
+
+    def catch_up(self, at_least: int | None = None, wait: float = 0.0) -> bool:
+        """Download the global state from the most advanced peer: if it is ahead of ours, or (`at_least`)
+        once some peer has reached that round, trying for up to `wait` seconds."""
+        assert self.averager is not None
+        deadline = time.monotonic() + wait
+        while True:
+            loaded = self.averager.load_state_from_peers(timeout=30)
+            if loaded:
+                meta, tensors = loaded
+                wanted = self.round + 1 if at_least is None else at_least
+                if meta.get("round", -1) >= wanted and meta.get("names") == self.model.names:
+                    self._load_shared(meta, tensors)
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+
+    def _load_shared(self, meta: dict[str, Any], tensors: list[Tensor]) -> None:
+        n = len(self.global_params)
+        with torch.no_grad():
+            for g, t in zip(self.global_params, tensors[:n], strict=True):
+                g.copy_(t)
+            for g, m in zip(self.global_params, tensors[n:], strict=True):
+                self.outer_opt.state[g]["momentum_buffer"] = m.clone()
+            for p, g in zip(self.model.params, self.global_params, strict=True):
+                p.copy_(g)
+        self.round = int(meta["round"])
+        if self.digest() != meta.get("digest"):
+            raise RuntimeError("downloaded state does not match its digest")
+        logger.info("caught up: downloaded round %d from a peer", self.round)
+        self._publish()
+
+    def _publish(self) -> None:
+        snapshot = self._snapshot()
+        with self._state_lock:
+            self._shared_state = snapshot
+        if self.averager is not None:
+            self.averager.state_sharing_priority = float(self.round)
+
+    def _average(self, tensors: list[Tensor]) -> tuple[list[Tensor], dict[Any, Any]] | None:
+        """All-reduce `tensors` with the current group; None when no group formed or the round failed."""
+        assert self.averager is not None
+        with self.averager.get_tensors() as buffers:
+            for b, t in zip(buffers, tensors, strict=True):
+                b.copy_(t)
+        self._sent_base = (self.round, self.digest())
+        try:
+            gathered = self.averager.step(
+                gather={"round": self._sent_base[0], "digest": self._sent_base[1]}, timeout=self.cfg.averaging_timeout
+            )
+        except Exception as e:  # hivemind raises on a failed group; the caller keeps its progress
+            logger.warning("averaging failed in round %d: %s", self.round, e)
+            return None
+        if not gathered:
+            return None
+        with self.averager.get_tensors() as buffers:
+            return [b.clone() for b in buffers], gathered
+
+    # ---- training ----------------------------------------------------------------------------------
+
+    def _inner_step(self, batch: Tensor) -> float:
+        warm = min(1.0, (self.inner_steps_done + 1) / max(1, self.cfg.warmup_steps))
+        for group in self.inner_opt.param_groups:
+            group["lr"] = self.cfg.inner_lr * warm
+        loss = self.model.loss(batch)
+        loss.backward()
+        return loss.item()
+
+    def _clip_and_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.params, 1.0)
+        self.inner_opt.step()
+        self.inner_opt.zero_grad(set_to_none=True)
+        self.inner_steps_done += 1
+
+    def _poison_(self, update: list[Tensor]) -> None:
+        """Fault injection (tests, benchmarks): what a Byzantine peer would send."""
+        for t in update:
+            if self.cfg.byzantine == "sign_flip":
+                t.mul_(-self.cfg.byzantine_scale)
+            else:
+                t.add_(torch.randn_like(t) * self.cfg.byzantine_scale * t.abs().mean().clamp_min(1e-3))
+
+    def _diloco_round(self, batches: Iterator[tuple[int, Tensor]], on_step: Any) -> tuple[list[float], float, int]:
+        compute, losses = 0.0, []
+        for i in range(self.cfg.inner_steps):
+            self.position, batch = next(batches)
+            t0 = time.perf_counter()
+            losses.append(self._inner_step(batch))
+            self._clip_and_step()
+            compute += time.perf_counter() - t0
+            on_step(i + 1, losses[-1])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            update = [g.detach() - p.detach() for g, p in zip(self.global_params, self.model.params, strict=True)]
+            if self.cfg.byzantine:
+                self._poison_(update)
+            if self.privacy is not None:
+                self.privacy.privatize_(update)
+        compute += time.perf_counter() - t0
+        result = self._average(update)
+        if result is None:
+            return losses, compute, 0  # keep local progress; the next round's pseudo-gradient includes it
+        averaged, gathered = result
+        base = self._group_base(gathered)
+        if base != self._sent_base:  # we started elsewhere: our outer step would be wrong
+            self._resync(base)
+            return losses, compute, len(gathered)
+        t0 = time.perf_counter()
+        for g, a in zip(self.global_params, averaged, strict=True):
+            g.grad = a
+        self.outer_opt.step()
+        self.outer_opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, g in zip(self.model.params, self.global_params, strict=True):
+                p.copy_(g)
+        self.round = base[0] + 1
+        self._publish()
+        compute += time.perf_counter() - t0
+        return losses, compute, len(gathered)
+
+    def _ddp_round(self, batches: Iterator[tuple[int, Tensor]], on_step: Any) -> tuple[list[float], float, int]:
+        """The baseline: every step's gradients are averaged before the optimizer step."""
+        compute, losses, group, strayed = 0.0, [], 0, None
+        for i in range(self.cfg.inner_steps):
+            self.position, batch = next(batches)
+            t0 = time.perf_counter()
+            losses.append(self._inner_step(batch))
+            grads = [p.grad.detach() for p in self.model.params]
+            if self.cfg.byzantine:
+                self._poison_(grads)
+            compute += time.perf_counter() - t0
+            result = self._average(grads)
+            t0 = time.perf_counter()
+            if result is not None:
+                averaged, gathered = result
+                for p, a in zip(self.model.params, averaged, strict=True):
+                    p.grad = a
+                group = len(gathered)
+                if (base := self._group_base(gathered)) != self._sent_base:
+                    strayed = base
+            self._clip_and_step()
+            with torch.no_grad():
+                for g, p in zip(self.global_params, self.model.params, strict=True):
+                    g.copy_(p)
+            compute += time.perf_counter() - t0
+            on_step(i + 1, losses[-1])
+        if strayed is not None:
+            self._resync(strayed)
+        elif group:
+            self.round += 1
+            self._publish()
+        return losses, compute, group
+
+    def _group_base(self, gathered: dict[Any, Any]) -> tuple[int, str]:
+        """The (round, digest) most of the group started from; ties go to the highest, so every member
+        picks the same one from the same gathered data."""
+        bases = [(info["round"], info["digest"]) for info in gathered.values() if isinstance(info, dict)]
+        return max(set(bases), key=lambda b: (bases.count(b), b)) if bases else self._sent_base
+
+    def _resync(self, base: tuple[int, str]) -> None:
+        """We averaged from another starting point than the group's: take the group's result from a
+        member instead of applying ours (it publishes round base + 1 right after its outer step)."""
+        logger.warning("round %d: this peer started from another state than its group: re-syncing", base[0] + 1)
+        if not self.catch_up(at_least=base[0] + 1, wait=30.0):
+            logger.warning("re-sync failed: no peer shares round %d yet; trying again next round", base[0] + 1)
+
+    def run(self, progress: Any = None) -> list[RoundReport]:
+        """Train until the global round reaches `cfg.rounds`. Returns this run's round reports."""
+        cfg = self.cfg
+        self.restore()
+        if self.averager is not None:
+            self.catch_up()
+        self._publish()
+        batches = self.shards.batches(cfg.batch_size, seed=cfg.seed, start=self.position)
+        reports: list[RoundReport] = []
+        tokens_per_step = cfg.batch_size * (self.shards.block_size - 1)
+        while self.round < cfg.rounds:
+            wall0, sent0 = time.perf_counter(), self._bytes_sent()
+            on_step = progress.step if progress is not None else (lambda i, loss: None)
+            if progress is not None:
+                progress.start_round(self.round, cfg.rounds)
+            run_round = self._diloco_round if cfg.mode == "diloco" else self._ddp_round
+            losses, compute, group = run_round(batches, on_step)
+            val_loss = evaluate(self.model, self.val_blocks) if group else float("nan")
+            report = RoundReport(
+                round=self.round,
+                train_loss=sum(losses) / len(losses),
+                val_loss=val_loss,
+                group_size=group,
+                digest=self.digest(),
+                tokens=tokens_per_step * len(losses),
+                compute_s=compute,
+                wall_s=time.perf_counter() - wall0,
+                bytes_sent=self._bytes_sent() - sent0,
+                epsilon=self.privacy.epsilon if self.privacy is not None else None,
+                averaged=bool(group),
+            )
+            reports.append(report)
+            with self.log_path.open("a") as f:
+                f.write(report.to_json() + "\n")
+            if progress is not None:
+                progress.end_round(report)
+            if group:
+                self.save(report)
+        return reports
+
+    def _bytes_sent(self) -> int:
+        return int(self.averager.bytes_sent.value) if self.averager is not None else 0
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def save(self, report: RoundReport) -> None:
+        tensors = {f"global.{i}": g for i, g in enumerate(self.global_params)}
+        tensors |= {f"local.{i}": p for i, p in enumerate(self.model.params)}
+        tensors |= _flatten_optimizer("inner", self.inner_opt)
+        tensors |= _flatten_optimizer("outer", self.outer_opt)
+        meta = {
+            "position": self.position,
+            "inner_steps_done": self.inner_steps_done,
+            "names": self.model.names,
+            "digest": report.digest,
+            "val_loss": report.val_loss,
+            "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "dp_history": self.privacy.accountant.history if self.privacy is not None else None,
+            "model": self.train_identity(),
+        }
+        save_checkpoint(self.checkpoints, self.round, tensors, meta, keep=self.cfg.keep_checkpoints)
+        if report.val_loss < self.best_val:
+            self.best_val = report.val_loss
+            mark_best(self.checkpoints, self.round, report.val_loss)
+
+    def train_identity(self) -> dict[str, Any]:
+        """What `eval` and `export` need to rebuild this model from a checkpoint."""
+        cfg = self.cfg
+        return {
+            "size": cfg.size,
+            "base_model": cfg.model,
+            "lora_rank": cfg.lora_rank,
+            "seed": cfg.seed,
+            "config": self.model.config.to_hf(),
+            "data": str(cfg.data),
+        }
+
+    def restore(self) -> bool:
+        """Resume from this peer's newest intact checkpoint (a corrupt one is skipped). False if none."""
+        found = latest_checkpoint(self.checkpoints)
+        if found is None:
+            return False
+        tensors, meta = found
+        if meta.get("names") != self.model.names:
+            raise ValueError(f"{self.checkpoints}: checkpoint is of a different model than --size/--model")
+        with torch.no_grad():
+            for i, g in enumerate(self.global_params):
+                g.copy_(tensors[f"global.{i}"])
+            for i, p in enumerate(self.model.params):
+                p.copy_(tensors[f"local.{i}"])
+        _restore_optimizer("inner", self.inner_opt, tensors)
+        _restore_optimizer("outer", self.outer_opt, tensors)
+        self.round, self.position = int(meta["round"]), int(meta["position"])
+        self.inner_steps_done = int(meta["inner_steps_done"])
+        rng = torch.frombuffer(bytearray(base64.b64decode(meta["rng"])), dtype=torch.uint8)
+        torch.set_rng_state(rng)
+        if self.privacy is not None and meta.get("dp_history"):
+            self.privacy.accountant.history = [tuple(h) for h in meta["dp_history"]]
+        best = best_round(self.checkpoints)
+        if best is not None:
+            self.best_val = float(json.loads((self.checkpoints / "best.json").read_text())["val_loss"])
+        logger.info("resumed from %s at round %d", self.checkpoints, self.round)
+        return True
+
+
+def run_training(cfg: TrainConfig, export: Path | None = None) -> int:
+    """`swarmlm train`: join the run's swarm, train until `cfg.rounds`, optionally export the best round."""
+    import signal
+
+    from swarmlm.train.evaluation import export_checkpoint
+    from swarmlm.train.progress import TrainMetrics, TrainProgress
+
+    def leave(*_: object) -> None:  # SIGTERM leaves like Ctrl-C: averager and DHT shut down cleanly
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, leave)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg)
+    try:
+        trainer.connect()
+        # One parseable line: local swarms (demo, tests) read it to point later peers at this one.
+        print(f"swarmlm train: peer {trainer.dht.peer_id} at {' '.join(trainer.visible_maddrs())}", flush=True)
+        tokens_per_step = cfg.batch_size * (trainer.shards.block_size - 1)
+        with TrainProgress(cfg.inner_steps, tokens_per_step, TrainMetrics(cfg.metrics_port)) as progress:
+            trainer.run(progress)
+        if export is not None:
+            export_checkpoint(cfg.run_dir, export)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        trainer.close()
+    return 0

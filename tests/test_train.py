@@ -1,0 +1,187 @@
+"""Training with real `swarmlm train` processes on loopback: DiLoCo, elastic peers, attacks, privacy."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from swarmlm.train.data import default_corpus_files, prepare
+from swarmlm.train.local import TrainerProcess
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+FAST = ("--inner-steps", "10", "--batch-size", "8", "--matchmaking-time", "1.5", "--inner-lr", "3e-3")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four plays, a 512-token BPE trained on them, 64-token blocks."""
+    out = tmp_path_factory.mktemp("data")
+    prepare(default_corpus_files()[:4], out, train_tokenizer=512, block_size=64)
+    return out
+
+
+def start_peers(
+    data: Path,
+    root: Path,
+    n: int,
+    rounds: int,
+    extra: tuple[str, ...] = (),
+    per_peer: dict[int, tuple[str, ...]] | None = None,
+) -> list[TrainerProcess]:
+    """n peers of one run, each on its own slice of the data. Rounds wait for all n (--min-group-size n)
+    unless `extra` says otherwise, so every averaged round has the same group."""
+    peers: list[TrainerProcess] = []
+    for rank in range(n):
+        args = ("--data", str(data), "--data-part", f"{rank}/{n}", "--rounds", str(rounds), *FAST)
+        args += ("--target-group-size", str(n), "--min-group-size", str(n), *extra, *(per_peer or {}).get(rank, ()))
+        peer = TrainerProcess(*args, run_dir=root / f"peer{rank}", initial=peers[0].maddr if peers else None)
+        peers.append(peer)
+        peer.wait_ready()
+    return peers
+
+
+def averaged(peer: TrainerProcess) -> list[dict]:
+    return [r for r in peer.rounds() if r["averaged"]]
+
+
+def finish(peers: list[TrainerProcess], timeout: float = 300) -> None:
+    try:
+        for p in peers:
+            assert p.finish(timeout) == 0, p.log.read_text()[-3000:]
+    finally:
+        for p in peers:
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def three_peers(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[TrainerProcess]:
+    peers = start_peers(data, tmp_path_factory.mktemp("run"), 3, rounds=5)
+    finish(peers)
+    return peers
+
+
+def test_diloco_loss_falls_and_every_peer_holds_the_same_weights(three_peers: list[TrainerProcess]) -> None:
+    reports = [averaged(p) for p in three_peers]
+    for r in reports:
+        assert [x["round"] for x in r] == [1, 2, 3, 4, 5]
+        assert all(x["averaged"] and x["group_size"] == 3 for x in r)
+    for i in range(5):  # after each round, identical global weights on every peer
+        assert len({r[i]["digest"] for r in reports}) == 1
+        assert len({r[i]["val_loss"] for r in reports}) == 1
+    val = [x["val_loss"] for x in reports[0]]
+    assert val[-1] < val[0] < math.log(512)
+    assert all(x["bytes_sent"] > 0 for x in reports[0])
+
+
+def test_eval_export_and_serve_the_trained_model(three_peers: list[TrainerProcess], data: Path, tmp_path: Path):
+    run = three_peers[0].run_dir
+    out = subprocess.run(
+        [sys.executable, "-m", "swarmlm.cli", "eval", str(run), "--data", str(data)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "val_loss=" in out.stdout and "perplexity=" in out.stdout
+    export = tmp_path / "exported"
+    out = subprocess.run([sys.executable, "-m", "swarmlm.cli", "export", str(run), "--out", str(export)], text=True)
+    assert out.returncode == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in export.iterdir()}
+    server = ServerProcess("--model", str(export))
+    try:
+        server.wait_ready()
+        r = httpx.post(
+            f"{server.base}/v1/completions",
+            json={"model": "exported", "prompt": "ROMEO:", "max_tokens": 12, "temperature": 0},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].strip()
+    finally:
+        server.stop()
+
+
+def test_join_crash_resume_and_a_corrupt_checkpoint(data: Path, tmp_path: Path) -> None:
+    """Two peers train; a third joins mid-run (downloads the state); one crashes (kill -9) and restarts
+    from its checkpoints, the newest of which was corrupted meanwhile: it resumes from the one before
+    and catches up. All end with the same weights."""
+    rounds = 16
+    peers = start_peers(data, tmp_path, 2, rounds=rounds, extra=("--target-group-size", "3", "--min-group-size", "2"))
+    try:
+        wait_for(lambda: len(averaged(peers[1])) >= 2)
+        args = ("--data", str(data), "--data-part", "2/3", "--rounds", str(rounds), *FAST, "--min-group-size", "2")
+        joiner = TrainerProcess(*args, "--target-group-size", "3", run_dir=tmp_path / "joiner", initial=peers[0].maddr)
+        peers.append(joiner.wait_ready())
+        wait_for(lambda: len(averaged(joiner)) >= 1)
+        assert "caught up: downloaded round" in joiner.log.read_text()
+        wait_for(lambda: len(averaged(peers[1])) >= 6)
+        peers[1].crash()
+        checkpoints = sorted((peers[1].run_dir / "checkpoints").glob("round-*.safetensors"))
+        newest = checkpoints[-1]
+        newest.write_bytes(newest.read_bytes()[:-10] + b"corrupted!")
+        restarted = peers[1].restart(initial=peers[0].maddr)
+        peers[1] = restarted.wait_ready(timeout=120)
+        finish(peers)
+    finally:
+        for p in peers:
+            p.stop()
+    log = restarted.log.read_text()
+    assert f"skipping corrupt checkpoint: {newest}: checksum mismatch" in log
+    assert f"resumed from {restarted.run_dir / 'checkpoints'} at round {int(checkpoints[-2].stem[-6:])}" in log
+    assert "caught up: downloaded round" in log
+    assert {p.rounds()[-1]["round"] for p in peers} == {rounds}
+    assert len({p.rounds()[-1]["digest"] for p in peers}) == 1
+
+
+def wait_for(cond, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("rule", ["mean", "trimmed_mean", "centered_clip"])
+def test_one_byzantine_peer(data: Path, tmp_path: Path, rule: str) -> None:
+    """Peer 2 of 3 sends -10x its update. Robust rules keep training; the plain mean is wrecked."""
+    peers = start_peers(
+        data, tmp_path, 3, rounds=5, extra=("--aggregation", rule), per_peer={2: ("--byzantine", "sign_flip")}
+    )
+    finish(peers)
+    val = [x["val_loss"] for x in averaged(peers[0])]
+    if rule == "mean":
+        assert val[-1] > val[0]
+    else:
+        assert val[-1] < val[0] < math.log(512)
+
+
+def test_differential_privacy_reports_epsilon(data: Path, tmp_path: Path) -> None:
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "swarmlm.cli",
+            "train",
+            "--data",
+            str(data),
+            "--run-dir",
+            str(tmp_path / "x"),
+            "--dp-noise",
+            "1.0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "--dp-delta" in refused.stderr and "Traceback" not in refused.stderr
+    peers = start_peers(
+        data, tmp_path, 2, rounds=3, extra=("--dp-noise", "0.5", "--dp-clip", "0.5", "--dp-delta", "1e-5")
+    )
+    finish(peers)
+    eps = [x["epsilon"] for x in averaged(peers[0])]
+    assert all(e is not None and 0 < e < math.inf for e in eps)
+    assert eps == sorted(eps) and eps[0] < eps[-1]
+    assert "epsilon=" in peers[0].log.read_text()

@@ -1,0 +1,168 @@
+"""The training's parts on their own: aggregation rules, privacy, checkpoints, the robust all-reduce."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarmlm.train.aggregation import centered_clip, get_aggregator, mean, trimmed_mean
+from swarmlm.train.checkpoint import (
+    CheckpointCorrupt,
+    latest_checkpoint,
+    load_checkpoint,
+    mark_best,
+    save_checkpoint,
+)
+from swarmlm.train.privacy import PeerPrivacy
+
+
+def honest_and_attacker(n_honest: int, attack: str) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    honest = 1.0 + 0.1 * torch.randn(n_honest, 1000, generator=gen)
+    bad = -10 * honest[0] if attack == "sign_flip" else 50 * torch.randn(1000, generator=gen)
+    return honest, torch.cat([honest, bad[None]])
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "noise"])
+def test_robust_rules_resist_one_attacker_where_the_mean_does_not(attack):
+    honest, stack = honest_and_attacker(3, attack)
+    target = honest.mean(0)
+    weights = torch.ones(len(stack))
+    rules = ("mean", "trimmed_mean", "centered_clip")
+    err = {name: float((get_aggregator(name)(stack, weights) - target).norm()) for name in rules}
+    spread = float((honest - target).norm(dim=1).mean())
+    assert err["mean"] > 5 * spread  # one peer moves the mean arbitrarily far
+    assert err["trimmed_mean"] < spread
+    assert err["centered_clip"] < spread
+
+
+def test_rules_agree_without_attackers():
+    gen = torch.Generator().manual_seed(1)
+    stack = torch.randn(4, 500, generator=gen) * 0.01 + 2.0
+    w = torch.ones(4)
+    exact = stack.mean(0)
+    assert torch.allclose(mean(stack, w), exact)
+    assert (trimmed_mean(stack, w) - exact).abs().max() < 0.02
+    assert (centered_clip(stack, w) - exact).abs().max() < 0.02
+    # two contributions cannot be trimmed: the trimmed mean is the mean
+    assert torch.allclose(trimmed_mean(stack[:2], w[:2]), stack[:2].mean(0))
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        get_aggregator("median")
+
+
+def test_privacy_clips_adds_noise_and_accounts():
+    with pytest.raises(ValueError, match="delta"):
+        PeerPrivacy(clip=1.0, noise_multiplier=1.0, delta=None)
+    dp = PeerPrivacy(clip=0.5, noise_multiplier=0.0, delta=1e-5, seed=0)
+    update = [torch.full((100,), 1.0), torch.full((10,), 1.0)]
+    norm = dp.privatize_(update)
+    assert norm == pytest.approx(math.sqrt(110), rel=1e-5)
+    assert float(torch.sqrt(sum((t**2).sum() for t in update))) == pytest.approx(0.5, rel=1e-5)
+
+    noisy = PeerPrivacy(clip=0.5, noise_multiplier=1.0, delta=1e-5, seed=0)
+    update = [torch.zeros(10_000)]
+    noisy.privatize_(update)
+    assert float(update[0].std()) == pytest.approx(0.5, rel=0.05)  # noise std = multiplier x clip
+    eps1 = noisy.epsilon
+    noisy.privatize_([torch.zeros(10)])
+    assert 0 < eps1 < noisy.epsilon < math.inf  # epsilon grows with every released round
+
+
+def test_checkpoints_are_atomic_verified_and_pruned(tmp_path: Path):
+    folder = tmp_path / "ckpt"
+    for r in range(1, 6):
+        save_checkpoint(folder, r, {"w": torch.full((4,), float(r))}, {"position": r}, keep=2)
+        if r == 2:
+            mark_best(folder, 2, 1.0)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [
+        "best.json",
+        "round-000002.json",
+        "round-000002.safetensors",
+        "round-000004.json",
+        "round-000004.safetensors",
+        "round-000005.json",
+        "round-000005.safetensors",
+    ]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
+    tensors, meta = latest_checkpoint(folder)
+    assert meta["round"] == 5 and meta["position"] == 5 and float(tensors["w"][0]) == 5.0
+
+    # Corrupt the newest: it is detected, named, and the previous one is used.
+    newest = folder / "round-000005.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorrupt, match=r"round-000005.safetensors: checksum mismatch"):
+        load_checkpoint(folder / "round-000005.json")
+    tensors, meta = latest_checkpoint(folder)
+    assert meta["round"] == 4
+    (folder / "round-000004.safetensors").unlink()
+    assert latest_checkpoint(folder)[1]["round"] == 2
+
+
+def _allreduce_peer(rank: int, n: int, rule: str, boot_file: str) -> None:
+    """One averager; run in its own interpreter (a fork of pytest, which ran torch ops, can deadlock)."""
+    import json
+    import time
+
+    from swarmlm.swarm.records import start_dht
+    from swarmlm.train.allreduce import RobustAverager
+
+    boot = Path(boot_file)
+    while rank and not boot.exists():
+        time.sleep(0.1)
+    dht = start_dht([boot.read_text()] if rank else [], ["/ip4/127.0.0.1/tcp/0"])
+    if rank == 0:
+        boot.write_text(str(dht.get_visible_maddrs()[0]))
+    t = 1.0 + 0.01 * torch.randn(300_000, generator=torch.Generator().manual_seed(rank))
+    if rank == n - 1:
+        t = -10 * t  # a Byzantine peer
+    averager = RobustAverager(
+        [t],
+        dht,
+        aggregation=rule,
+        prefix="t",
+        target_group_size=n,
+        min_group_size=n,
+        min_matchmaking_time=2.0,
+        request_timeout=1.0,
+        start=True,
+    )
+    gathered = averager.step(timeout=60)
+    with averager.get_tensors() as (result,):
+        digest = hashlib.sha256(result.numpy().tobytes()).hexdigest()
+        print(json.dumps({"group": len(gathered or {}), "digest": digest, "mean": float(result.mean())}), flush=True)
+    averager.shutdown()
+    dht.shutdown()
+
+
+@pytest.mark.parametrize("rule", ["mean", "centered_clip"])
+def test_robust_allreduce_gives_every_member_identical_results(rule, tmp_path):
+    """Three real averagers over hivemind: every member ends with the same bytes, and the robust rule
+    keeps the Byzantine third peer's -10x contribution out."""
+    boot = tmp_path / "boot"
+    code = "import sys; from tests.test_train_parts import _allreduce_peer as f; f(int(sys.argv[1]), 3, *sys.argv[2:])"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(r), rule, str(boot)], stdout=subprocess.PIPE, text=True)
+        for r in range(3)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    assert all(r["group"] == 3 for r in results)
+    assert len({r["digest"] for r in results}) == 1
+    if rule == "mean":
+        assert results[0]["mean"] == pytest.approx((1 + 1 - 10) / 3, abs=0.01)
+    else:
+        assert results[0]["mean"] == pytest.approx(1.0, abs=0.02)
