@@ -140,6 +140,7 @@ def _allreduce_peer(rank: int, n: int, rule: str, boot_file: str) -> None:
     with averager.get_tensors() as (result,):
         digest = hashlib.sha256(result.numpy().tobytes()).hexdigest()
         print(json.dumps({"group": len(gathered or {}), "digest": digest, "mean": float(result.mean())}), flush=True)
+    time.sleep(3)  # as `swarmlm train` lingers: a reducer that leaves at once can cut others' last results
     averager.shutdown()
     dht.shutdown()
 

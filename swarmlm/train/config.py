@@ -68,6 +68,7 @@ class TrainConfig:
     wire: str = "fp16"  # fp16 | fp32 on the wire
     matchmaking_time: float = 2.0  # seconds a round waits for peers to join its group (less if it fills)
     averaging_timeout: float = 60.0  # give up on a round's averaging after this long (progress is kept)
+    patience: int = 5  # rounds in a row without a group before the peer gives up (exit code 3)
     # Differential privacy (off unless dp_noise is set)
     dp_clip: float = 1.0
     dp_noise: float | None = None

@@ -45,6 +45,10 @@ from swarmlm.train.privacy import PeerPrivacy
 logger = logging.getLogger(__name__)
 
 
+class NoPeersError(RuntimeError):
+    """The run cannot go on: not enough peers to average with."""
+
+
 def tensors_digest(tensors: list[Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -116,6 +120,7 @@ class Trainer:
         self._state_lock = threading.Lock()
         self._shared_state: tuple[dict[str, Any], list[Tensor]] = self._snapshot()
         self._sent_base: tuple[int, str] = (0, "")
+        self.failures = 0  # averaging attempts failed in a row
         self.dht: Any = None
         self.averager: RobustAverager | None = None
 
@@ -172,11 +177,11 @@ class Trainer:
         once some peer has reached that round, trying for up to `wait` seconds."""
         assert self.averager is not None
         deadline = time.monotonic() + wait
+        wanted = self.round + 1 if at_least is None else at_least
         while True:
-            loaded = self.averager.load_state_from_peers(timeout=30)
+            loaded = self.averager.load_state_from_peers(timeout=30) if self._best_shared_round() >= wanted else None
             if loaded:
                 meta, tensors = loaded
-                wanted = self.round + 1 if at_least is None else at_least
                 if meta.get("round", -1) >= wanted and meta.get("names") == self.model.names:
                     self._load_shared(meta, tensors)
                     return True
@@ -213,17 +218,28 @@ class Trainer:
             for b, t in zip(buffers, tensors, strict=True):
                 b.copy_(t)
         self._sent_base = (self.round, self.digest())
-        try:
-            gathered = self.averager.step(
-                gather={"round": self._sent_base[0], "digest": self._sent_base[1]}, timeout=self.cfg.averaging_timeout
-            )
-        except Exception as e:  # hivemind raises on a failed group; the caller keeps its progress
-            logger.warning("averaging failed in round %d: %s", self.round, e)
-            return None
-        if not gathered:
-            return None
-        with self.averager.get_tensors() as buffers:
-            return [b.clone() for b in buffers], gathered
+        gather = {"round": self._sent_base[0], "digest": self._sent_base[1]}
+        deadline = time.monotonic() + self.cfg.averaging_timeout
+        while True:
+            try:
+                remaining = max(1.0, deadline - time.monotonic())
+                gathered = self.averager.step(gather=gather, timeout=remaining, allow_retries=False)
+                if gathered:
+                    with self.averager.get_tensors() as buffers:
+                        return [b.clone() for b in buffers], gathered
+            except Exception as e:  # hivemind raises on a failed group; the caller keeps its progress
+                logger.warning("averaging failed in round %d: %s", self.round, e)
+            # A failure can be one-sided: the others may have finished this round. Then take their state.
+            if self.catch_up() or time.monotonic() >= deadline:
+                return None
+
+    def _best_shared_round(self) -> float:
+        """The highest round a peer of this run offers its state at (read from the DHT: no download)."""
+        found = self.dht.get(f"{self.cfg.run_id}.all_averagers", latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return -1.0
+        rounds = [info.value for info in found.value.values() if isinstance(getattr(info, "value", None), float | int)]
+        return max(rounds, default=-1.0)
 
     # ---- training ----------------------------------------------------------------------------------
 
@@ -267,8 +283,10 @@ class Trainer:
                 self.privacy.privatize_(update)
         compute += time.perf_counter() - t0
         result = self._average(update)
-        if result is None:
-            return losses, compute, 0  # keep local progress; the next round's pseudo-gradient includes it
+        if result is None:  # keep local progress: the next round's pseudo-gradient includes it
+            self._averaging_failed()
+            return losses, compute, 0
+        self.failures = 0
         averaged, gathered = result
         base = self._group_base(gathered)
         if base != self._sent_base:  # we started elsewhere: our outer step would be wrong
@@ -300,7 +318,10 @@ class Trainer:
             compute += time.perf_counter() - t0
             result = self._average(grads)
             t0 = time.perf_counter()
-            if result is not None:
+            if result is None:
+                self._averaging_failed()
+            else:
+                self.failures = 0
                 averaged, gathered = result
                 for p, a in zip(self.model.params, averaged, strict=True):
                     p.grad = a
@@ -320,6 +341,19 @@ class Trainer:
             self._publish()
         return losses, compute, group
 
+    def _averaging_failed(self) -> None:
+        """A round that found no group, or whose all-reduce broke (`_average` already took the others'
+        state if they moved on): give up after `patience` such rounds in a row."""
+        if self.round > self._sent_base[0]:  # caught up with the others meanwhile
+            self.failures = 0
+            return
+        self.failures += 1
+        if self.failures >= self.cfg.patience:
+            raise NoPeersError(
+                f"no group of {self.cfg.min_group_size} peers for {self.failures} rounds in a row: "
+                "the other peers have left (lower --min-group-size to train with fewer)"
+            )
+
     def _group_base(self, gathered: dict[Any, Any]) -> tuple[int, str]:
         """The (round, digest) most of the group started from; ties go to the highest, so every member
         picks the same one from the same gathered data."""
@@ -334,7 +368,8 @@ class Trainer:
             logger.warning("re-sync failed: no peer shares round %d yet; trying again next round", base[0] + 1)
 
     def run(self, progress: Any = None) -> list[RoundReport]:
-        """Train until the global round reaches `cfg.rounds`. Returns this run's round reports."""
+        """Train until the global round reaches `cfg.rounds`. Returns this run's round reports (the
+        first one is round 0, the starting weights' validation loss, when the run starts from scratch)."""
         cfg = self.cfg
         self.restore()
         if self.averager is not None:
@@ -342,7 +377,8 @@ class Trainer:
         self._publish()
         batches = self.shards.batches(cfg.batch_size, seed=cfg.seed, start=self.position)
         reports: list[RoundReport] = []
-        tokens_per_step = cfg.batch_size * (self.shards.block_size - 1)
+        if self.round == 0:
+            reports.append(self._report([], 0.0, 0, time.perf_counter(), 0, progress))
         while self.round < cfg.rounds:
             wall0, sent0 = time.perf_counter(), self._bytes_sent()
             on_step = progress.step if progress is not None else (lambda i, loss: None)
@@ -350,28 +386,34 @@ class Trainer:
                 progress.start_round(self.round, cfg.rounds)
             run_round = self._diloco_round if cfg.mode == "diloco" else self._ddp_round
             losses, compute, group = run_round(batches, on_step)
-            val_loss = evaluate(self.model, self.val_blocks) if group else float("nan")
-            report = RoundReport(
-                round=self.round,
-                train_loss=sum(losses) / len(losses),
-                val_loss=val_loss,
-                group_size=group,
-                digest=self.digest(),
-                tokens=tokens_per_step * len(losses),
-                compute_s=compute,
-                wall_s=time.perf_counter() - wall0,
-                bytes_sent=self._bytes_sent() - sent0,
-                epsilon=self.privacy.epsilon if self.privacy is not None else None,
-                averaged=bool(group),
-            )
-            reports.append(report)
-            with self.log_path.open("a") as f:
-                f.write(report.to_json() + "\n")
-            if progress is not None:
-                progress.end_round(report)
+            reports.append(self._report(losses, compute, group, wall0, self._bytes_sent() - sent0, progress))
             if group:
-                self.save(report)
+                self.save(reports[-1])
         return reports
+
+    def _report(
+        self, losses: list[float], compute: float, group: int, wall0: float, sent: int, progress: Any
+    ) -> RoundReport:
+        """Evaluate (after an averaged round, or at the start), log to rounds.jsonl and the progress."""
+        val_loss = evaluate(self.model, self.val_blocks) if group or not losses else float("nan")
+        report = RoundReport(
+            round=self.round,
+            train_loss=sum(losses) / len(losses) if losses else float("nan"),
+            val_loss=val_loss,
+            group_size=group,
+            digest=self.digest(),
+            tokens=self.cfg.batch_size * (self.shards.block_size - 1) * len(losses),
+            compute_s=compute,
+            wall_s=time.perf_counter() - wall0,
+            bytes_sent=sent,
+            epsilon=self.privacy.epsilon if self.privacy is not None else None,
+            averaged=bool(group),
+        )
+        with self.log_path.open("a") as f:
+            f.write(report.to_json() + "\n")
+        if progress is not None and losses:
+            progress.end_round(report)
+        return report
 
     def _bytes_sent(self) -> int:
         return int(self.averager.bytes_sent.value) if self.averager is not None else 0
@@ -458,10 +500,15 @@ def run_training(cfg: TrainConfig, export: Path | None = None) -> int:
         tokens_per_step = cfg.batch_size * (trainer.shards.block_size - 1)
         with TrainProgress(cfg.inner_steps, tokens_per_step, TrainMetrics(cfg.metrics_port)) as progress:
             trainer.run(progress)
+        # Stay a moment before leaving: a peer whose last all-reduce broke on its side downloads from us.
+        time.sleep(2 * cfg.matchmaking_time)
         if export is not None:
             export_checkpoint(cfg.run_dir, export)
     except KeyboardInterrupt:
         return 130
+    except NoPeersError as e:
+        logger.error("%s", e)
+        return 3
     finally:
         trainer.close()
     return 0

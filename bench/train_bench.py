@@ -1,0 +1,187 @@
+"""Training benchmark: DiLoCo against synchronous data-parallel, attacks, and a LoRA fine-tune.
+
+Phases (all in one run, real `swarmlm train` processes on loopback, the same data and model):
+  diloco     4 peers, H inner steps per round, R rounds, averaged with the plain mean
+  ddp        4 peers, the same number of steps and tokens, gradients averaged every step (the baseline)
+  attack-*   4 peers of which one sends -10x its update, under mean / trimmed mean / CenteredClip
+  lora       SmolLM2-135M with LoRA adapters on a small instruction set, 2 peers: val loss before/after
+
+Reported: final validation loss DiLoCo / DDP (target <= 1.03); bytes sent per peer DiLoCo / DDP
+(target <= 1.2 / H); DiLoCo compute utilization = training compute time / wall time over rounds 2..R
+(round 1 also waits for the last peer to start; target >= 0.9); each attack's final loss against the
+clean DiLoCo run (target within 5 % for the robust rules).
+
+    .venv/bin/python bench/train_bench.py [--inner-steps 50] [--rounds 8] [--peers 4] [--skip-lora]
+
+The last line of output is `BENCH_JSON {...}`; the same JSON goes to bench/results/train-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from swarmlm.train.data import default_corpus_files, prepare
+from swarmlm.train.local import TrainerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+
+
+def run_peers(data: Path, root: Path, n: int, common: tuple[str, ...], per_peer: dict[int, tuple[str, ...]]) -> list:
+    """n peers of one run (rounds wait for all n); returns each peer's averaged round reports."""
+    peers: list[TrainerProcess] = []
+    try:
+        for rank in range(n):
+            args = ("--data", str(data), "--data-part", f"{rank}/{n}", "--target-group-size", str(n))
+            args += ("--min-group-size", str(n), "--run-id", root.name, *common, *per_peer.get(rank, ()))
+            boot = peers[0].maddr if peers else None
+            peers.append(TrainerProcess(*args, run_dir=root / f"peer{rank}", initial=boot, threads=1))
+            peers[-1].wait_ready()
+        for p in peers:
+            if p.finish(timeout=3600) != 0:
+                raise RuntimeError(f"peer failed:\n{p.log.read_text()[-3000:]}")
+    finally:
+        for p in peers:
+            p.stop()
+    return [p.rounds() for p in peers]
+
+
+def summarize(reports: list[list[dict]]) -> dict:
+    honest = reports[0]
+    rounds = [r for r in honest if r["averaged"]]
+    steady = [r for p in reports for r in p if r["averaged"] and r["round"] > 1]
+    compute = sum(r["compute_s"] for r in steady)
+    wall = sum(r["wall_s"] for r in steady)
+    return {
+        "initial_val_loss": honest[0]["val_loss"],
+        "final_val_loss": rounds[-1]["val_loss"],
+        "bytes_per_peer": statistics.mean(sum(r["bytes_sent"] for r in p) for p in reports),
+        "utilization": compute / wall if wall else float("nan"),
+        "wall_s": statistics.mean(sum(r["wall_s"] for r in p) for p in reports),
+        "same_weights": len({p[-1]["digest"] for p in reports}) == 1,
+        "curve": [round(r["val_loss"], 4) for r in rounds],
+    }
+
+
+def instruction_set(path: Path, n: int = 240) -> Path:
+    """A small instruction set built from the public-domain plays: 'which play has this line?' The
+    answers are checkable, and the base model does not know them, so the loss has room to fall."""
+    rng = random.Random(0)
+    examples = []
+    plays = default_corpus_files()
+    for _ in range(n):
+        play = rng.choice(plays)
+        lines = [ln.strip() for ln in play.read_text(errors="ignore").splitlines() if len(ln.strip()) > 40]
+        title = play.stem.removesuffix("_gut").replace("_", " ").title()
+        line = rng.choice(lines)
+        examples.append(
+            {
+                "text": f'<|im_start|>user\nWhich Shakespeare play has this line: "{line}"<|im_end|>\n'
+                f"<|im_start|>assistant\nIt is from {title}.<|im_end|>"
+            }
+        )
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--inner-steps", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--peers", type=int, default=4)
+    ap.add_argument("--skip-lora", action="store_true")
+    args = ap.parse_args()
+    h, rounds, n = args.inner_steps, args.rounds, args.peers
+    work = Path(tempfile.mkdtemp(prefix="swarmlm-bench-train-"))
+    console.print(f"[bold]train bench[/]: {n} peers, H={h}, {rounds} rounds, work in {work}")
+    data = work / "data"
+    prepare(default_corpus_files(), data, train_tokenizer=2048, block_size=128)
+    common = ("--inner-steps", str(h), "--rounds", str(rounds), "--batch-size", "8", "--inner-lr", "3e-3")
+    common += ("--matchmaking-time", "2", "--size", "tiny")
+    results: dict[str, dict] = {}
+    phases = [
+        ("diloco", ("--mode", "diloco"), {}),
+        ("ddp", ("--mode", "ddp", "--matchmaking-time", "0.5"), {}),
+        *[
+            (f"attack-{rule}", ("--aggregation", rule), {n - 1: ("--byzantine", "sign_flip")})
+            for rule in ("mean", "trimmed_mean", "centered_clip")
+        ],
+    ]
+    for name, extra, per_peer in phases:
+        t0 = time.monotonic()
+        console.print(f"phase {name} …")
+        results[name] = summarize(run_peers(data, work / name, n, (*common, *extra), per_peer))
+        console.print(f"  {name}: {results[name]} ({time.monotonic() - t0:.0f} s)")
+    if not args.skip_lora:
+        console.print("phase lora …")
+        inst = work / "inst"
+        prepare([instruction_set(work / "instructions.jsonl")], inst, block_size=64, val_fraction=0.15)
+        lora = ("--lora-rank", "8", "--inner-steps", "10", "--rounds", "3", "--batch-size", "4", "--inner-lr", "1e-3")
+        lora += ("--model", "SmolLM2-135M-Instruct", "--matchmaking-time", "2", "--warmup-steps", "1")
+        results["lora"] = summarize(run_peers(inst, work / "lora", 2, lora, {}))
+        console.print(f"  lora: {results['lora']}")
+
+    d, p = results["diloco"], results["ddp"]
+    loss_ratio = d["final_val_loss"] / p["final_val_loss"]
+    bytes_ratio = d["bytes_per_peer"] / p["bytes_per_peer"]
+    table = Table(title=f"DiLoCo vs data-parallel: {n} peers, H={h}, {rounds} rounds, same tokens")
+    for col in ("measure", "value", "target", "met"):
+        table.add_column(col)
+
+    def row(name: str, value: float, target: str, met: bool) -> None:
+        table.add_row(name, f"{value:.4g}", target, "yes" if met else "NO")
+
+    row("final val loss DiLoCo / DDP", loss_ratio, "<= 1.03", loss_ratio <= 1.03)
+    row("bytes per peer DiLoCo / DDP", bytes_ratio, f"<= 1.2/H = {1.2 / h:.4g}", bytes_ratio <= 1.2 / h)
+    row("DiLoCo compute utilization", d["utilization"], ">= 0.9", d["utilization"] >= 0.9)
+    row("DDP compute utilization", p["utilization"], "", True)
+    attacks = {}
+    for rule in ("mean", "trimmed_mean", "centered_clip"):
+        ratio = results[f"attack-{rule}"]["final_val_loss"] / d["final_val_loss"]
+        attacks[rule] = ratio
+        robust = rule != "mean"
+        row(
+            f"1 of {n} peers -10x, {rule}: loss / clean",
+            ratio,
+            "<= 1.05" if robust else "(not robust)",
+            ratio <= 1.05 or not robust,
+        )
+    if "lora" in results:
+        lr = results["lora"]
+        table.add_row(
+            "LoRA SmolLM2, 2 peers: val loss",
+            f"{lr['initial_val_loss']:.3f} -> {lr['final_val_loss']:.3f}",
+            "falls",
+            "yes" if lr["final_val_loss"] < lr["initial_val_loss"] else "NO",
+        )
+    console.print(table)
+    result = {
+        "bench": "train",
+        "peers": n,
+        "inner_steps": h,
+        "rounds": rounds,
+        "loss_ratio": loss_ratio,
+        "bytes_ratio": bytes_ratio,
+        "diloco_utilization": d["utilization"],
+        "attack_loss_ratio": attacks,
+        "phases": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"train-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("BENCH_JSON " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
