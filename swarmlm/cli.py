@@ -152,16 +152,41 @@ def status(
     raise typer.Exit(code)
 
 
-@app.command()
+demo_app = typer.Typer(
+    help="Demos on the embedded model and corpus (without a subcommand: serve a local swarm).",
+    invoke_without_command=True,
+)
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.callback()
 def demo(
+    ctx: typer.Context,
     port: int = 8000,
     prompt: str = "In two sentences, why do bees dance?",
     once: Annotated[bool, typer.Option(help="Exit after the answer instead of serving until Ctrl-C")] = False,
 ) -> None:
-    """Start a server on the embedded model, stream a chat answer through the openai client, keep serving."""
+    """Start a local swarm on the embedded model, stream a chat answer through the openai client, keep serving."""
+    if ctx.invoked_subcommand is not None:
+        return
     from swarmlm.demo import run_demo
 
     raise typer.Exit(run_demo(port, prompt, once))
+
+
+@demo_app.command("train")
+def demo_train(
+    work_dir: Annotated[Path, typer.Option(help="Data, checkpoints and the exported model")] = Path("demo-train"),
+    rounds: Annotated[int, typer.Option(help="DiLoCo rounds")] = 12,
+    inner_steps: Annotated[int, typer.Option(help="Inner steps per round (H)")] = 50,
+    port: Annotated[int, typer.Option(help="Port of the gateway that serves the trained model")] = 8000,
+    prompt: str = "ROMEO:",
+) -> None:
+    """Three peers train a tiny model from scratch (one is killed and restarts), then a swarm serves it."""
+    from swarmlm.demo_train import run_train_demo
+
+    logging.basicConfig(level=logging.WARNING, force=True)
+    _exit_with(lambda c: run_train_demo(*c), (work_dir, rounds, inner_steps, port, prompt))
 
 
 def _parse_part(value: str | None) -> tuple[int, int] | None:

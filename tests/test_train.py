@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from swarmlm.swarm.local import PeerProcess, free_port
 from swarmlm.train.data import default_corpus_files, prepare
 from swarmlm.train.local import TrainerProcess
 from tests.conftest import ServerProcess
@@ -110,7 +111,7 @@ def test_join_crash_resume_and_a_corrupt_checkpoint(data: Path, tmp_path: Path) 
     """Two peers train; a third joins mid-run (downloads the state); one crashes (kill -9) and restarts
     from its checkpoints, the newest of which was corrupted meanwhile: it resumes from the one before
     and catches up. All end with the same weights."""
-    rounds = 16
+    rounds = 30  # enough that the others are still training when the crashed peer is back
     peers = start_peers(data, tmp_path, 2, rounds=rounds, extra=("--target-group-size", "3", "--min-group-size", "2"))
     try:
         wait_for(lambda: len(averaged(peers[1])) >= 2)
@@ -185,3 +186,32 @@ def test_differential_privacy_reports_epsilon(data: Path, tmp_path: Path) -> Non
     assert all(e is not None and 0 < e < math.inf for e in eps)
     assert eps == sorted(eps) and eps[0] < eps[-1]
     assert "epsilon=" in peers[0].log.read_text()
+
+
+def test_the_dashboard_shows_a_training_runs_loss_curve(data: Path, tmp_path: Path) -> None:
+    trainer = TrainerProcess(
+        "--data", str(data), "--rounds", "100", "--inner-steps", "5", "--run-id", "curve-run", run_dir=tmp_path / "t"
+    )
+    gateway = None
+    try:
+        trainer.wait_ready()
+        port = free_port()
+        gateway = PeerProcess("--layers", "none", "--api", f"127.0.0.1:{port}", initial=trainer.maddr, threads=None)
+        gateway.wait_ready()
+        runs: list[dict] = []
+
+        def curve_shown() -> bool:
+            nonlocal runs
+            runs = httpx.get(f"http://127.0.0.1:{port}/dashboard/state", timeout=10).json()["training"]
+            return bool(runs) and len(runs[0]["curve"]) >= 3
+
+        wait_for(curve_shown)
+        (run,) = runs
+        assert run["run_id"] == "curve-run" and run["round"] >= 2
+        reported = {r["round"]: round(r["val_loss"], 4) for r in trainer.rounds() if not math.isnan(r["val_loss"])}
+        assert all(reported[r] == loss for r, loss in run["curve"])  # the curve is the peer's validation loss
+        assert 'id="training"' in httpx.get(f"http://127.0.0.1:{port}/dashboard", timeout=10).text
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        trainer.stop()

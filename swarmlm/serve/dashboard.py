@@ -2,8 +2,9 @@
 
 The page is static HTML with a little script that polls `GET /dashboard/state` (JSON) every second and
 redraws: a coverage bar over the model's layers, one row per peer with its span drawn on the same axis,
-and the gateway's own load. The state comes from a callable the gateway supplies (serve/ does not know
-the swarm); no JavaScript framework, so it works on an air-gapped peer.
+the gateway's own load, and the validation-loss curve of each training run in the same DHT. The state
+comes from a callable the gateway supplies (serve/ does not know the swarm); no JavaScript framework, so
+it works on an air-gapped peer.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ _PAGE = """<!doctype html>
  td.span { width: 40%; } .track { position: relative; height: 14px; background: #eef0f4; }
  .fill { position: absolute; top: 0; bottom: 0; background: #4a74d9; border-radius: 3px; }
  .moving .fill { background: #a0a8b8; } .stale { color: #d9363e; }
+ .run { background: #fff; border: 1px solid #dde; border-radius: 6px; padding: 10px 14px; margin-top: 18px; }
+ .run svg { width: 100%; height: 160px; } .run polyline { fill: none; stroke: #4a74d9; stroke-width: 2; }
 </style></head>
 <body>
 <h1>swarmlm <span id="model"></span></h1>
@@ -51,6 +54,7 @@ _PAGE = """<!doctype html>
 <table><thead><tr><th>peer</th><th>layers</th><th>span</th><th>state</th><th>tok/s</th><th>sessions</th>
 <th>queue</th><th>our requests</th><th>free KV tokens</th><th>last seen</th><th>api</th></tr></thead>
 <tbody id="peers"></tbody></table>
+<div id="training"></div>
 <script>
 const $ = (id) => document.getElementById(id);
 function cell(text) { const td = document.createElement("td"); td.textContent = text; return td; }
@@ -92,10 +96,33 @@ function draw(s) {
     return tr;
   }));
 }
+function curve(points) {  // validation loss per round as an SVG polyline, scaled to the box
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", "0 0 400 100"); svg.setAttribute("preserveAspectRatio", "none");
+  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1), y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-6);
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", points.map((p) =>
+    (400 * (p[0] - x0) / (x1 - x0)).toFixed(1) + "," + (95 - 90 * (p[1] - y0) / (y1 - y0)).toFixed(1)).join(" "));
+  svg.append(line);
+  return svg;
+}
+function drawTraining(runs) {
+  $("training").replaceChildren(...runs.map((r) => {
+    const div = document.createElement("div"); div.className = "run"; div.dataset.runId = r.run_id;
+    const last = r.curve.length ? r.curve[r.curve.length - 1][1].toFixed(3) : "-";
+    const title = document.createElement("div");
+    title.textContent = "training run " + r.run_id + " · round " + r.round + " · group " + r.group +
+                        " · validation loss " + last;
+    div.append(title, curve(r.curve));
+    return div;
+  }));
+}
 async function poll() {
   try {
     const r = await fetch("/dashboard/state");
-    if (r.ok) draw(await r.json()); else $("gateway-health").textContent = "HTTP " + r.status;
+    if (!r.ok) { $("gateway-health").textContent = "HTTP " + r.status; }
+    else { const s = await r.json(); draw(s); drawTraining(s.training || []); }
   } catch (e) { $("gateway-health").textContent = "unreachable"; }
   setTimeout(poll, POLL_MS_VALUE);
 }

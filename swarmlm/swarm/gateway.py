@@ -87,7 +87,18 @@ class Gateway:
             "coverage": peers_per_layer(online, self.remote.config_model.num_layers),
             "peers": [self._peer(r, in_use) for r in records],
             "gateway": self._load(online),
+            "training": await asyncio.get_running_loop().run_in_executor(None, self._training),
         }
+
+    def _training(self) -> list[dict[str, Any]]:
+        """Training runs in this DHT (`swarmlm train` peers announce their round and loss curve)."""
+        from swarmlm.train.diloco import TRAINING_KEY
+
+        found = self.remote.dht.get(TRAINING_KEY, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        runs = [{"run_id": run, **entry.value} for run, entry in found.value.items() if isinstance(entry.value, dict)]
+        return sorted(runs, key=lambda r: str(r["run_id"]))
 
     def _peer(self, r: SpanRecord, in_use: dict[str, int]) -> dict[str, Any]:
         return {

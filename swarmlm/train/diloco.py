@@ -24,6 +24,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hivemind.utils import get_dht_time
 from torch import Tensor
 
 from swarmlm.train.allreduce import RobustAverager
@@ -43,6 +45,11 @@ from swarmlm.train.model import TrainableModel, build_model
 from swarmlm.train.privacy import PeerPrivacy
 
 logger = logging.getLogger(__name__)
+
+
+TRAINING_KEY = "swarmlm.training"  # DHT key: one subkey per run, read by the dashboard
+TRAINING_TTL = 600.0
+CURVE_POINTS = 200
 
 
 class NoPeersError(RuntimeError):
@@ -121,6 +128,8 @@ class Trainer:
         self._shared_state: tuple[dict[str, Any], list[Tensor]] = self._snapshot()
         self._sent_base: tuple[int, str] = (0, "")
         self.failures = 0  # averaging attempts failed in a row
+        self.curve: list[tuple[int, float]] = []  # (round, validation loss)
+        self._step_seconds = 0.0  # the last round's mean inner step time
         self.dht: Any = None
         self.averager: RobustAverager | None = None
 
@@ -211,19 +220,37 @@ class Trainer:
         if self.averager is not None:
             self.averager.state_sharing_priority = float(self.round)
 
-    def _average(self, tensors: list[Tensor]) -> tuple[list[Tensor], dict[Any, Any]] | None:
-        """All-reduce `tensors` with the current group; None when no group formed or the round failed."""
+    def _begin_average(self) -> Any:
+        """Start matchmaking in the background while the last inner steps run (as hivemind's Optimizer
+        pre-schedules it): the group is formed by the time the update is ready, and its all-reduce waits
+        for `allow_allreduce`. The base sent along is already known: global weights do not change mid-round."""
+        assert self.averager is not None
+        self._sent_base = (self.round, self.digest())
+        gather = {"round": self._sent_base[0], "digest": self._sent_base[1]}
+        return self.averager.step(
+            gather=gather, timeout=self.cfg.averaging_timeout, allow_retries=False, wait=False, require_trigger=True
+        )
+
+    def _average(self, tensors: list[Tensor], early: Any = None) -> tuple[list[Tensor], dict[Any, Any]] | None:
+        """All-reduce `tensors` with the current group (`early`: the matchmaking `_begin_average` started);
+        None when no group formed or the round failed."""
         assert self.averager is not None
         with self.averager.get_tensors() as buffers:
             for b, t in zip(buffers, tensors, strict=True):
                 b.copy_(t)
-        self._sent_base = (self.round, self.digest())
+        if early is None:
+            self._sent_base = (self.round, self.digest())
         gather = {"round": self._sent_base[0], "digest": self._sent_base[1]}
         deadline = time.monotonic() + self.cfg.averaging_timeout
         while True:
             try:
-                remaining = max(1.0, deadline - time.monotonic())
-                gathered = self.averager.step(gather=gather, timeout=remaining, allow_retries=False)
+                if early is not None:
+                    control, early = early, None  # one try: a retry is a fresh step
+                    control.allow_allreduce()
+                    gathered = control.result()
+                else:
+                    remaining = max(1.0, deadline - time.monotonic())
+                    gathered = self.averager.step(gather=gather, timeout=remaining, allow_retries=False)
                 if gathered:
                     with self.averager.get_tensors() as buffers:
                         return [b.clone() for b in buffers], gathered
@@ -266,14 +293,20 @@ class Trainer:
                 t.add_(torch.randn_like(t) * self.cfg.byzantine_scale * t.abs().mean().clamp_min(1e-3))
 
     def _diloco_round(self, batches: Iterator[tuple[int, Tensor]], on_step: Any) -> tuple[list[float], float, int]:
-        compute, losses = 0.0, []
-        for i in range(self.cfg.inner_steps):
+        compute, losses, early = 0.0, [], None
+        h = self.cfg.inner_steps
+        # Steps left when matchmaking starts: about the matchmaking time's worth (from the last round's pace).
+        lead = math.ceil(self.cfg.matchmaking_time / self._step_seconds) if self._step_seconds else 0
+        for i in range(h):
+            if lead and i == max(0, h - lead) and self.averager is not None:
+                early = self._begin_average()
             self.position, batch = next(batches)
             t0 = time.perf_counter()
             losses.append(self._inner_step(batch))
             self._clip_and_step()
             compute += time.perf_counter() - t0
             on_step(i + 1, losses[-1])
+        self._step_seconds = compute / h
         t0 = time.perf_counter()
         with torch.no_grad():
             update = [g.detach() - p.detach() for g, p in zip(self.global_params, self.model.params, strict=True)]
@@ -282,7 +315,7 @@ class Trainer:
             if self.privacy is not None:
                 self.privacy.privatize_(update)
         compute += time.perf_counter() - t0
-        result = self._average(update)
+        result = self._average(update, early)
         if result is None:  # keep local progress: the next round's pseudo-gradient includes it
             self._averaging_failed()
             return losses, compute, 0
@@ -318,16 +351,18 @@ class Trainer:
             compute += time.perf_counter() - t0
             result = self._average(grads)
             t0 = time.perf_counter()
-            if result is None:
+            if result is None:  # apply nothing rather than our own gradient: the others applied the average
                 self._averaging_failed()
-            else:
-                self.failures = 0
-                averaged, gathered = result
-                for p, a in zip(self.model.params, averaged, strict=True):
-                    p.grad = a
-                group = len(gathered)
-                if (base := self._group_base(gathered)) != self._sent_base:
-                    strayed = base
+                self.inner_opt.zero_grad(set_to_none=True)
+                on_step(i + 1, losses[-1])
+                continue
+            self.failures = 0
+            averaged, gathered = result
+            for p, a in zip(self.model.params, averaged, strict=True):
+                p.grad = a
+            group = len(gathered)
+            if (base := self._group_base(gathered)) != self._sent_base:
+                strayed = base
             self._clip_and_step()
             with torch.no_grad():
                 for g, p in zip(self.global_params, self.model.params, strict=True):
@@ -413,7 +448,18 @@ class Trainer:
             f.write(report.to_json() + "\n")
         if progress is not None and losses:
             progress.end_round(report)
+        if not math.isnan(report.val_loss):
+            self.curve.append((report.round, round(report.val_loss, 4)))
+            self._announce(report)
         return report
+
+    def _announce(self, report: RoundReport) -> None:
+        """Put the run's progress and loss curve in the DHT, where a gateway's dashboard finds it. Every
+        peer of the run writes the same entry (its peers hold the same weights and curve)."""
+        if self.dht is None:
+            return
+        value = {"round": report.round, "group": report.group_size, "curve": self.curve[-CURVE_POINTS:]}
+        self.dht.store(TRAINING_KEY, value, get_dht_time() + TRAINING_TTL, subkey=self.cfg.run_id, return_future=True)
 
     def _bytes_sent(self) -> int:
         return int(self.averager.bytes_sent.value) if self.averager is not None else 0
