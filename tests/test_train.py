@@ -111,7 +111,7 @@ def test_join_crash_resume_and_a_corrupt_checkpoint(data: Path, tmp_path: Path) 
     """Two peers train; a third joins mid-run (downloads the state); one crashes (kill -9) and restarts
     from its checkpoints, the newest of which was corrupted meanwhile: it resumes from the one before
     and catches up. All end with the same weights."""
-    rounds = 30  # enough that the others are still training when the crashed peer is back
+    rounds = 20  # enough that the others are still training when the crashed peer is back
     peers = start_peers(data, tmp_path, 2, rounds=rounds, extra=("--target-group-size", "3", "--min-group-size", "2"))
     try:
         wait_for(lambda: len(averaged(peers[1])) >= 2)
@@ -189,8 +189,19 @@ def test_differential_privacy_reports_epsilon(data: Path, tmp_path: Path) -> Non
 
 
 def test_the_dashboard_shows_a_training_runs_loss_curve(data: Path, tmp_path: Path) -> None:
+    metrics_port = free_port()
     trainer = TrainerProcess(
-        "--data", str(data), "--rounds", "100", "--inner-steps", "5", "--run-id", "curve-run", run_dir=tmp_path / "t"
+        "--data",
+        str(data),
+        "--rounds",
+        "100",
+        "--inner-steps",
+        "5",
+        "--run-id",
+        "curve-run",
+        "--metrics-port",
+        str(metrics_port),
+        run_dir=tmp_path / "t",
     )
     gateway = None
     try:
@@ -211,6 +222,8 @@ def test_the_dashboard_shows_a_training_runs_loss_curve(data: Path, tmp_path: Pa
         reported = {r["round"]: round(r["val_loss"], 4) for r in trainer.rounds() if not math.isnan(r["val_loss"])}
         assert all(reported[r] == loss for r, loss in run["curve"])  # the curve is the peer's validation loss
         assert 'id="training"' in httpx.get(f"http://127.0.0.1:{port}/dashboard", timeout=10).text
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert "swarmlm:train_round" in metrics and "swarmlm:train_val_loss" in metrics
     finally:
         if gateway is not None:
             gateway.stop()
