@@ -104,16 +104,16 @@ def _wait(done: object, peers: list[TrainerProcess], timeout: float = 1800) -> N
 
 
 def _loss_table(trainers: list[TrainerProcess]) -> Table:
-    """Validation loss per round (identical on every peer), with a bar for the curve."""
+    """Validation loss per round, with a bar for the curve; "same weights": every peer's digest agrees."""
     reports = {r["round"]: r for r in trainers[0].rounds() if r["averaged"] or r["round"] == 0}
     top = max(r["val_loss"] for r in reports.values())
-    table = Table(title="validation loss per round (every peer holds the same weights)")
-    for col in ("round", "val loss", "perplexity", "group", "", "same digest on all peers"):
+    table = Table(title="validation loss per round")
+    for col in ("round", "val loss", "ppl", "group", "", "same weights"):
         table.add_column(col)
     digests = [{r["round"]: r["digest"] for r in t.rounds() if r["averaged"]} for t in trainers]
     for rnd, r in sorted(reports.items()):
         same = len({d.get(rnd) for d in digests if rnd in d}) == 1 if rnd else True
-        bar = "█" * max(1, round(30 * r["val_loss"] / top))
+        bar = "█" * max(1, round(20 * r["val_loss"] / top))
         table.add_row(
             str(rnd),
             f"{r['val_loss']:.3f}",

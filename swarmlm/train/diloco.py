@@ -227,9 +227,13 @@ class Trainer:
         assert self.averager is not None
         self._sent_base = (self.round, self.digest())
         gather = {"round": self._sent_base[0], "digest": self._sent_base[1]}
-        return self.averager.step(
-            gather=gather, timeout=self.cfg.averaging_timeout, allow_retries=False, wait=False, require_trigger=True
-        )
+        window = self._attempt_window() + self.cfg.matchmaking_time  # covers the steps still to run
+        return self.averager.step(gather=gather, timeout=window, allow_retries=False, wait=False, require_trigger=True)
+
+    def _attempt_window(self) -> float:
+        """How long one matchmaking attempt may wait before we look whether the others moved on: short,
+        so a straggler notices a finished run while its peers still linger (see `run_training`)."""
+        return 3 * self.cfg.matchmaking_time
 
     def _average(self, tensors: list[Tensor], early: Any = None) -> tuple[list[Tensor], dict[Any, Any]] | None:
         """All-reduce `tensors` with the current group (`early`: the matchmaking `_begin_average` started);
@@ -249,8 +253,11 @@ class Trainer:
                     control.allow_allreduce()
                     gathered = control.result()
                 else:
-                    remaining = max(1.0, deadline - time.monotonic())
-                    gathered = self.averager.step(gather=gather, timeout=remaining, allow_retries=False)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= self.cfg.matchmaking_time:
+                        return None
+                    window = min(remaining, self._attempt_window())
+                    gathered = self.averager.step(gather=gather, timeout=window, allow_retries=False)
                 if gathered:
                     with self.averager.get_tensors() as buffers:
                         return [b.clone() for b in buffers], gathered
@@ -546,8 +553,9 @@ def run_training(cfg: TrainConfig, export: Path | None = None) -> int:
         tokens_per_step = cfg.batch_size * (trainer.shards.block_size - 1)
         with TrainProgress(cfg.inner_steps, tokens_per_step, TrainMetrics(cfg.metrics_port)) as progress:
             trainer.run(progress)
-        # Stay a moment before leaving: a peer whose last all-reduce broke on its side downloads from us.
-        time.sleep(2 * cfg.matchmaking_time)
+        # Stay a moment before leaving: a straggler (its last all-reduce broke on its side, or it came back
+        # late) downloads the final state from us. Longer than its matchmaking attempts (`_attempt_window`).
+        time.sleep(4 * cfg.matchmaking_time + 2)
         if export is not None:
             export_checkpoint(cfg.run_dir, export)
     except KeyboardInterrupt:
