@@ -11,7 +11,7 @@ Reported: final validation loss DiLoCo / DDP (target <= 1.03); bytes sent per pe
 (round 1 also waits for the last peer to start; target >= 0.9); each attack's final loss against the
 clean DiLoCo run (target within 5 % for the robust rules).
 
-    .venv/bin/python bench/train_bench.py [--inner-steps 50] [--rounds 8] [--peers 4] [--skip-lora]
+    .venv/bin/python bench/train_bench.py [--inner-steps 50] [--rounds 8] [--peers 4] [--phases diloco,ddp,...]
 
 The last line of output is `BENCH_JSON {...}`; the same JSON goes to bench/results/train-<time>.json.
 """
@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from swarmlm.train.data import default_corpus_files, prepare
-from swarmlm.train.local import TrainerProcess
+from swarmlm.train.local import start_run
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -39,15 +39,10 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 
 def run_peers(data: Path, root: Path, n: int, common: tuple[str, ...], per_peer: dict[int, tuple[str, ...]]) -> list:
-    """n peers of one run (rounds wait for all n); returns each peer's averaged round reports."""
-    peers: list[TrainerProcess] = []
+    """n peers of one run (rounds wait for all n); returns each peer's round reports."""
+    args = ("--target-group-size", str(n), "--min-group-size", str(n), "--run-id", root.name, *common)
+    peers = start_run(data, root, n, args, per_peer)
     try:
-        for rank in range(n):
-            args = ("--data", str(data), "--data-part", f"{rank}/{n}", "--target-group-size", str(n))
-            args += ("--min-group-size", str(n), "--run-id", root.name, *common, *per_peer.get(rank, ()))
-            boot = peers[0].maddr if peers else None
-            peers.append(TrainerProcess(*args, run_dir=root / f"peer{rank}", initial=boot, threads=1))
-            peers[-1].wait_ready()
         for p in peers:
             if p.finish(timeout=3600) != 0:
                 raise RuntimeError(f"peer failed:\n{p.log.read_text()[-3000:]}")
@@ -95,14 +90,78 @@ def instruction_set(path: Path, n: int = 240) -> Path:
     return path
 
 
+PHASES = ("diloco", "ddp", "attack-mean", "attack-trimmed_mean", "attack-centered_clip", "lora")
+
+
+def run_phase(name: str, data: Path, work: Path, n: int, common: tuple[str, ...]) -> dict:
+    if name == "lora":
+        inst = work / "inst"
+        prepare([instruction_set(work / "instructions.jsonl")], inst, block_size=64, val_fraction=0.15)
+        lora = ("--lora-rank", "8", "--inner-steps", "10", "--rounds", "3", "--batch-size", "4", "--inner-lr", "1e-3")
+        lora += ("--model", "SmolLM2-135M-Instruct", "--matchmaking-time", "2", "--warmup-steps", "1")
+        return summarize(run_peers(inst, work / "lora", 2, lora, {}))
+    if name == "ddp":
+        return summarize(run_peers(data, work / name, n, (*common, "--mode", "ddp", "--matchmaking-time", "0.5"), {}))
+    if name.startswith("attack-"):
+        rule = name.removeprefix("attack-")
+        attacker = {n - 1: ("--byzantine", "sign_flip")}
+        return summarize(run_peers(data, work / name, n, (*common, "--aggregation", rule), attacker))
+    return summarize(run_peers(data, work / name, n, (*common, "--mode", "diloco"), {}))
+
+
+def report(results: dict[str, dict], n: int, h: int, rounds: int) -> dict:
+    """Print the table of targets for the phases that ran; the JSON result."""
+    table = Table(title=f"Training: {n} peers, H={h}, {rounds} rounds, same tokens per phase")
+    for col in ("measure", "value", "target", "met"):
+        table.add_column(col)
+
+    def row(name: str, value: float, target: str, met: bool) -> None:
+        table.add_row(name, f"{value:.4g}", target, "yes" if met else "NO")
+
+    result: dict = {"bench": "train", "peers": n, "inner_steps": h, "rounds": rounds}
+    d, p = results.get("diloco"), results.get("ddp")
+    if d:
+        result["diloco_utilization"] = d["utilization"]
+        row("DiLoCo compute utilization", d["utilization"], ">= 0.9", d["utilization"] >= 0.9)
+    if d and p:
+        result["loss_ratio"] = d["final_val_loss"] / p["final_val_loss"]
+        result["bytes_ratio"] = d["bytes_per_peer"] / p["bytes_per_peer"]
+        row("final val loss DiLoCo / DDP", result["loss_ratio"], "<= 1.03", result["loss_ratio"] <= 1.03)
+        row(
+            "bytes per peer DiLoCo / DDP",
+            result["bytes_ratio"],
+            f"<= 1.2/H = {1.2 / h:.4g}",
+            result["bytes_ratio"] <= 1.2 / h,
+        )
+        row("DDP compute utilization", p["utilization"], "", True)
+    attacks = {}
+    for rule in ("mean", "trimmed_mean", "centered_clip"):
+        if d and f"attack-{rule}" in results:
+            attacks[rule] = ratio = results[f"attack-{rule}"]["final_val_loss"] / d["final_val_loss"]
+            robust = rule != "mean"
+            target = "<= 1.05" if robust else "(not robust)"
+            row(f"1 of {n} peers -10x, {rule}: loss / clean", ratio, target, ratio <= 1.05 or not robust)
+    if attacks:
+        result["attack_loss_ratio"] = attacks
+    if lr := results.get("lora"):
+        falls = lr["final_val_loss"] < lr["initial_val_loss"]
+        value = f"{lr['initial_val_loss']:.3f} -> {lr['final_val_loss']:.3f}"
+        table.add_row("LoRA SmolLM2, 2 peers: val loss", value, "falls", "yes" if falls else "NO")
+    console.print(table)
+    return {**result, "phases": results}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--inner-steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--peers", type=int, default=4)
-    ap.add_argument("--skip-lora", action="store_true")
+    ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     args = ap.parse_args()
     h, rounds, n = args.inner_steps, args.rounds, args.peers
+    phases = args.phases.split(",")
+    if unknown := set(phases) - set(PHASES):
+        ap.error(f"unknown phases: {', '.join(sorted(unknown))}")
     work = Path(tempfile.mkdtemp(prefix="swarmlm-bench-train-"))
     console.print(f"[bold]train bench[/]: {n} peers, H={h}, {rounds} rounds, work in {work}")
     data = work / "data"
@@ -110,73 +169,13 @@ def main() -> None:
     common = ("--inner-steps", str(h), "--rounds", str(rounds), "--batch-size", "8", "--inner-lr", "3e-3")
     common += ("--matchmaking-time", "2", "--size", "tiny")
     results: dict[str, dict] = {}
-    phases = [
-        ("diloco", ("--mode", "diloco"), {}),
-        ("ddp", ("--mode", "ddp", "--matchmaking-time", "0.5"), {}),
-        *[
-            (f"attack-{rule}", ("--aggregation", rule), {n - 1: ("--byzantine", "sign_flip")})
-            for rule in ("mean", "trimmed_mean", "centered_clip")
-        ],
-    ]
-    for name, extra, per_peer in phases:
+    for name in phases:
         t0 = time.monotonic()
         console.print(f"phase {name} …")
-        results[name] = summarize(run_peers(data, work / name, n, (*common, *extra), per_peer))
-        console.print(f"  {name}: {results[name]} ({time.monotonic() - t0:.0f} s)")
-    if not args.skip_lora:
-        console.print("phase lora …")
-        inst = work / "inst"
-        prepare([instruction_set(work / "instructions.jsonl")], inst, block_size=64, val_fraction=0.15)
-        lora = ("--lora-rank", "8", "--inner-steps", "10", "--rounds", "3", "--batch-size", "4", "--inner-lr", "1e-3")
-        lora += ("--model", "SmolLM2-135M-Instruct", "--matchmaking-time", "2", "--warmup-steps", "1")
-        results["lora"] = summarize(run_peers(inst, work / "lora", 2, lora, {}))
-        console.print(f"  lora: {results['lora']}")
-
-    d, p = results["diloco"], results["ddp"]
-    loss_ratio = d["final_val_loss"] / p["final_val_loss"]
-    bytes_ratio = d["bytes_per_peer"] / p["bytes_per_peer"]
-    table = Table(title=f"DiLoCo vs data-parallel: {n} peers, H={h}, {rounds} rounds, same tokens")
-    for col in ("measure", "value", "target", "met"):
-        table.add_column(col)
-
-    def row(name: str, value: float, target: str, met: bool) -> None:
-        table.add_row(name, f"{value:.4g}", target, "yes" if met else "NO")
-
-    row("final val loss DiLoCo / DDP", loss_ratio, "<= 1.03", loss_ratio <= 1.03)
-    row("bytes per peer DiLoCo / DDP", bytes_ratio, f"<= 1.2/H = {1.2 / h:.4g}", bytes_ratio <= 1.2 / h)
-    row("DiLoCo compute utilization", d["utilization"], ">= 0.9", d["utilization"] >= 0.9)
-    row("DDP compute utilization", p["utilization"], "", True)
-    attacks = {}
-    for rule in ("mean", "trimmed_mean", "centered_clip"):
-        ratio = results[f"attack-{rule}"]["final_val_loss"] / d["final_val_loss"]
-        attacks[rule] = ratio
-        robust = rule != "mean"
-        row(
-            f"1 of {n} peers -10x, {rule}: loss / clean",
-            ratio,
-            "<= 1.05" if robust else "(not robust)",
-            ratio <= 1.05 or not robust,
-        )
-    if "lora" in results:
-        lr = results["lora"]
-        table.add_row(
-            "LoRA SmolLM2, 2 peers: val loss",
-            f"{lr['initial_val_loss']:.3f} -> {lr['final_val_loss']:.3f}",
-            "falls",
-            "yes" if lr["final_val_loss"] < lr["initial_val_loss"] else "NO",
-        )
-    console.print(table)
-    result = {
-        "bench": "train",
-        "peers": n,
-        "inner_steps": h,
-        "rounds": rounds,
-        "loss_ratio": loss_ratio,
-        "bytes_ratio": bytes_ratio,
-        "diloco_utilization": d["utilization"],
-        "attack_loss_ratio": attacks,
-        "phases": results,
-    }
+        results[name] = run_phase(name, data, work, n, common)
+        results[name]["phase_s"] = round(time.monotonic() - t0, 1)
+        console.print(f"  {name}: {results[name]}")
+    result = report(results, n, h, rounds)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"train-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -221,6 +221,9 @@ def train(
     inner_steps: Annotated[int, typer.Option(help="H: local AdamW steps per round")] = 50,
     inner_lr: float = 1e-3,
     warmup_steps: Annotated[int, typer.Option(help="Inner steps of linear learning-rate warmup")] = 20,
+    min_lr_ratio: Annotated[
+        float, typer.Option(help="Cosine-decay the inner learning rate over the run to this fraction (1: constant)")
+    ] = 0.1,
     outer_lr: float = 0.7,
     outer_momentum: float = 0.9,
     rounds: Annotated[int, typer.Option(help="Stop when the swarm reaches this round")] = 10,
@@ -270,6 +273,7 @@ def train(
             inner_steps=inner_steps,
             inner_lr=inner_lr,
             warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
             outer_lr=outer_lr,
             outer_momentum=outer_momentum,
             rounds=rounds,

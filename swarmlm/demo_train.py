@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from swarmlm.swarm.local import PeerProcess, start_swarm
-from swarmlm.train.local import TrainerProcess
+from swarmlm.train.local import TrainerProcess, start_run
 
 console = Console(soft_wrap=True)
 PEERS = 3
@@ -39,20 +39,17 @@ def run_train_demo(work: Path, rounds: int, inner_steps: int, port: int, prompt:
         console.print(f"[bold]swarmlm demo train[/]: preparing the embedded corpus in {work / 'data'} …")
         m = prepare(default_corpus_files(), work / "data", train_tokenizer=2048, block_size=128)
         console.print(f"  {m.stats.tokens:,} tokens, {m.stats.train_blocks:,} training blocks of 128")
-        trainers: list[TrainerProcess] = []
-        for rank in range(PEERS):
-            args = ("--data", str(work / "data"), "--data-part", f"{rank}/{PEERS}", "--rounds", str(rounds))
-            args += ("--inner-steps", str(inner_steps), "--inner-lr", "3e-3", "--target-group-size", str(PEERS))
-            args += ("--min-group-size", "2", "--run-id", f"demo-{work.resolve().name}")
-            boot = trainers[0].maddr if trainers else None
-            trainers.append(TrainerProcess(*args, run_dir=work / f"peer{rank}", initial=boot, threads=1))
-            procs.append(trainers[-1])
-            trainers[-1].wait_ready()
+        args = ("--rounds", str(rounds), "--inner-steps", str(inner_steps), "--inner-lr", "3e-3")
+        args += ("--target-group-size", str(PEERS), "--min-group-size", "2", "--run-id", f"demo-{work.resolve().name}")
+        trainers = start_run(work / "data", work, PEERS, args)
+        procs.extend(trainers)
         console.print(f"{PEERS} peers training a tiny model, {rounds} DiLoCo rounds of {inner_steps} steps …")
         victim = trainers[-1]
-        _wait(lambda: _last_round(victim) >= rounds // 3, trainers)
+        _wait(lambda: victim.checkpointed_round() >= rounds // 3, trainers)  # so that it has one to resume from
         victim.crash()
-        console.print(f"[red]killed[/] peer {PEERS - 1} (kill -9) at round {_last_round(victim)}; restarting it …")
+        console.print(
+            f"[red]killed[/] peer {PEERS - 1} (kill -9) after round {victim.checkpointed_round()}; restarting it …"
+        )
         restarted = victim.restart(initial=trainers[0].maddr)
         procs[procs.index(victim)] = trainers[-1] = restarted
         restarted.wait_ready()
@@ -87,10 +84,6 @@ def run_train_demo(work: Path, rounds: int, inner_steps: int, port: int, prompt:
 
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def _last_round(peer: TrainerProcess) -> int:
-    return max((r["round"] for r in peer.rounds() if r["averaged"]), default=0)
 
 
 def _wait(done: object, peers: list[TrainerProcess], timeout: float = 1800) -> None:

@@ -44,7 +44,7 @@ def test_demo_train_survives_a_crash_and_serves_its_model(tmp_path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    assert "killed" in out and "resumed from" in out
+    assert "killed" in out and "resumed from" in out, out
     assert "validation loss per round" in out and "same weights" in out
     assert " no " not in out.split("validation loss per round")[1].split("serving")[0]  # every round: same weights
     assert "the swarm's model:" in out and "stopped." in out

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from swarmlm.swarm.local import PeerProcess, free_port
 from swarmlm.train.data import default_corpus_files, prepare
-from swarmlm.train.local import TrainerProcess
+from swarmlm.train.local import TrainerProcess, start_run
 from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -37,16 +38,10 @@ def start_peers(
     extra: tuple[str, ...] = (),
     per_peer: dict[int, tuple[str, ...]] | None = None,
 ) -> list[TrainerProcess]:
-    """n peers of one run, each on its own slice of the data. Rounds wait for all n (--min-group-size n)
-    unless `extra` says otherwise, so every averaged round has the same group."""
-    peers: list[TrainerProcess] = []
-    for rank in range(n):
-        args = ("--data", str(data), "--data-part", f"{rank}/{n}", "--rounds", str(rounds), *FAST)
-        args += ("--target-group-size", str(n), "--min-group-size", str(n), *extra, *(per_peer or {}).get(rank, ()))
-        peer = TrainerProcess(*args, run_dir=root / f"peer{rank}", initial=peers[0].maddr if peers else None)
-        peers.append(peer)
-        peer.wait_ready()
-    return peers
+    """n peers of one run. Rounds wait for all n (--min-group-size n) unless `extra` says otherwise, so
+    every averaged round has the same group."""
+    args = ("--rounds", str(rounds), *FAST, "--target-group-size", str(n), "--min-group-size", str(n), *extra)
+    return start_run(data, root, n, args, per_peer)
 
 
 def averaged(peer: TrainerProcess) -> list[dict]:
@@ -228,3 +223,28 @@ def test_the_dashboard_shows_a_training_runs_loss_curve(data: Path, tmp_path: Pa
         if gateway is not None:
             gateway.stop()
         trainer.stop()
+
+
+def test_lora_fine_tune_of_the_embedded_model(tmp_path: Path) -> None:
+    """Two peers fine-tune SmolLM2 with LoRA: only the adapters travel, both end with the same adapters,
+    and the export folds them into a plain checkpoint that the serving stack loads."""
+    from swarmlm.model.loading import default_model_path, load_model
+
+    data = tmp_path / "data"
+    prepare(default_corpus_files()[:1], data, block_size=32)  # the embedded model's own tokenizer
+    extra = ("--model", "SmolLM2-135M-Instruct", "--lora-rank", "4", "--inner-steps", "3", "--batch-size", "2")
+    extra += ("--warmup-steps", "1", "--inner-lr", "1e-3", "--matchmaking-time", "2")
+    peers = start_peers(data, tmp_path / "run", 2, rounds=2, extra=extra)
+    finish(peers)
+    reports = [averaged(p) for p in peers]
+    assert [r["round"] for r in reports[0]] == [1, 2]
+    assert reports[0][-1]["digest"] == reports[1][-1]["digest"]
+    # rank-4 adapters on 30 layers: about 1.6 M values, where the whole model has 135 M
+    assert 0 < reports[0][-1]["bytes_sent"] < 20e6
+    export = tmp_path / "exported"
+    out = subprocess.run([sys.executable, "-m", "swarmlm.cli", "export", str(peers[0].run_dir), "--out", str(export)])
+    assert out.returncode == 0
+    tuned, base = load_model(str(export)).span.state_dict(), load_model(str(default_model_path())).span.state_dict()
+    assert tuned.keys() == base.keys()  # adapters folded in: no LoRA tensors left
+    changed = {name for name in base if not torch.equal(tuned[name], base[name])}
+    assert changed and all(name.endswith("proj.weight") for name in changed)  # only adapted layers moved

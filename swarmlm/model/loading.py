@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from swarmlm.model.checkpoint import CheckpointError, fuse_projections, open_checkpoint, save_hf_checkpoint
 from swarmlm.model.config import ModelConfig
@@ -45,15 +47,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def weights_digest(span: LlamaSpan) -> str:
-    """sha256 over the span's tensors (name, dtype, shape, bytes) in name order."""
+def tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of each tensor, in the order given: equal digests mean
+    bit-identical weights (a served span's identity, a training round's agreed state)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(span.state_dict().items()):
+    for name, tensor in named:
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
+
+
+def weights_digest(span: LlamaSpan) -> str:
+    """The span's tensors' digest, in name order."""
+    return tensors_digest(sorted(span.state_dict().items()))
 
 
 @dataclass

@@ -41,6 +41,7 @@ LIVE_OPTIONS = frozenset(
         "batch_size",
         "inner_lr",
         "warmup_steps",
+        "min_lr_ratio",
         "keep_checkpoints",
         "byzantine",
         "byzantine_scale",

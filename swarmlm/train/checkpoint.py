@@ -80,20 +80,24 @@ def mark_best(folder: Path, round_: int, val_loss: float) -> None:
     _atomic_write(folder / "best.json", lambda p: p.write_text(json.dumps({"round": round_, "val_loss": val_loss})))
 
 
-def best_round(folder: Path) -> int | None:
+def best_round(folder: Path) -> tuple[int, float] | None:
+    """(round, validation loss) of the best checkpoint kept in `folder`, or None."""
     try:
-        return int(json.loads((folder / "best.json").read_text())["round"])
-    except (OSError, ValueError, KeyError):
+        best = json.loads((folder / "best.json").read_text())
+        return int(best["round"]), float(best["val_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _rounds(folder: Path) -> list[int]:
+def saved_rounds(folder: Path) -> list[int]:
+    """The rounds with a complete checkpoint record in `folder`, oldest first."""
     return sorted(int(m.group(1)) for p in folder.glob("round-*.json") if (m := _NAME.fullmatch(p.name)))
 
 
 def _prune(folder: Path, keep: int) -> None:
-    rounds = _rounds(folder)
-    protected = set(rounds[-keep:]) | {best_round(folder)}
+    rounds = saved_rounds(folder)
+    best = best_round(folder)
+    protected = set(rounds[-keep:]) | ({best[0]} if best else set())
     for r in rounds:
         if r not in protected:
             (folder / f"round-{r:06d}.json").unlink(missing_ok=True)
@@ -119,7 +123,7 @@ def load_checkpoint(marker: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 def latest_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     """The newest intact checkpoint in `folder` (corrupt ones are logged and skipped), or None."""
-    for r in reversed(_rounds(folder) if folder.exists() else []):
+    for r in reversed(saved_rounds(folder)):
         try:
             return load_checkpoint(folder / f"round-{r:06d}.json")
         except CheckpointCorrupt as e:

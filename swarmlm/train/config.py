@@ -54,6 +54,9 @@ class TrainConfig:
     inner_steps: int = 50  # H
     inner_lr: float = 1e-3
     warmup_steps: int = 20
+    # Cosine decay of the inner learning rate over the run (`rounds * inner_steps` steps) down to this
+    # fraction of it; 1.0 keeps it constant. Measured by the global round, so a latecomer decays in step.
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -86,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"mode must be diloco or ddp, not {self.mode!r}")
         if self.inner_steps < 1 or self.rounds < 1 or self.batch_size < 1:
             raise ValueError("--inner-steps, --rounds and --batch-size must be positive")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("--min-lr-ratio must be between 0 and 1")
         if self.min_group_size < 1:
             raise ValueError("--min-group-size must be at least 1")
         if self.dp_noise is not None and self.dp_delta is None:

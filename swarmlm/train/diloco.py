@@ -21,7 +21,6 @@ momentum and the round number from the most advanced peer before training (hivem
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ import torch
 from hivemind.utils import get_dht_time
 from torch import Tensor
 
+from swarmlm.model.loading import tensors_digest
 from swarmlm.train.allreduce import RobustAverager
 from swarmlm.train.checkpoint import best_round, latest_checkpoint, mark_best, save_checkpoint
 from swarmlm.train.config import TrainConfig
@@ -54,13 +54,6 @@ CURVE_POINTS = 200
 
 class NoPeersError(RuntimeError):
     """The run cannot go on: not enough peers to average with."""
-
-
-def tensors_digest(tensors: list[Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 @dataclass
@@ -115,7 +108,7 @@ class Trainer:
         self.global_params = [p.detach().clone().requires_grad_(True) for p in params]
         self.inner_opt = torch.optim.AdamW(params, lr=cfg.inner_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         self.outer_opt = torch.optim.SGD(
-            self.global_params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=True
+            self.global_params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.outer_momentum > 0
         )
         self.privacy = PeerPrivacy(cfg.dp_clip, cfg.dp_noise, cfg.dp_delta) if cfg.dp_noise is not None else None
         self.round = 0
@@ -179,7 +172,7 @@ class Trainer:
             return self._shared_state
 
     def digest(self) -> str:
-        return tensors_digest(self.global_params)
+        return tensors_digest(zip(self.model.names, self.global_params, strict=True))
 
     def catch_up(self, at_least: int | None = None, wait: float = 0.0) -> bool:
         """Download the global state from the most advanced peer: if it is ahead of ours, or (`at_least`)
@@ -277,10 +270,18 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------------------
 
-    def _inner_step(self, batch: Tensor) -> float:
-        warm = min(1.0, (self.inner_steps_done + 1) / max(1, self.cfg.warmup_steps))
+    def _inner_lr(self, step_in_round: int) -> float:
+        """Linear warmup over this peer's first steps (its AdamW state starts empty, even when it joins
+        late), times cosine decay over the run's global progress."""
+        cfg = self.cfg
+        warm = min(1.0, (self.inner_steps_done + 1) / max(1, cfg.warmup_steps))
+        progress = min(1.0, (self.round * cfg.inner_steps + step_in_round) / (cfg.rounds * cfg.inner_steps))
+        decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.inner_lr * warm * decay
+
+    def _inner_step(self, batch: Tensor, step_in_round: int) -> float:
         for group in self.inner_opt.param_groups:
-            group["lr"] = self.cfg.inner_lr * warm
+            group["lr"] = self._inner_lr(step_in_round)
         loss = self.model.loss(batch)
         loss.backward()
         return loss.item()
@@ -309,7 +310,7 @@ class Trainer:
                 early = self._begin_average()
             self.position, batch = next(batches)
             t0 = time.perf_counter()
-            losses.append(self._inner_step(batch))
+            losses.append(self._inner_step(batch, i))
             self._clip_and_step()
             compute += time.perf_counter() - t0
             on_step(i + 1, losses[-1])
@@ -351,7 +352,7 @@ class Trainer:
         for i in range(self.cfg.inner_steps):
             self.position, batch = next(batches)
             t0 = time.perf_counter()
-            losses.append(self._inner_step(batch))
+            losses.append(self._inner_step(batch, i))
             grads = [p.grad.detach() for p in self.model.params]
             if self.cfg.byzantine:
                 self._poison_(grads)
@@ -526,9 +527,8 @@ class Trainer:
         torch.set_rng_state(rng)
         if self.privacy is not None and meta.get("dp_history"):
             self.privacy.accountant.history = [tuple(h) for h in meta["dp_history"]]
-        best = best_round(self.checkpoints)
-        if best is not None:
-            self.best_val = float(json.loads((self.checkpoints / "best.json").read_text())["val_loss"])
+        if (best := best_round(self.checkpoints)) is not None:
+            self.best_val = best[1]
         logger.info("resumed from %s at round %d", self.checkpoints, self.round)
         return True
 

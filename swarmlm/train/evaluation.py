@@ -42,7 +42,7 @@ def _round_file(checkpoint: Path) -> Path:
         return checkpoint
     best = best_round(folder)
     if best is not None:
-        return folder / f"round-{best:06d}.json"
+        return folder / f"round-{best[0]:06d}.json"
     found = sorted(folder.glob("round-*.json"))
     if not found:
         raise ValueError(f"{checkpoint}: no training checkpoint found")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmlm.swarm.local import PeerProcess
+from swarmlm.train.checkpoint import saved_rounds
 
 
 class TrainerProcess(PeerProcess):
@@ -31,6 +32,35 @@ class TrainerProcess(PeerProcess):
         path = self.run_dir / "rounds.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
+    def checkpointed_round(self) -> int:
+        """The newest round this peer has a checkpoint of (0: none yet)."""
+        return max(saved_rounds(self.run_dir / "checkpoints"), default=0)
+
     def finish(self, timeout: float = 600) -> int:
         """Wait for the run to end; the exit code."""
         return self.proc.wait(timeout=timeout)
+
+
+def start_run(
+    data: Path,
+    root: Path,
+    n: int,
+    args: tuple[str, ...],
+    per_peer: dict[int, tuple[str, ...]] | None = None,
+    threads: int = 1,
+) -> list[TrainerProcess]:
+    """`n` peers of one run, each training on its own slice of `data` (`--data-part rank/n`) in
+    `root/peer<rank>`, the later ones joining through the first. Returns once all are ready; if one
+    fails to start, the ones already started are stopped."""
+    peers: list[TrainerProcess] = []
+    try:
+        for rank in range(n):
+            peer_args = ("--data", str(data), "--data-part", f"{rank}/{n}", *args, *(per_peer or {}).get(rank, ()))
+            boot = peers[0].maddr if peers else None
+            peers.append(TrainerProcess(*peer_args, run_dir=root / f"peer{rank}", initial=boot, threads=threads))
+            peers[-1].wait_ready()
+    except BaseException:
+        for p in peers:
+            p.stop()
+        raise
+    return peers
