@@ -388,5 +388,49 @@ def data_prepare(
     _exit_with(run, sources or [])
 
 
+ledger_app = typer.Typer(
+    help="The signed, hash-chained ledger of model versions and training rounds.", no_args_is_help=True
+)
+app.add_typer(ledger_app, name="ledger")
+LedgerPath = Annotated[Path, typer.Argument(help="A copy of the ledger (a peer's --ledger file)")]
+
+
+def _read_ledger(path: Path) -> list:
+    from swarmlm.ledger.store import read_lines
+
+    if not path.is_file():
+        typer.secho(f"error: no ledger at {path}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    return read_lines(path)[0]
+
+
+@ledger_app.command("show")
+def ledger_show(
+    path: LedgerPath,
+    kind: Annotated[str | None, typer.Option(help="Only entries of this kind")] = None,
+    last: Annotated[int | None, typer.Option(help="Only the last N entries")] = None,
+) -> None:
+    """List the entries of a copy of the ledger (unchecked: `swarmlm ledger verify` checks them)."""
+    from rich.console import Console
+
+    from swarmlm.ledger.render import entries_table
+
+    Console().print(entries_table(_read_ledger(path), kind, last))
+
+
+@ledger_app.command("verify")
+def ledger_verify(path: LedgerPath) -> None:
+    """Check every hash, link and signature; name the first bad entry and exit 1 if there is one."""
+    from swarmlm.ledger.chain import verify_chain
+
+    verdict = verify_chain(_read_ledger(path))
+    if verdict.ok:
+        typer.secho(f"ok: {verdict.entries} entries, every hash, link and signature verified", fg=typer.colors.GREEN)
+        return
+    typer.secho(f"entry {verdict.first_bad} is bad: {verdict.reason}", fg=typer.colors.RED, err=True)
+    typer.echo(f"the {verdict.entries} entries before it verify", err=True)
+    raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()
