@@ -19,6 +19,10 @@ app = typer.Typer(
 ModelOption = Annotated[
     str | None, typer.Option(help="A .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
 ]
+ApiKeysOption = Annotated[
+    str | None, typer.Option(help="API key file (`swarmlm keys create`): every /v1 call needs a key")
+]
+ProtectMetricsOption = Annotated[bool, typer.Option(help="With --api-keys: /metrics and /dashboard need a key too")]
 
 
 def _exit_with(run: Callable[[T], int], cfg: T) -> NoReturn:
@@ -50,6 +54,8 @@ def serve(
     max_queued_requests: Annotated[int, typer.Option(help="Queue bound; beyond it requests get 429")] = 256,
     mlfq_quantum: Annotated[float, typer.Option(help="MLFQ base quantum in seconds (doubles per level)")] = 0.25,
     starvation: Annotated[float, typer.Option(help="MLFQ: seconds of waiting before promotion to the top")] = 10.0,
+    api_keys: ApiKeysOption = None,
+    protect_metrics: ProtectMetricsOption = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
     from swarmlm.serve.server import ServeConfig, run_server
@@ -73,6 +79,8 @@ def serve(
         max_queued_requests=max_queued_requests,
         mlfq_quantum=mlfq_quantum,
         starvation=starvation,
+        api_keys=api_keys,
+        protect_metrics=protect_metrics,
     )
     _exit_with(run_server, cfg)
 
@@ -107,6 +115,8 @@ def peer(
         str | None, typer.Option(help="HOST:PORT: also serve the OpenAI API and /dashboard, backed by the swarm")
     ] = None,
     max_batch_seqs: Annotated[int, typer.Option(help="With --api: sequences the gateway runs at once")] = 32,
+    api_keys: ApiKeysOption = None,
+    protect_metrics: ProtectMetricsOption = False,
 ) -> None:
     """Join (or start) a swarm and serve a span of the model's layers to its clients."""
     from swarmlm.swarm.peer import PeerConfig, run_peer
@@ -127,6 +137,8 @@ def peer(
         rebalance_period=rebalance_period,
         api=api,
         max_batch_seqs=max_batch_seqs,
+        api_keys=api_keys,
+        protect_metrics=protect_metrics,
     )
     _exit_with(run_peer, cfg)
 
@@ -386,6 +398,28 @@ def data_prepare(
         return 0
 
     _exit_with(run, sources or [])
+
+
+keys_app = typer.Typer(help="API keys for `serve --api-keys` and `peer --api-keys`.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Who the key is for (the user of per-user fairness)")],
+    file: Annotated[Path, typer.Option("--file", help="The key file (created if missing; holds hashes only)")],
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute allowed (default: unlimited)")] = None,
+    models: Annotated[list[str] | None, typer.Option("--model", help="Allow only this model (repeatable)")] = None,
+) -> None:
+    """Make a new API key: printed once, only its sha256 is stored."""
+    from swarmlm.serve.auth import create_key
+
+    def run(_: None) -> int:
+        typer.echo(create_key(file, name, rpm, models))
+        typer.echo(f"key {name!r} added to {file}; it is shown only now", err=True)
+        return 0
+
+    _exit_with(run, None)
 
 
 ledger_app = typer.Typer(

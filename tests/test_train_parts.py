@@ -167,3 +167,43 @@ def test_robust_allreduce_gives_every_member_identical_results(rule, tmp_path):
         assert results[0]["mean"] == pytest.approx((1 + 1 - 10) / 3, abs=0.01)
     else:
         assert results[0]["mean"] == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("mode", ["diloco", "ddp"])
+def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str) -> None:
+    """A peer that downloads another's state then takes the same step with the same batch lands on the
+    same weights: in DDP mode that needs the AdamW moments too, not just the weights."""
+    from swarmlm.train.config import TrainConfig
+    from swarmlm.train.data import default_corpus_files, prepare
+    from swarmlm.train.diloco import Trainer
+
+    prepare(default_corpus_files()[:1], tmp_path / "data", train_tokenizer=300, block_size=32)
+    cfg = TrainConfig(data=tmp_path / "data", run_dir=tmp_path / "a", mode=mode, batch_size=2, inner_steps=3)
+    ahead, behind = Trainer(cfg), Trainer(TrainConfig(**{**vars(cfg), "run_dir": tmp_path / "b"}))
+    batch = ahead.shards.blocks(range(2))
+    for i in range(3):
+        ahead._inner_step(batch, i)
+        ahead._clip_and_step()
+    with torch.no_grad():
+        for g, p in zip(ahead.global_params, ahead.model.params, strict=True):
+            g.copy_(p)
+    if mode == "diloco":  # give the outer optimizer a momentum to carry
+        for g in ahead.global_params:
+            g.grad = torch.ones_like(g)
+        ahead.outer_opt.step()
+    ahead.round = 1
+    ahead._publish()
+    meta, tensors = ahead._shared()
+    behind._load_shared(meta, tensors)
+    assert behind.digest() == ahead.digest()
+    if mode == "diloco":  # the outer momentum travels; inner AdamW state is each peer's own
+        for a, b in zip(ahead.global_params, behind.global_params, strict=True):
+            assert torch.equal(
+                ahead.outer_opt.state[a]["momentum_buffer"], behind.outer_opt.state[b]["momentum_buffer"]
+            )
+        return
+    for t in (ahead, behind):  # the same next step on both
+        t._inner_step(batch, 0)
+        t._clip_and_step()
+    for a, b in zip(ahead.model.params, behind.model.params, strict=True):
+        assert torch.equal(a, b)

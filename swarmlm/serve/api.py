@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from swarmlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullE
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.sequence import StepOutput
 from swarmlm.model.tokenizer import Tokenizer
+from swarmlm.serve.auth import AuthError, KeyChecker
 from swarmlm.serve.metrics import ServingMetrics
 from swarmlm.serve.protocol import (
     ChatChoice,
@@ -67,7 +69,7 @@ def _error(
 
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 429, 503)
 }
 
 
@@ -75,7 +77,18 @@ class ClientGone(Exception):
     pass
 
 
-def create_app(engine: AsyncEngine, model_id: str, metrics: ServingMetrics) -> FastAPI:
+_AUTH_KINDS = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def create_app(
+    engine: AsyncEngine,
+    model_id: str,
+    metrics: ServingMetrics,
+    keys: KeyChecker | None = None,
+    protect_metrics: bool = False,
+) -> FastAPI:
+    """The API app. With `keys`, every /v1 call needs a known bearer key within its rate limit (and, with
+    `protect_metrics`, so do /metrics and /dashboard); /health stays open for load balancers."""
     tokenizer: Tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.max_model_len
     created = int(time.time())
@@ -121,8 +134,31 @@ def create_app(engine: AsyncEngine, model_id: str, metrics: ServingMetrics) -> F
             e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else "invalid_request_error"
         )
 
+    if keys is not None:
+
+        @app.middleware("http")
+        async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+            path = request.url.path
+            metered = path.startswith("/v1")
+            if metered or (protect_metrics and (path == "/metrics" or path.startswith("/dashboard"))):
+                try:
+                    request.state.api_key = keys.authenticate(request.headers.get("authorization"))
+                    if metered:
+                        keys.charge(request.state.api_key)
+                except AuthError as e:
+                    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+                    if e.retry_after is not None:
+                        headers["Retry-After"] = str(math.ceil(e.retry_after))
+                    return _error(e.status, e.message, _AUTH_KINDS[e.status], code=e.code, headers=headers)
+            return await call_next(request)
+
     # ----- plumbing -------------------------------------------------------------------------------
-    def check_model(name: str) -> None:
+    def check_model(name: str, request: Request) -> None:
+        key = getattr(request.state, "api_key", None)
+        if key is not None and not key.allows(name):
+            raise APIError(
+                403, f"key {key.name!r} may not use model {name!r}", "permission_error", "model", "model_not_allowed"
+            )
         if name != model_id:
             raise APIError(
                 404,
@@ -133,6 +169,9 @@ def create_app(engine: AsyncEngine, model_id: str, metrics: ServingMetrics) -> F
             )
 
     def user_of(request: Request, body_user: str | None) -> str:
+        """Whose request, for per-user fairness: the API key's name, else a hash of any bearer token."""
+        if (key := getattr(request.state, "api_key", None)) is not None:
+            return "key:" + key.name
         auth = request.headers.get("authorization", "")
         if auth.lower().startswith("bearer ") and len(auth) > 7:
             return "key:" + hashlib.sha256(auth[7:].encode()).hexdigest()[:16]
@@ -283,7 +322,7 @@ def create_app(engine: AsyncEngine, model_id: str, metrics: ServingMetrics) -> F
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
     async def completions(req: CompletionRequest, request: Request) -> Any:
-        check_model(req.model)
+        check_model(req.model, request)
         if isinstance(req.prompt, str):
             prompts = [await encode(req.prompt)]
         elif req.prompt and isinstance(req.prompt[0], int):
@@ -369,7 +408,7 @@ def create_app(engine: AsyncEngine, model_id: str, metrics: ServingMetrics) -> F
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
-        check_model(req.model)
+        check_model(req.model, request)
         if not tokenizer.has_chat_template:
             raise APIError(400, f"model {model_id!r} has no chat template; use /v1/completions")
         try:

@@ -17,6 +17,7 @@ from swarmlm.engine.executor import Executor
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.model.loading import LoadedModel, load_model
 from swarmlm.serve.api import create_app
+from swarmlm.serve.auth import KeyChecker, load_keys
 from swarmlm.serve.metrics import ServingMetrics
 
 log = logging.getLogger("swarmlm.serve")
@@ -40,6 +41,8 @@ class ServeConfig:
     max_queued_tokens: int = 262144
     mlfq_quantum: float = 0.25
     starvation: float = 10.0
+    api_keys: str | None = None  # key file: every /v1 call needs one of its keys
+    protect_metrics: bool = False  # /metrics and /dashboard need a key too
 
 
 def build_app(
@@ -47,6 +50,9 @@ def build_app(
 ) -> tuple[FastAPI, AsyncEngine, ServingMetrics]:
     """The engine, its metrics and the API app. By default the engine runs the whole model loaded from
     `cfg`; a swarm gateway passes its edge-only `model` and a `SwarmExecutor` instead."""
+    if cfg.protect_metrics and not cfg.api_keys:
+        raise ValueError("--protect-metrics needs --api-keys")
+    keys = KeyChecker(load_keys(cfg.api_keys)) if cfg.api_keys else None  # a bad key file fails before loading
     model = model or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
     scheduler = (
         make_scheduler(cfg.scheduler, cfg.fair, base_quantum=cfg.mlfq_quantum, starvation=cfg.starvation)
@@ -83,7 +89,8 @@ def build_app(
         on_output=metrics.observe_output,
         on_step=metrics.observe_step,
     )
-    return create_app(async_engine, model.model_id, metrics), async_engine, metrics
+    app = create_app(async_engine, model.model_id, metrics, keys, cfg.protect_metrics)
+    return app, async_engine, metrics
 
 
 class ApiServer:

@@ -24,6 +24,7 @@ from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.engine.span_engine import SpanEngine
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import load_model, resolve_model
+from swarmlm.serve.auth import load_keys
 from swarmlm.swarm.gateway import Gateway, ServeConfig, parse_address
 from swarmlm.swarm.loop import LoopThread
 from swarmlm.swarm.records import (
@@ -58,6 +59,8 @@ class PeerConfig:
     threads: int | None = None  # torch intra-op threads; None: PyTorch's default (all cores)
     api: str | None = None  # HOST:PORT: also run the OpenAI API and dashboard, backed by the swarm
     max_batch_seqs: int = 32  # the gateway's concurrent sequences
+    api_keys: str | None = None  # the gateway's key file
+    protect_metrics: bool = False
 
 
 def parse_layers(layers: str, total: int) -> tuple[int, int] | None:
@@ -83,6 +86,8 @@ def run_peer(cfg: PeerConfig) -> int:
     span = None if cfg.layers == "auto" else parse_layers(cfg.layers, total)  # fail early on a bad value
     if cfg.api is not None:
         parse_address(cfg.api)
+    if cfg.api_keys is not None:
+        load_keys(cfg.api_keys)  # a bad key file fails now, not when the gateway starts
     peer = Peer(cfg, model_id, total, start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.identity))
     try:
         return peer.serve(span)
@@ -163,7 +168,15 @@ class Peer:
         """The OpenAI API and dashboard on `--api`, announced in our record."""
         assert self.cfg.api is not None
         host, port = parse_address(self.cfg.api)
-        serve = ServeConfig(self.cfg.model, host, port, self.cfg.scheduler, max_batch_seqs=self.cfg.max_batch_seqs)
+        serve = ServeConfig(
+            self.cfg.model,
+            host,
+            port,
+            self.cfg.scheduler,
+            max_batch_seqs=self.cfg.max_batch_seqs,
+            api_keys=self.cfg.api_keys,
+            protect_metrics=self.cfg.protect_metrics,
+        )
         self.gateway = Gateway(self.dht, serve, self.cfg.ttl)
         self.gateway.start()
         self.record.api = self.gateway.address

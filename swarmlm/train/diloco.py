@@ -160,12 +160,38 @@ class Trainer:
             self.dht.shutdown()
 
     def _snapshot(self) -> tuple[dict[str, Any], list[Tensor]]:
-        momentum = [
+        meta = {"round": self.round, "digest": self.digest(), "names": self.model.names}
+        return meta, [g.detach().clone() for g in self.global_params] + self._shared_optimizer_state()
+
+    def _shared_optimizer_state(self) -> list[Tensor]:
+        """The optimizer state all peers hold in common: DiLoCo's outer momentum, or in DDP mode the AdamW
+        moments and step count (every peer takes the same steps; a peer that re-syncs with other moments
+        would drift off again at its next step)."""
+        if self.cfg.mode == "ddp":
+            state = []
+            for p in self.model.params:
+                s = self.inner_opt.state.get(p, {})
+                step = torch.tensor(float(s.get("step", 0)))
+                state += [
+                    s.get("exp_avg", torch.zeros_like(p)).clone(),
+                    s.get("exp_avg_sq", torch.zeros_like(p)).clone(),
+                    step,
+                ]
+            return state
+        return [
             self.outer_opt.state.get(g, {}).get("momentum_buffer", torch.zeros_like(g)).detach().clone()
             for g in self.global_params
         ]
-        meta = {"round": self.round, "digest": self.digest(), "names": self.model.names}
-        return meta, [g.detach().clone() for g in self.global_params] + momentum
+
+    def _load_optimizer_state(self, tensors: list[Tensor]) -> None:
+        if self.cfg.mode == "ddp":
+            for p, (avg, avg_sq, step) in zip(
+                self.model.params, zip(tensors[0::3], tensors[1::3], tensors[2::3], strict=True), strict=True
+            ):
+                self.inner_opt.state[p] = {"step": step.clone(), "exp_avg": avg.clone(), "exp_avg_sq": avg_sq.clone()}
+            return
+        for g, m in zip(self.global_params, tensors, strict=True):
+            self.outer_opt.state[g]["momentum_buffer"] = m.clone()
 
     def _shared(self) -> tuple[dict[str, Any], list[Tensor]]:
         with self._state_lock:
@@ -196,8 +222,7 @@ class Trainer:
         with torch.no_grad():
             for g, t in zip(self.global_params, tensors[:n], strict=True):
                 g.copy_(t)
-            for g, m in zip(self.global_params, tensors[n:], strict=True):
-                self.outer_opt.state[g]["momentum_buffer"] = m.clone()
+            self._load_optimizer_state(tensors[n:])
             for p, g in zip(self.model.params, self.global_params, strict=True):
                 p.copy_(g)
         self.round = int(meta["round"])
@@ -271,11 +296,14 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------------------
 
     def _inner_lr(self, step_in_round: int) -> float:
-        """Linear warmup over this peer's first steps (its AdamW state starts empty, even when it joins
-        late), times cosine decay over the run's global progress."""
+        """Linear warmup over this peer's first steps (in DiLoCo its AdamW state starts empty, even when it
+        joins late; in DDP every peer shares one optimizer state, so one schedule), times cosine decay over
+        the run's global progress."""
         cfg = self.cfg
-        warm = min(1.0, (self.inner_steps_done + 1) / max(1, cfg.warmup_steps))
-        progress = min(1.0, (self.round * cfg.inner_steps + step_in_round) / (cfg.rounds * cfg.inner_steps))
+        global_step = self.round * cfg.inner_steps + step_in_round
+        warm_steps = global_step if cfg.mode == "ddp" else self.inner_steps_done
+        warm = min(1.0, (warm_steps + 1) / max(1, cfg.warmup_steps))
+        progress = min(1.0, global_step / (cfg.rounds * cfg.inner_steps))
         decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         return cfg.inner_lr * warm * decay
 
