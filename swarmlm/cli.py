@@ -117,6 +117,9 @@ def peer(
     max_batch_seqs: Annotated[int, typer.Option(help="With --api: sequences the gateway runs at once")] = 32,
     api_keys: ApiKeysOption = None,
     protect_metrics: ProtectMetricsOption = False,
+    ledger: Annotated[
+        str | None, typer.Option(help="This peer's copy of the ledger (default: ~/.swarmlm/ledger/PEER_ID.jsonl)")
+    ] = None,
 ) -> None:
     """Join (or start) a swarm and serve a span of the model's layers to its clients."""
     from swarmlm.swarm.peer import PeerConfig, run_peer
@@ -139,6 +142,7 @@ def peer(
         max_batch_seqs=max_batch_seqs,
         api_keys=api_keys,
         protect_metrics=protect_metrics,
+        ledger=ledger,
     )
     _exit_with(run_peer, cfg)
 

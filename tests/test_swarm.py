@@ -16,6 +16,8 @@ import pytest
 from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.ledger.chain import Entry
+from swarmlm.ledger.store import ledger_path, read_lines, verify_file
 from swarmlm.model.loading import LoadedModel
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.local import PeerProcess, alive, start_swarm
@@ -73,6 +75,29 @@ def test_records_describe_every_peer(client: RemoteModel, swarm: dict[str, PeerP
         r = records[swarm[name].peer_id]
         assert (r.start, r.end) == span
         assert r.throughput > 0 and r.digest and r.free_kv_tokens > 0
+
+
+def test_every_peer_attests_its_span_in_a_ledger_that_syncs(client: RemoteModel, swarm: dict[str, PeerProcess]) -> None:
+    """Each peer signs a join and an attestation of the digest it serves; gossip brings every peer's
+    entries into every copy, and every copy verifies."""
+    digests = {r.peer_id: r.digest for r in client.records()}
+    copies = {name: ledger_path(p.peer_id) for name, p in swarm.items()}
+    deadline = time.monotonic() + 90
+    while True:
+        held = {
+            name: {(e.author, e.kind) for e in read_lines(path)[0] if isinstance(e, Entry)}
+            for name, path in copies.items()
+        }
+        wanted = {(p.peer_id, kind) for p in swarm.values() for kind in ("join", "attestation")}
+        if all(wanted <= h for h in held.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(wanted <= h for h in held.values()), {n: len(wanted - h) for n, h in held.items()}
+    for path in copies.values():
+        assert verify_file(path).ok
+    entries = [e for e in read_lines(copies["a"])[0] if isinstance(e, Entry) and e.kind == "attestation"]
+    for e in entries:
+        assert e.body["digest"] == digests[e.author] and e.body["model"] == client.model_id
 
 
 def test_swarm_output_matches_the_local_engine(client: RemoteModel, model: LoadedModel) -> None:

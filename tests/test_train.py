@@ -77,6 +77,16 @@ def test_diloco_loss_falls_and_every_peer_holds_the_same_weights(three_peers: li
     assert all(x["bytes_sent"] > 0 for x in reports[0])
 
 
+def test_synchronous_data_parallel_baseline(data: Path, tmp_path: Path) -> None:
+    """`--mode ddp`: gradients averaged every step; every peer holds the same weights after each round."""
+    peers = start_peers(data, tmp_path, 2, rounds=2, extra=("--mode", "ddp", "--inner-steps", "5"))
+    finish(peers)
+    reports = [averaged(p) for p in peers]
+    assert [x["round"] for x in reports[0]] == [1, 2] == [x["round"] for x in reports[1]]
+    assert [x["digest"] for x in reports[0]] == [x["digest"] for x in reports[1]]
+    assert reports[0][-1]["val_loss"] < peers[0].rounds()[0]["val_loss"]
+
+
 def test_eval_export_and_serve_the_trained_model(three_peers: list[TrainerProcess], data: Path, tmp_path: Path):
     run = three_peers[0].run_dir
     out = subprocess.run(

@@ -9,6 +9,9 @@ and anyone can check a signature against a peer id alone: an Ed25519 peer id *is
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +92,22 @@ class Identity:
         if _raw_public(key.public_key()) != proto.data[32:]:
             raise IdentityError(f"{path} is corrupt: its public half does not match its private half")
         return cls(key, path)
+
+    @classmethod
+    def from_option(cls, path: str | Path | None) -> Identity:
+        """`--identity FILE` (created if missing), or a fresh identity for this run."""
+        return cls.load_or_create(path) if path is not None else cls.generate()
+
+    @contextmanager
+    def key_file(self) -> Iterator[Path]:
+        """A key file for the p2p daemon to read at start: ours, or a private temporary one."""
+        if self.path is not None:
+            yield self.path
+            return
+        with tempfile.TemporaryDirectory(prefix="swarmlm-identity-") as folder:
+            path = Path(folder) / "peer.key"
+            self.save(path)
+            yield path
 
     @classmethod
     def load_or_create(cls, path: str | Path) -> Identity:

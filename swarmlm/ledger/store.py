@@ -23,6 +23,11 @@ from swarmlm.ledger.identity import Identity
 log = logging.getLogger(__name__)
 
 
+def ledger_path(peer_id: str) -> Path:
+    """Where a peer keeps its copy unless told: $SWARMLM_HOME (default ~/.swarmlm)/ledger/<peer id>.jsonl."""
+    return Path(os.environ.get("SWARMLM_HOME", "~/.swarmlm")).expanduser() / "ledger" / f"{peer_id}.jsonl"
+
+
 def read_lines(path: Path) -> tuple[list[Entry | LedgerError], bool]:
     """Every complete line as an entry (or the error that stops it being one), and whether the last
     line was torn (written without its newline: a crash mid-append)."""

@@ -10,6 +10,7 @@ parent or test harness kills the group).
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
@@ -22,6 +23,10 @@ from hivemind.p2p import P2P
 import swarmlm
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.engine.span_engine import SpanEngine
+from swarmlm.ledger.chain import LedgerError
+from swarmlm.ledger.identity import Identity
+from swarmlm.ledger.store import Ledger, ledger_path
+from swarmlm.ledger.sync import SYNC_TIMEOUT, LedgerServicer, pull
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import load_model, resolve_model
 from swarmlm.serve.auth import load_keys
@@ -61,6 +66,7 @@ class PeerConfig:
     max_batch_seqs: int = 32  # the gateway's concurrent sequences
     api_keys: str | None = None  # the gateway's key file
     protect_metrics: bool = False
+    ledger: str | None = None  # this peer's copy of the ledger (default: ledger_path(peer id))
 
 
 def parse_layers(layers: str, total: int) -> tuple[int, int] | None:
@@ -88,7 +94,14 @@ def run_peer(cfg: PeerConfig) -> int:
         parse_address(cfg.api)
     if cfg.api_keys is not None:
         load_keys(cfg.api_keys)  # a bad key file fails now, not when the gateway starts
-    peer = Peer(cfg, model_id, total, start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.identity))
+    identity = Identity.from_option(cfg.identity)
+    ledger = Ledger(cfg.ledger or ledger_path(identity.peer_id), identity)  # a tampered copy stops us here
+    try:
+        dht = start_dht(cfg.initial_peers, cfg.host_maddrs, identity)
+    except BaseException:
+        ledger.close()
+        raise
+    peer = Peer(cfg, model_id, total, dht, ledger)
     try:
         return peer.serve(span)
     finally:
@@ -98,8 +111,8 @@ def run_peer(cfg: PeerConfig) -> int:
 class Peer:
     """One running peer: its DHT node, its record, and the engine serving its current span."""
 
-    def __init__(self, cfg: PeerConfig, model_id: str, num_layers: int, dht: DHT) -> None:
-        self.cfg, self.model_id, self.num_layers, self.dht = cfg, model_id, num_layers, dht
+    def __init__(self, cfg: PeerConfig, model_id: str, num_layers: int, dht: DHT, ledger: Ledger) -> None:
+        self.cfg, self.model_id, self.num_layers, self.dht, self.ledger = cfg, model_id, num_layers, dht, ledger
         self.record = SpanRecord(str(dht.peer_id), model_id, 0, 0, version=swarmlm.__version__)
         self.engine: SpanEngine | None = None
         self.stop = threading.Event()
@@ -117,6 +130,10 @@ class Peer:
             span = choose_span(fetch_records(self.dht, self.model_id), self.num_layers, self._span_layers)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request_exit)
+        self.loop = LoopThread("swarmlm-p2p")
+        self.p2p = self.loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
+        self.loop.run(LedgerServicer(self.ledger).add_p2p_handlers(self.p2p), DAEMON_START_TIMEOUT)
+        self.ledger.append("join", {"model": self.model_id, "version": swarmlm.__version__})
         if span is None:  # serves no layers: a bootstrap or gateway node
             self._heartbeat()
             threading.Thread(target=self._heartbeats, daemon=True).start()
@@ -127,8 +144,6 @@ class Peer:
             gateway = self._start_gateway()
             gateway.engine.run()  # in the main thread, where its head runs fastest; returns on a signal
             return 1 if gateway.engine.error is not None else 0
-        self.loop = LoopThread("swarmlm-p2p")
-        self.p2p = self.loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
         self.loop.run(self.servicer.add_p2p_handlers(self.p2p), DAEMON_START_TIMEOUT)
         threading.Thread(target=self._heartbeats, daemon=True).start()
         while not self.stop.is_set():
@@ -163,6 +178,8 @@ class Peer:
         r.throughput = engine.measure_throughput()
         r.state = "online"
         self.engine = self.servicer.engine = engine
+        attestation = {"model": self.model_id, "span": list(span), "digest": model.digest, "dtype": cfg.dtype}
+        self.ledger.append("attestation", {**attestation, "quant": cfg.quant})
 
     def _start_gateway(self) -> Gateway:
         """The OpenAI API and dashboard on `--api`, announced in our record."""
@@ -209,6 +226,25 @@ class Peer:
             self.record.queue = engine.waiting
         if not announce(self.dht, self.record, self.cfg.ttl):
             log.warning("could not store our record in the DHT (no reachable peers?)")
+        self._sync_ledger()
+
+    def _sync_ledger(self) -> None:
+        """Pull what one other peer's copy of the ledger has and ours lacks (a random one each time, so
+        copies converge like gossip)."""
+        others = [r.peer_id for r in fetch_records(self.dht, self.model_id) if r.peer_id != self.record.peer_id]
+        if not others or self.loop is None or self.p2p is None:
+            return
+        source = random.choice(others)
+        try:
+            added = self.loop.run(pull(self.p2p, self.ledger, source), SYNC_TIMEOUT * 2)
+        except LedgerError as e:
+            log.warning("ledger sync: peer %s sent a bad entry (%s); kept what verified", source, e)
+            return
+        except Exception as e:  # unreachable or slow: another peer next time
+            log.info("ledger sync with %s failed: %s", source, e)
+            return
+        if added:
+            log.info("ledger: %d entries from %s", added, source)
 
     def _heartbeats(self) -> None:
         last_balance = time.monotonic()
@@ -246,6 +282,10 @@ class Peer:
             withdraw(self.dht, self.record)
         except Exception:  # Ctrl-C in a terminal also reaches the DHT process: it may be gone already
             log.warning("could not withdraw our record; it expires within %.0f s", self.cfg.ttl)
+        try:
+            self.ledger.append("leave", {"model": self.model_id})
+        finally:
+            self.ledger.close()
         if self.loop is not None:
             self.loop.stop(self.p2p)
         self.dht.shutdown()

@@ -14,6 +14,8 @@ from typing import Any
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
+from swarmlm.ledger.identity import Identity
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 15.0
@@ -96,13 +98,18 @@ def fetch_records(dht: DHT, model_id: str, online_only: bool = True) -> list[Spa
 
 
 def start_dht(
-    initial_peers: list[str], host_maddrs: list[str], identity: str | None = None, client: bool = False
+    initial_peers: list[str], host_maddrs: list[str], identity: Identity | None = None, client: bool = False
 ) -> DHT:
-    return DHT(
-        initial_peers=initial_peers or None,
-        host_maddrs=host_maddrs,
-        identity_path=identity,
-        client_mode=client,
-        startup_timeout=DAEMON_START_TIMEOUT,
-        start=True,
-    )
+    """Join the DHT as `identity` (a fresh Ed25519 one if None): the key that authenticates our streams is
+    the one that signs our ledger entries. hivemind's own identity check reads RSA keys only, so it is
+    off; an Ed25519 peer id is collision-free anyway."""
+    with (identity or Identity.generate()).key_file() as key:
+        return DHT(
+            initial_peers=initial_peers or None,
+            host_maddrs=host_maddrs,
+            identity_path=str(key),
+            check_if_identity_free=False,
+            client_mode=client,
+            startup_timeout=DAEMON_START_TIMEOUT,
+            start=True,
+        )

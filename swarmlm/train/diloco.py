@@ -35,6 +35,7 @@ import torch
 from hivemind.utils import get_dht_time
 from torch import Tensor
 
+from swarmlm.ledger.identity import Identity
 from swarmlm.model.loading import tensors_digest
 from swarmlm.train.allreduce import RobustAverager
 from swarmlm.train.checkpoint import best_round, latest_checkpoint, mark_best, save_checkpoint
@@ -132,7 +133,7 @@ class Trainer:
         from swarmlm.swarm.records import start_dht
 
         cfg = self.cfg
-        self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.identity)
+        self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, Identity.from_option(cfg.identity))
         self.averager = RobustAverager(
             [torch.zeros_like(p) for p in self.global_params],
             self.dht,

@@ -1,0 +1,64 @@
+"""Copies of the ledger converge over P2P: a peer asks another for the entries it lacks.
+
+The request carries our heads (how many entries of each author we hold); the answer is the other copy's
+entries past them, in its order, which respects every link. Each is verified before it is appended, so
+a lying peer can add nothing but its own signed entries.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgpack
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from swarmlm.ledger.chain import Entry, LedgerError
+from swarmlm.ledger.store import Ledger
+
+log = logging.getLogger(__name__)
+
+MAX_ENTRIES_PER_CALL = 1000  # a copy far behind catches up over several calls
+SYNC_TIMEOUT = 10.0
+
+
+def _heads_of(raw: bytes) -> dict[str, int]:
+    heads = msgpack.unpackb(raw) if raw else {}
+    if not isinstance(heads, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in heads.items()):
+        raise LedgerError("malformed heads")
+    return heads
+
+
+class LedgerServicer(ServicerBase):
+    """Serves this peer's copy to others."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def rpc_ledger_since(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        try:
+            heads = _heads_of(request.metadata)
+        except (LedgerError, ValueError, msgpack.UnpackException) as e:
+            return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"error": f"ledger sync: {e}"}))
+        entries = self.ledger.since(heads)[:MAX_ENTRIES_PER_CALL]
+        return runtime_pb2.ExpertResponse(metadata=msgpack.packb([e.to_wire() for e in entries]))
+
+
+async def pull(p2p: P2P, ledger: Ledger, peer_id: str) -> int:
+    """Fetch and append what `peer_id`'s copy has and ours lacks; returns how many entries were added.
+    Raises LedgerError (a bad entry: what came before it is kept) or hivemind's errors (unreachable)."""
+    stub: Any = LedgerServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+    added = 0
+    while True:
+        request = runtime_pb2.ExpertRequest(metadata=msgpack.packb(ledger.heads()))
+        reply = await stub.rpc_ledger_since(request, timeout=SYNC_TIMEOUT)
+        rows = msgpack.unpackb(reply.metadata) if reply.metadata else []
+        if not isinstance(rows, list):
+            raise LedgerError(f"peer {peer_id} answered: {rows.get('error') if isinstance(rows, dict) else rows!r}")
+        n = ledger.merge(Entry.from_wire(row) for row in rows)
+        added += n
+        if len(rows) < MAX_ENTRIES_PER_CALL or n == 0:
+            return added
