@@ -23,7 +23,7 @@ def test_identity_file_is_the_peers_libp2p_identity(tmp_path: Path) -> None:
     identity = Identity.load_or_create(key)
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     assert Identity.load_or_create(key).peer_id == identity.peer_id  # persistent
-    dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], identity=str(key))
+    dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], identity=identity)
     try:
         assert str(dht.peer_id) == identity.peer_id  # the daemon proves on every stream the id we sign with
     finally:
