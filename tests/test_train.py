@@ -12,6 +12,8 @@ import httpx
 import pytest
 import torch
 
+from swarmlm.ledger.chain import Entry
+from swarmlm.ledger.store import read_lines, verify_file
 from swarmlm.swarm.local import PeerProcess, free_port
 from swarmlm.train.data import default_corpus_files, prepare
 from swarmlm.train.local import TrainerProcess, start_run
@@ -48,6 +50,20 @@ def averaged(peer: TrainerProcess) -> list[dict]:
     return [r for r in peer.rounds() if r["averaged"]]
 
 
+def assert_rounds_in_every_ledger(peers: list[TrainerProcess], mode: str) -> None:
+    """Each averaged round is in the ledger once, signed by one member, in every peer's copy, with the
+    weights every peer reported."""
+    reports = averaged(peers[0])
+    for peer in peers:
+        copy = peer.run_dir / "ledger.jsonl"
+        assert verify_file(copy).ok
+        rounds = [e.body for e in read_lines(copy)[0] if isinstance(e, Entry) and e.kind == "training_round"]
+        assert [(r["round"], r["weights"], r["mode"], len(r["participants"])) for r in rounds] == [
+            (x["round"], x["digest"], mode, len(peers)) for x in reports
+        ]
+        assert all(bool(r["update"]) == (mode == "diloco") for r in rounds)
+
+
 def finish(peers: list[TrainerProcess], timeout: float = 300) -> None:
     try:
         for p in peers:
@@ -75,6 +91,7 @@ def test_diloco_loss_falls_and_every_peer_holds_the_same_weights(three_peers: li
     val = [x["val_loss"] for x in reports[0]]
     assert val[-1] < val[0] < math.log(512)
     assert all(x["bytes_sent"] > 0 for x in reports[0])
+    assert_rounds_in_every_ledger(three_peers, "diloco")
 
 
 def test_synchronous_data_parallel_baseline(data: Path, tmp_path: Path) -> None:
@@ -85,6 +102,7 @@ def test_synchronous_data_parallel_baseline(data: Path, tmp_path: Path) -> None:
     assert [x["round"] for x in reports[0]] == [1, 2] == [x["round"] for x in reports[1]]
     assert [x["digest"] for x in reports[0]] == [x["digest"] for x in reports[1]]
     assert reports[0][-1]["val_loss"] < peers[0].rounds()[0]["val_loss"]
+    assert_rounds_in_every_ledger(peers, "ddp")
 
 
 def test_eval_export_and_serve_the_trained_model(three_peers: list[TrainerProcess], data: Path, tmp_path: Path):

@@ -8,6 +8,8 @@ a lying peer can add nothing but its own signed entries.
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -16,6 +18,7 @@ from hivemind.proto import runtime_pb2
 
 from swarmlm.ledger.chain import Entry, LedgerError
 from swarmlm.ledger.store import Ledger
+from swarmlm.swarm.loop import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +65,29 @@ async def pull(p2p: P2P, ledger: Ledger, peer_id: str) -> int:
         added += n
         if len(rows) < MAX_ENTRIES_PER_CALL or n == 0:
             return added
+
+
+class LedgerSync:
+    """A copy of the ledger served to other peers and refreshed from them, on a peer's P2P loop."""
+
+    def __init__(self, ledger: Ledger, loop: LoopThread, p2p: P2P, start_timeout: float = 60.0) -> None:
+        self.ledger, self.loop, self.p2p = ledger, loop, p2p
+        loop.run(LedgerServicer(ledger).add_p2p_handlers(p2p), start_timeout)
+
+    def pull_from_any(self, peer_ids: Sequence[str]) -> int:
+        """Pull from one of `peer_ids`, picked at random (so copies converge like gossip). A peer that
+        is unreachable or sends a bad entry is logged and skipped: the next call tries another."""
+        if not peer_ids:
+            return 0
+        source = random.choice(list(peer_ids))
+        try:
+            added = self.loop.run(pull(self.p2p, self.ledger, source), SYNC_TIMEOUT * 2)
+        except LedgerError as e:
+            log.warning("ledger sync: peer %s sent a bad entry (%s); kept what verified", source, e)
+            return 0
+        except Exception as e:  # unreachable or slow
+            log.info("ledger sync with %s failed: %s", source, e)
+            return 0
+        if added:
+            log.info("ledger: %d entries from %s", added, source)
+        return added

@@ -10,7 +10,6 @@ parent or test harness kills the group).
 from __future__ import annotations
 
 import logging
-import random
 import signal
 import threading
 import time
@@ -23,10 +22,9 @@ from hivemind.p2p import P2P
 import swarmlm
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.engine.span_engine import SpanEngine
-from swarmlm.ledger.chain import LedgerError
 from swarmlm.ledger.identity import Identity
 from swarmlm.ledger.store import Ledger, ledger_path
-from swarmlm.ledger.sync import SYNC_TIMEOUT, LedgerServicer, pull
+from swarmlm.ledger.sync import LedgerSync
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import load_model, resolve_model
 from swarmlm.serve.auth import load_keys
@@ -121,6 +119,7 @@ class Peer:
         self.p2p: P2P | None = None
         self.servicer = SpanServicer(None, self.record)
         self.gateway: Gateway | None = None
+        self.ledger_sync: LedgerSync | None = None
 
     def serve(self, span: tuple[int, int] | None) -> int:
         for maddr in self.dht.get_visible_maddrs():
@@ -132,7 +131,7 @@ class Peer:
             signal.signal(sig, self._request_exit)
         self.loop = LoopThread("swarmlm-p2p")
         self.p2p = self.loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
-        self.loop.run(LedgerServicer(self.ledger).add_p2p_handlers(self.p2p), DAEMON_START_TIMEOUT)
+        self.ledger_sync = LedgerSync(self.ledger, self.loop, self.p2p, DAEMON_START_TIMEOUT)
         self.ledger.append("join", {"model": self.model_id, "version": swarmlm.__version__})
         if span is None:  # serves no layers: a bootstrap or gateway node
             self._heartbeat()
@@ -226,25 +225,9 @@ class Peer:
             self.record.queue = engine.waiting
         if not announce(self.dht, self.record, self.cfg.ttl):
             log.warning("could not store our record in the DHT (no reachable peers?)")
-        self._sync_ledger()
-
-    def _sync_ledger(self) -> None:
-        """Pull what one other peer's copy of the ledger has and ours lacks (a random one each time, so
-        copies converge like gossip)."""
-        others = [r.peer_id for r in fetch_records(self.dht, self.model_id) if r.peer_id != self.record.peer_id]
-        if not others or self.loop is None or self.p2p is None:
-            return
-        source = random.choice(others)
-        try:
-            added = self.loop.run(pull(self.p2p, self.ledger, source), SYNC_TIMEOUT * 2)
-        except LedgerError as e:
-            log.warning("ledger sync: peer %s sent a bad entry (%s); kept what verified", source, e)
-            return
-        except Exception as e:  # unreachable or slow: another peer next time
-            log.info("ledger sync with %s failed: %s", source, e)
-            return
-        if added:
-            log.info("ledger: %d entries from %s", added, source)
+        if self.ledger_sync is not None:
+            others = [r.peer_id for r in fetch_records(self.dht, self.model_id) if r.peer_id != self.record.peer_id]
+            self.ledger_sync.pull_from_any(others)
 
     def _heartbeats(self) -> None:
         last_balance = time.monotonic()

@@ -36,7 +36,10 @@ from hivemind.utils import get_dht_time
 from torch import Tensor
 
 from swarmlm.ledger.identity import Identity
+from swarmlm.ledger.store import Ledger
+from swarmlm.ledger.sync import LedgerSync
 from swarmlm.model.loading import tensors_digest
+from swarmlm.swarm.loop import LoopThread
 from swarmlm.train.allreduce import RobustAverager
 from swarmlm.train.checkpoint import best_round, latest_checkpoint, mark_best, save_checkpoint
 from swarmlm.train.config import TrainConfig
@@ -126,14 +129,21 @@ class Trainer:
         self._step_seconds = 0.0  # the last round's mean inner step time
         self.dht: Any = None
         self.averager: RobustAverager | None = None
+        self.identity = Identity.from_option(cfg.identity)  # signs this peer's ledger entries
+        self.ledger_sync: LedgerSync | None = None
+        self.group: list[str] = []  # peer ids of the last round's group, sorted
+        self.update_digest: str | None = None  # of the last round's averaged pseudo-gradient (DiLoCo)
 
     # ---- swarm plumbing ----------------------------------------------------------------------------
 
     def connect(self) -> None:
-        from swarmlm.swarm.records import start_dht
+        from swarmlm.swarm.records import DAEMON_START_TIMEOUT, start_dht
 
         cfg = self.cfg
-        self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, Identity.from_option(cfg.identity))
+        ledger = Ledger(cfg.run_dir / "ledger.jsonl", self.identity)  # a tampered copy stops us here
+        self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, self.identity)
+        loop = LoopThread("swarmlm-ledger")
+        self.ledger_sync = LedgerSync(ledger, loop, loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT))
         self.averager = RobustAverager(
             [torch.zeros_like(p) for p in self.global_params],
             self.dht,
@@ -155,6 +165,9 @@ class Trainer:
         return [str(a) for a in self.dht.get_visible_maddrs()]
 
     def close(self) -> None:
+        if self.ledger_sync is not None:
+            self.ledger_sync.loop.stop(self.ledger_sync.p2p)
+            self.ledger_sync.ledger.close()
         if self.averager is not None:
             self.averager.shutdown()
         if self.dht is not None:
@@ -358,6 +371,8 @@ class Trainer:
             return losses, compute, 0
         self.failures = 0
         averaged, gathered = result
+        self.group = sorted(str(peer) for peer in gathered)
+        self.update_digest = tensors_digest(zip(self.model.names, averaged, strict=True))
         base = self._group_base(gathered)
         if base != self._sent_base:  # we started elsewhere: our outer step would be wrong
             self._resync(base)
@@ -376,8 +391,14 @@ class Trainer:
         return losses, compute, len(gathered)
 
     def _ddp_round(self, batches: Iterator[tuple[int, Tensor]], on_step: Any) -> tuple[list[float], float, int]:
-        """The baseline: every step's gradients are averaged before the optimizer step."""
-        compute, losses, group, strayed = 0.0, [], 0, None
+        """The baseline: every step's gradients are averaged before the optimizer step.
+
+        A one-sided failure (the others applied a step, we did not) leaves us off the group's state. Only
+        the last step decides who is in step at the round's end: the peers whose last step applied the
+        average from the group's own starting state publish the next round, the others download it. A
+        sticky "strayed once this round" flag would not do: with a few failures per round every peer
+        strays at some step, nobody publishes, and the run never advances."""
+        compute, losses, group, in_step = 0.0, [], 0, False
         for i in range(self.cfg.inner_steps):
             self.position, batch = next(batches)
             t0 = time.perf_counter()
@@ -391,26 +412,27 @@ class Trainer:
             if result is None:  # apply nothing rather than our own gradient: the others applied the average
                 self._averaging_failed()
                 self.inner_opt.zero_grad(set_to_none=True)
+                in_step = False
                 on_step(i + 1, losses[-1])
                 continue
             self.failures = 0
             averaged, gathered = result
+            self.group = sorted(str(peer) for peer in gathered)
             for p, a in zip(self.model.params, averaged, strict=True):
                 p.grad = a
             group = len(gathered)
-            if (base := self._group_base(gathered)) != self._sent_base:
-                strayed = base
+            in_step = self._group_base(gathered) == self._sent_base
             self._clip_and_step()
             with torch.no_grad():
                 for g, p in zip(self.global_params, self.model.params, strict=True):
                     g.copy_(p)
             compute += time.perf_counter() - t0
             on_step(i + 1, losses[-1])
-        if strayed is not None:
-            self._resync(strayed)
-        elif group:
+        if in_step:
             self.round += 1
             self._publish()
+        elif group:
+            self._resync(self._sent_base)
         return losses, compute, group
 
     def _averaging_failed(self) -> None:
@@ -461,7 +483,29 @@ class Trainer:
             reports.append(self._report(losses, compute, group, wall0, self._bytes_sent() - sent0, progress))
             if group:
                 self.save(reports[-1])
+                self._record_round(reports[-1])
         return reports
+
+    def _record_round(self, report: RoundReport) -> None:
+        """The group's first member (by peer id) signs the round into the ledger; every member then pulls
+        from another, so each copy soon holds every round."""
+        if self.ledger_sync is None or not self.group:
+            return
+        cfg = self.cfg
+        if self.group[0] == self.identity.peer_id:
+            epsilon = report.epsilon if report.epsilon is not None and math.isfinite(report.epsilon) else None
+            body = {"run": cfg.run_id, "round": report.round, "mode": cfg.mode, "participants": self.group}
+            body |= {"aggregation": cfg.aggregation, "weights": report.digest, "epsilon": epsilon}
+            self.ledger_sync.ledger.append("training_round", {**body, "update": self.update_digest})
+        self.sync_ledger()
+
+    def sync_ledger(self) -> None:
+        """Pull the ledger entries we lack from the last group's writer of rounds (its first member), or,
+        being that writer, from another member."""
+        if self.ledger_sync is None or not self.group:
+            return
+        me = self.identity.peer_id
+        self.ledger_sync.pull_from_any([p for p in self.group if p != me] if self.group[0] == me else self.group[:1])
 
     def _report(
         self, losses: list[float], compute: float, group: int, wall0: float, sent: int, progress: Any
@@ -585,6 +629,7 @@ def run_training(cfg: TrainConfig, export: Path | None = None) -> int:
         # Stay a moment before leaving: a straggler (its last all-reduce broke on its side, or it came back
         # late) downloads the final state from us. Longer than its matchmaking attempts (`_attempt_window`).
         time.sleep(4 * cfg.matchmaking_time + 2)
+        trainer.sync_ledger()  # the last round's entry, written by its group's first member meanwhile
         if export is not None:
             export_checkpoint(cfg.run_dir, export)
     except KeyboardInterrupt:
