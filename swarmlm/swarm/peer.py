@@ -114,6 +114,7 @@ class Peer:
         self.record = SpanRecord(str(dht.peer_id), model_id, 0, 0, version=swarmlm.__version__)
         self.engine: SpanEngine | None = None
         self.stop = threading.Event()
+        self.announcing = threading.Lock()  # a heartbeat in flight must not re-announce us after we withdrew
         self.move_to: tuple[int, int] | None = None
         self.loop: LoopThread | None = None
         self.p2p: P2P | None = None
@@ -223,8 +224,11 @@ class Peer:
             self.record.free_kv_tokens = engine.kv.capacity_tokens - engine.kv.used_tokens
             self.record.sessions = len(engine.sessions)
             self.record.queue = engine.waiting
-        if not announce(self.dht, self.record, self.cfg.ttl):
-            log.warning("could not store our record in the DHT (no reachable peers?)")
+        with self.announcing:
+            if self.record.state == "offline":  # withdrawn: we are leaving
+                return
+            if not announce(self.dht, self.record, self.cfg.ttl):
+                log.warning("could not store our record in the DHT (no reachable peers?)")
         if self.ledger_sync is not None:
             others = [r.peer_id for r in fetch_records(self.dht, self.model_id) if r.peer_id != self.record.peer_id]
             self.ledger_sync.pull_from_any(others)
@@ -262,7 +266,9 @@ class Peer:
         if self.gateway is not None:
             self.gateway.close()
         try:
-            withdraw(self.dht, self.record)
+            with self.announcing:
+                withdraw(self.dht, self.record)
+                self.record.state = "offline"
         except Exception:  # Ctrl-C in a terminal also reaches the DHT process: it may be gone already
             log.warning("could not withdraw our record; it expires within %.0f s", self.cfg.ttl)
         try:

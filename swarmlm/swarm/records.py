@@ -67,19 +67,20 @@ class SpanRecord:
             return None
 
 
-def _store(dht: DHT, record: SpanRecord, ttl: float) -> bool:
-    key, expires = model_key(record.model_id), get_dht_time() + ttl
-    future = dht.store(key, record.to_wire(), expires, subkey=record.peer_id, return_future=True)
+def _store(dht: DHT, record: SpanRecord, expires: float) -> bool:
+    future = dht.store(model_key(record.model_id), record.to_wire(), expires, subkey=record.peer_id, return_future=True)
     return bool(future.result(timeout=DHT_TIMEOUT))
 
 
 def announce(dht: DHT, record: SpanRecord, ttl: float = DEFAULT_TTL) -> bool:
-    return _store(dht, record, ttl)
+    record.expires = get_dht_time() + ttl  # remembered so that `withdraw` can supersede this entry
+    return _store(dht, record, record.expires)
 
 
 def withdraw(dht: DHT, record: SpanRecord) -> None:
-    """Replace our record with an "offline" one that expires soon (DHT entries cannot be deleted)."""
-    _store(dht, dataclasses.replace(record, state="offline"), 5.0)
+    """Replace our record with an "offline" one (DHT entries cannot be deleted). The DHT keeps whichever
+    entry expires last, so the offline one must expire after the last one we announced."""
+    _store(dht, dataclasses.replace(record, state="offline"), max(get_dht_time() + 5.0, record.expires + 1.0))
 
 
 def fetch_records(dht: DHT, model_id: str, online_only: bool = True) -> list[SpanRecord]:
