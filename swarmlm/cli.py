@@ -22,6 +22,9 @@ ModelOption = Annotated[
 ApiKeysOption = Annotated[
     str | None, typer.Option(help="API key file (`swarmlm keys create`): every /v1 call needs a key")
 ]
+SwarmCertOption = Annotated[
+    str | None, typer.Option(help="Membership certificate (`swarmlm swarm invite`): join a private swarm")
+]
 ProtectMetricsOption = Annotated[bool, typer.Option(help="With --api-keys: /metrics and /dashboard need a key too")]
 
 
@@ -120,6 +123,10 @@ def peer(
     ledger: Annotated[
         str | None, typer.Option(help="This peer's copy of the ledger (default: ~/.swarmlm/ledger/PEER_ID.jsonl)")
     ] = None,
+    swarm_cert: SwarmCertOption = None,
+    perturb_outputs: Annotated[
+        float, typer.Option(help="Fault injection for attack tests: add noise of this relative size to outputs")
+    ] = 0.0,
 ) -> None:
     """Join (or start) a swarm and serve a span of the model's layers to its clients."""
     from swarmlm.swarm.peer import PeerConfig, run_peer
@@ -143,6 +150,8 @@ def peer(
         api_keys=api_keys,
         protect_metrics=protect_metrics,
         ledger=ledger,
+        swarm_cert=swarm_cert,
+        perturb_outputs=perturb_outputs,
     )
     _exit_with(run_peer, cfg)
 
@@ -151,16 +160,22 @@ def peer(
 def status(
     initial_peers: Annotated[list[str], typer.Option("--initial-peers", help="Multiaddr of any peer in the swarm")],
     model: Annotated[str | None, typer.Option(help="The model whose swarm to show (default: the embedded one)")] = None,
+    identity: Annotated[str | None, typer.Option(help="Key file (with --swarm-cert: the member's key)")] = None,
+    swarm_cert: SwarmCertOption = None,
 ) -> None:
     """Show the swarm's peers and per-layer coverage; exit code 1 if some layer has no live peer."""
+    from swarmlm.ledger.identity import Identity
     from swarmlm.model.checkpoint import open_checkpoint
     from swarmlm.model.loading import resolve_model
+    from swarmlm.swarm.membership import load_membership
     from swarmlm.swarm.records import DEFAULT_TTL, fetch_records, start_dht
     from swarmlm.swarm.status import print_status
 
     model_id, path = resolve_model(model)
     num_layers = open_checkpoint(path).config.num_layers
-    dht = start_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], client=True)
+    me = Identity.from_option(identity)
+    cert = load_membership(swarm_cert, me) if swarm_cert else None
+    dht = start_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], me, client=True, cert=cert)
     try:
         code = print_status(fetch_records(dht, model_id, online_only=False), model_id, num_layers, DEFAULT_TTL)
     finally:
@@ -227,6 +242,7 @@ def train(
         list[str] | None, typer.Option("--host-maddrs", help="Where to listen (default /ip4/127.0.0.1/tcp/0)")
     ] = None,
     identity: Annotated[str | None, typer.Option(help="Private key file: a stable peer id")] = None,
+    swarm_cert: SwarmCertOption = None,
     size: Annotated[str, typer.Option(help="Model size from scratch: tiny, small or base")] = "tiny",
     model: Annotated[str | None, typer.Option(help="Fine-tune this .gguf / HF directory instead")] = None,
     lora_rank: Annotated[int, typer.Option(help="> 0: train LoRA adapters of this rank only (peft)")] = 0,
@@ -279,6 +295,7 @@ def train(
             initial_peers=initial_peers or [],
             host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
             identity=identity,
+            swarm_cert=swarm_cert,
             size=size,
             model=model,
             lora_rank=lora_rank,
@@ -402,6 +419,71 @@ def data_prepare(
         return 0
 
     _exit_with(run, sources or [])
+
+
+swarm_app = typer.Typer(help="Private swarms: an owner key and membership certificates.", no_args_is_help=True)
+app.add_typer(swarm_app, name="swarm")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """'90' (seconds), '90s', '30m', '12h', '7d' -> seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration like 3600, 30m, 12h or 7d") from None
+    if seconds <= 0:
+        raise typer.BadParameter("must be positive")
+    return seconds
+
+
+@swarm_app.command("init")
+def swarm_init(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the owner's key (keep it secret)")],
+) -> None:
+    """Make a swarm owner key; prints the swarm id (the owner's peer id)."""
+    from swarmlm.ledger.identity import Identity
+
+    if out.exists():
+        typer.secho(f"error: {out} exists; a swarm keeps its owner key", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    typer.echo(Identity.load_or_create(out).peer_id)
+
+
+@swarm_app.command("id")
+def swarm_id(
+    identity: Annotated[Path, typer.Argument(help="A peer's key file (created if missing)")],
+) -> None:
+    """Print the peer id of a key file: what the owner invites."""
+    from swarmlm.ledger.identity import Identity
+
+    def run(path: Path) -> int:
+        typer.echo(Identity.load_or_create(path).peer_id)
+        return 0
+
+    _exit_with(run, identity)
+
+
+@swarm_app.command("invite")
+def swarm_invite(
+    peer_id: Annotated[str, typer.Argument(help="The invited peer's id (`swarmlm swarm id KEYFILE`)")],
+    owner: Annotated[Path, typer.Option(help="The owner key of `swarmlm swarm init`")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the certificate")],
+    expires: Annotated[str, typer.Option(help="Lifetime: seconds, or 30m, 12h, 7d")] = "30d",
+) -> None:
+    """Sign a membership certificate for a peer; it joins with --identity KEYFILE --swarm-cert FILE."""
+    from swarmlm.ledger.identity import Identity
+    from swarmlm.swarm.membership import Certificate
+
+    lifetime = _duration(expires)
+
+    def run(_: None) -> int:
+        Certificate.issue(Identity.load(owner), peer_id, lifetime).save(out)
+        typer.echo(f"certificate for {peer_id} written to {out}", err=True)
+        return 0
+
+    _exit_with(run, None)
 
 
 keys_app = typer.Typer(help="API keys for `serve --api-keys` and `peer --api-keys`.", no_args_is_help=True)

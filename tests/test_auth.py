@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from swarmlm.serve.auth import ApiKey, KeyChecker, KeyFileError, create_key, hash_key, load_keys
-from tests.conftest import ServerProcess
+from swarmlm.serve.local import ServerProcess
 
 
 def test_key_file_holds_hashes_only(tmp_path: Path) -> None:

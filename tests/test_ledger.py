@@ -15,7 +15,9 @@ import pytest
 from swarmlm.ledger.chain import Entry, LedgerError, verify_chain
 from swarmlm.ledger.identity import Identity, IdentityError, verify
 from swarmlm.ledger.store import Ledger, read_lines, verify_file
+from swarmlm.model.loading import DEFAULT_MODEL_ID, checkpoint_digests, load_model
 from swarmlm.swarm.records import start_dht
+from swarmlm.swarm.versions import expected_digest, model_version, version_body
 
 
 def test_identity_file_is_the_peers_libp2p_identity(tmp_path: Path) -> None:
@@ -204,3 +206,24 @@ def test_cli_show_and_verify(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "entry 5 is bad" in bad.stderr, bad.stderr
     missing = run_cli("verify", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "no ledger at" in missing.stderr
+
+
+def test_model_version_is_the_most_signed_and_fits_a_served_span() -> None:
+    """Per-layer digests of the checkpoint compose into the digest a peer serving any span announces;
+    of two competing versions the one more authors signed counts, unless the client names whom it trusts."""
+    parts = checkpoint_digests(None)
+    served = load_model(layers=(3, 7), edges=False, device="cpu", quant="int8")
+    real = version_body(DEFAULT_MODEL_ID, parts)
+    fake = version_body(DEFAULT_MODEL_ID, {**parts, "layer.5": "0" * 64})
+    view = Ledger(None)  # a client's copy, in memory
+    signers = [Identity.generate() for _ in range(3)]
+    for signer, body in zip(signers, [real, fake, real], strict=True):
+        with Ledger(None, signer) as copy:
+            copy.append("model_version", body)
+            view.merge(copy.entries)
+    version = model_version(view.entries, DEFAULT_MODEL_ID)
+    assert version is not None and expected_digest(version, 3, 7) == served.digest
+    assert expected_digest(version, 25, 31) is None  # past the model's layers
+    pinned = model_version(view.entries, DEFAULT_MODEL_ID, trusted=[signers[1].peer_id])
+    assert pinned is not None and expected_digest(pinned, 3, 7) != served.digest
+    assert model_version(view.entries, "another-model") is None

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import ledger_path, read_lines, verify_file
-from swarmlm.model.loading import LoadedModel
+from swarmlm.model.loading import DEFAULT_MODEL_ID, LoadedModel, default_model_path
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.local import PeerProcess, alive, start_swarm
 from swarmlm.swarm.records import SpanRecord
@@ -104,6 +105,48 @@ def test_swarm_output_matches_the_local_engine(client: RemoteModel, model: Loade
     for prompt in PROMPTS:
         ids = model.tokenizer.encode(prompt)
         assert client.generate(ids, SamplingParams(max_tokens=16, temperature=0)) == local_greedy(model, ids, 16)
+
+
+def altered_copy(folder: Path) -> Path:
+    """The embedded model's GGUF file with some of layer 12's weights changed, under a name that gives
+    the same model id: a peer serving it claims to serve the model."""
+    import gguf
+
+    out = folder / f"{DEFAULT_MODEL_ID}.gguf"
+    shutil.copyfile(default_model_path(), out)
+    tensor = next(t for t in gguf.GGUFReader(str(out)).tensors if t.name == "blk.12.attn_q.weight")
+    with out.open("r+b") as f:
+        f.seek(int(tensor.data_offset) + 1000)
+        f.write(bytes(b ^ 0x5A for b in f.read(64)))
+    return out
+
+
+def test_a_peer_serving_other_weights_is_never_routed_through(
+    client: RemoteModel, swarm: dict[str, PeerProcess], tmp_path: Path
+) -> None:
+    """The first peer signs the model's version (per-layer digests) into the ledger; a client refuses a
+    peer whose announced digest for its span is not that version's, however it got there."""
+    liar = PeerProcess("--model", str(altered_copy(tmp_path)), "--layers", "10:20", initial=swarm["a"].maddr)
+    try:
+        liar.wait_ready()
+        deadline = time.monotonic() + 60
+        while liar.peer_id not in {r.peer_id for r in client.records()} or client.model_version([]) is None:
+            assert time.monotonic() < deadline, "no model version in the ledger, or the liar never announced"
+            time.sleep(1)
+        honest = {swarm["b"].peer_id, swarm["d"].peer_id}
+        assert (
+            find_route(client.records(), 0, 30, banned=honest)[1].record.peer_id == liar.peer_id
+        )  # it does claim 10..20
+        with pytest.raises(NoRouteError, match="layers 10-19 have no live peer"):
+            find_route(client.routable_records(), 0, 30, banned=honest)
+        assert client.stats.refused_weights == 1
+        assert "differ from the ledger's version" in liar.log.read_text()
+    finally:
+        liar.stop()
+    deadline = time.monotonic() + 20
+    while liar.peer_id in {r.peer_id for r in client.records()}:
+        assert time.monotonic() < deadline, "the liar's record outlived its leave"
+        time.sleep(0.5)
 
 
 def test_seeded_sampling_is_reproducible(client: RemoteModel, model: LoadedModel) -> None:

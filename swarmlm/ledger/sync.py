@@ -19,6 +19,7 @@ from hivemind.proto import runtime_pb2
 from swarmlm.ledger.chain import Entry, LedgerError
 from swarmlm.ledger.store import Ledger
 from swarmlm.swarm.loop import LoopThread
+from swarmlm.swarm.membership import Membership, MembershipError
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +37,46 @@ def _heads_of(raw: bytes) -> dict[str, int]:
 class LedgerServicer(ServicerBase):
     """Serves this peer's copy to others."""
 
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
+    def __init__(self, ledger: Ledger, membership: Membership) -> None:
+        self.ledger, self.membership = ledger, membership
 
     async def rpc_ledger_since(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
         try:
+            await self.membership.require(str(context.remote_id))
             heads = _heads_of(request.metadata)
-        except (LedgerError, ValueError, msgpack.UnpackException) as e:
+        except (LedgerError, ValueError, msgpack.UnpackException, MembershipError) as e:
             return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"error": f"ledger sync: {e}"}))
         entries = self.ledger.since(heads)[:MAX_ENTRIES_PER_CALL]
         return runtime_pb2.ExpertResponse(metadata=msgpack.packb([e.to_wire() for e in entries]))
+
+    async def rpc_ledger_push(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """Entries from a node that serves no copy (a client's accusation, with the entries it builds on):
+        each is verified before it is appended, like a pulled one."""
+        try:
+            await self.membership.require(str(context.remote_id))
+            rows = msgpack.unpackb(request.metadata) if request.metadata else []
+            if not isinstance(rows, list) or len(rows) > MAX_ENTRIES_PER_CALL:
+                raise LedgerError(f"expected a list of at most {MAX_ENTRIES_PER_CALL} entries")
+            added = self.ledger.merge(Entry.from_wire(row) for row in rows)
+        except (LedgerError, ValueError, msgpack.UnpackException, MembershipError) as e:
+            return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"error": f"ledger push: {e}"}))
+        return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"added": added}))
+
+
+async def push(p2p: P2P, ledger: Ledger, peer_id: str) -> int:
+    """Send our copy's entries to `peer_id` (it skips what it holds); how many it added. LedgerError if
+    it refused them."""
+    stub: Any = LedgerServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+    rows = [e.to_wire() for e in ledger.entries[-MAX_ENTRIES_PER_CALL:]]
+    request = runtime_pb2.ExpertRequest(metadata=msgpack.packb(rows))
+    reply = msgpack.unpackb((await stub.rpc_ledger_push(request, timeout=SYNC_TIMEOUT)).metadata)
+    if not isinstance(reply, dict) or "added" not in reply:
+        raise LedgerError(f"peer {peer_id} answered: {reply.get('error') if isinstance(reply, dict) else reply!r}")
+    return int(reply["added"])
 
 
 async def pull(p2p: P2P, ledger: Ledger, peer_id: str) -> int:
@@ -70,9 +99,11 @@ async def pull(p2p: P2P, ledger: Ledger, peer_id: str) -> int:
 class LedgerSync:
     """A copy of the ledger served to other peers and refreshed from them, on a peer's P2P loop."""
 
-    def __init__(self, ledger: Ledger, loop: LoopThread, p2p: P2P, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self, ledger: Ledger, loop: LoopThread, p2p: P2P, membership: Membership, start_timeout: float = 60.0
+    ) -> None:
         self.ledger, self.loop, self.p2p = ledger, loop, p2p
-        loop.run(LedgerServicer(ledger).add_p2p_handlers(p2p), start_timeout)
+        loop.run(LedgerServicer(ledger, membership).add_p2p_handlers(p2p), start_timeout)
 
     def pull_from_any(self, peer_ids: Sequence[str]) -> int:
         """Pull from one of `peer_ids`, picked at random (so copies converge like gossip). A peer that

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from swarmlm.model.checkpoint import CheckpointError, fuse_projections, open_checkpoint, save_hf_checkpoint
+from swarmlm.model.checkpoint import (
+    CheckpointError,
+    GGUFCheckpoint,
+    HFCheckpoint,
+    fuse_projections,
+    open_checkpoint,
+    save_hf_checkpoint,
+)
 from swarmlm.model.config import ModelConfig
 from swarmlm.model.llama import LlamaSpan
 from swarmlm.model.quant import QUANT_MODES, Int4Linear, Int8Linear, quantize_
@@ -59,9 +67,30 @@ def tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str:
     return h.hexdigest()
 
 
+def part_digests(span: LlamaSpan) -> dict[str, str]:
+    """One digest per part the span holds: "embed", "layer.I" (I: the model's layer index), "head" (final
+    norm and head), over fp32 values: the checkpoint's weights, whatever dtype or format they are served in.
+    Per layer, so a span's digest can be checked against a model version's (`span_digest`)."""
+    parts: dict[str, list[tuple[str, Tensor]]] = {}
+    for name, tensor in span.state_dict().items():
+        head, _, rest = name.partition(".")
+        if head == "layers":
+            index, _, rest = rest.partition(".")
+            key = f"layer.{span.start + int(index)}"
+        else:
+            key = "embed" if head == "embed_tokens" else "head"
+        parts.setdefault(key, []).append((rest if head == "layers" else name, tensor.float()))
+    return {key: tensors_digest(sorted(named, key=lambda x: x[0])) for key, named in parts.items()}
+
+
+def span_digest(parts: dict[str, str]) -> str:
+    """A span's weights digest from its parts' (`part_digests`), in layer order, edges around them."""
+    keys = sorted(parts, key=lambda k: -1.0 if k == "embed" else math.inf if k == "head" else int(k[6:]))
+    return hashlib.sha256("".join(f"{k}={parts[k]}\n" for k in keys).encode()).hexdigest()
+
+
 def weights_digest(span: LlamaSpan) -> str:
-    """The span's tensors' digest, in name order."""
-    return tensors_digest(sorted(span.state_dict().items()))
+    return span_digest(part_digests(span))
 
 
 @dataclass
@@ -71,7 +100,11 @@ class LoadedModel:
     config: ModelConfig
     span: LlamaSpan
     tokenizer: Tokenizer
-    digest: str
+    parts: dict[str, str]  # `part_digests` of the checkpoint's weights, before any dtype change or quantization
+
+    @property
+    def digest(self) -> str:
+        return span_digest(self.parts)
 
     def save_hf(self, out_dir: Path) -> None:
         """Export the whole model (weights, config, tokenizer and chat template) as an HF directory."""
@@ -81,6 +114,38 @@ class LoadedModel:
             raise ValueError("a quantized model cannot be exported; load it with quant='none'")
         save_hf_checkpoint(self.span.state_dict(), self.config, out_dir)
         self.tokenizer.hf.save_pretrained(str(out_dir))
+
+
+def _read_span(ckpt: GGUFCheckpoint | HFCheckpoint, path: Path, start: int, end: int, edges: bool) -> LlamaSpan:
+    """Layers [start, end) of an open checkpoint as a CPU `LlamaSpan` in the checkpoint's values."""
+    cfg = ckpt.config
+    with torch.device("meta"):
+        span = LlamaSpan(cfg, start, end, edges)
+    state = fuse_projections(dict(ckpt.tensors(start, end, span.has_embeddings, span.has_head)))
+    if span.lm_head is not None and span.embed_tokens is not None and cfg.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
+    expected = set(span.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the config "
+            f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})"
+        )
+    span.load_state_dict(state, assign=True)
+    if span.lm_head is not None and span.embed_tokens is not None and cfg.tie_word_embeddings:
+        span.lm_head.weight = span.embed_tokens.weight  # assign=True replaced the tied parameter
+    return span
+
+
+def checkpoint_digests(model: str | None, chunk: int = 4) -> dict[str, str]:
+    """`part_digests` of every layer of a checkpoint (a model version's fingerprint), read `chunk` layers
+    at a time so that memory holds a few layers, not the model."""
+    _, path = resolve_model(model)
+    ckpt = open_checkpoint(path)
+    total, parts = ckpt.config.num_layers, {}
+    for start in range(0, total, chunk):
+        parts |= part_digests(_read_span(ckpt, path, start, min(start + chunk, total), edges=False))
+    return parts
 
 
 def load_model(
@@ -102,24 +167,11 @@ def load_model(
     ckpt = open_checkpoint(path)
     cfg = ckpt.config
     start, end = layers if layers is not None else (0, cfg.num_layers)
-    with torch.device("meta"):
-        span = LlamaSpan(cfg, start, end, edges)
-    state = fuse_projections(dict(ckpt.tensors(start, end, span.has_embeddings, span.has_head)))
-    if span.lm_head is not None and span.embed_tokens is not None and cfg.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
-    expected = set(span.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match the config "
-            f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})"
-        )
-    span.load_state_dict(state, assign=True)
-    if span.lm_head is not None and span.embed_tokens is not None and cfg.tie_word_embeddings:
-        span.lm_head.weight = span.embed_tokens.weight  # assign=True replaced the tied parameter
+    span = _read_span(ckpt, path, start, end, edges)
+    parts = part_digests(span)
     span = span.to(device=resolve_device(device), dtype=DTYPES[dtype]).eval().requires_grad_(False)
     if quant != "none":
         if next(span.parameters()).device.type != "cpu":
             raise ValueError("int8/int4 weights use PyTorch's CPU kernels; on an accelerator use --dtype bf16")
         quantize_(span, quant)
-    return LoadedModel(model_id, path, cfg, span, load_tokenizer(ckpt), weights_digest(span))
+    return LoadedModel(model_id, path, cfg, span, load_tokenizer(ckpt), parts)

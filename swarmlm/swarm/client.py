@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import random
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from hivemind import DHT
@@ -29,14 +32,24 @@ from hivemind.proto import runtime_pb2
 from torch import Tensor
 
 from swarmlm.engine.sampling import SamplingParams, apply_penalties, sample_row
+from swarmlm.ledger.identity import Identity
+from swarmlm.ledger.store import Ledger
+from swarmlm.ledger.sync import SYNC_TIMEOUT, pull, push
 from swarmlm.model.loading import load_model
 from swarmlm.swarm.loop import LoopThread
+from swarmlm.swarm.membership import Membership, load_membership
 from swarmlm.swarm.protocol import WIRE_DTYPES, RemoteError, StepRequest, read_response
 from swarmlm.swarm.records import SpanRecord, fetch_records, start_dht
 from swarmlm.swarm.routing import NoRouteError, RouteHop, find_route
 from swarmlm.swarm.servicer import SpanServicer
+from swarmlm.swarm.versions import expected_digest, model_version
 
 log = logging.getLogger("swarmlm.client")
+
+# How far a spot-check's recomputation may be from the hop's answer (relative L2 error): both crossed the
+# wire in this format, and a prefill computes in another order than step-by-step decoding.
+SPOT_CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 2e-2}
+LEDGER_REFRESH_SECONDS = 30.0  # how often routing pulls new ledger entries (model versions) from a peer
 
 
 class HopFailure(RuntimeError):
@@ -49,11 +62,20 @@ class ClientConfig:
     step_timeout: float = 30.0  # a peer that does not answer a step within this is treated as dead
     route_timeout: float = 30.0  # how long to keep looking for a route before giving up
     ban_seconds: float = 15.0
+    identity: str | None = None  # key file (default: a fresh identity)
+    swarm_cert: str | None = None  # membership certificate of a private swarm, for that identity
+    verify_weights: bool = True  # route only through peers serving the ledger's model version
+    trusted_authors: tuple[str, ...] = ()  # whose model versions count (default: anyone's; see versions.py)
+    spot_check: float = 0.0  # share of hop steps re-run on another peer to catch wrong activations
+    allowed_peers: tuple[str, ...] = ()  # route only through these (Petals' allowed_servers); checks use any
 
 
 @dataclass
 class SwarmStats:
     failovers: int = 0
+    refused_weights: int = 0  # peers never routed through: their weights are not the model version's
+    spot_checks: int = 0  # hop steps re-run on a second peer
+    accusations: int = 0  # peers caught returning activations that two other peers disagree with
     recovery_seconds: list[float] = field(default_factory=list)  # failure seen -> the failed step answered
     on_recovery: Callable[[float], None] | None = None  # e.g. a Prometheus histogram's observe
 
@@ -62,6 +84,10 @@ class SwarmStats:
         self.recovery_seconds.append(seconds)
         if self.on_recovery is not None:
             self.on_recovery(seconds)
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
 
 
 class _Hop:
@@ -150,12 +176,18 @@ class InferenceSession:
                 if isinstance(out, HopFailure):
                     log.warning("hop failed, rerouting: %s", out)
                     failed_at = failed_at or time.monotonic()
+                    if time.monotonic() - failed_at > self.client.config.route_timeout:  # peers that keep refusing
+                        raise NoRouteError(f"no peer completed layers {hop.start}-{hop.end - 1}: {out}")
                     self.client.ban(hop.record.peer_id)
                     self._drop_hops(i)
                     break
                 layer = hop.end
                 current[layer] = out
                 i += 1
+            if layer == self.num_layers and (caught := self._spot_check(current)) is not None:
+                layer, i = self.hops[caught].start, caught  # redo this step from the liar's layers on
+                self._drop_hops(caught)
+                current = {b: t for b, t in current.items() if b <= layer}
         if failed_at is not None:
             self.client.stats.recovered(time.monotonic() - failed_at)
         for boundary, tensor in current.items():
@@ -164,6 +196,18 @@ class InferenceSession:
                 self._inputs[boundary] = tensor if past is None else torch.cat([past, tensor])
         self.position += hidden.shape[0]
         return current[self.num_layers]
+
+    def _spot_check(self, current: dict[int, Tensor]) -> int | None:
+        """Re-run some of this step's hops on other peers (`ClientConfig.spot_check`); the index of a hop
+        whose peer was caught lying (its output must be recomputed), or None."""
+        for i, hop in enumerate(self.hops):
+            if random.random() >= self.client.config.spot_check:
+                continue
+            past = self._inputs.get(hop.start)
+            inputs = current[hop.start] if past is None else torch.cat([past, current[hop.start]])
+            if self.client.spot_check(hop, inputs, current[hop.end]) == hop.record.peer_id:
+                return i
+        return None
 
     async def _through(self, i: int, hidden: Tensor) -> list[Tensor | HopFailure]:
         """Run `hidden` through hops i.. in one visit to the loop thread (one thread hand-off per token, not
@@ -193,7 +237,10 @@ class InferenceSession:
         first_new = len(self.hops)
         while True:
             try:
-                chain = find_route(self.client.records(), layer, self.num_layers, self.client.banned_peers())
+                records = self.client.routable_records()
+                if allowed := self.client.config.allowed_peers:
+                    records = [r for r in records if r.peer_id in allowed]
+                chain = find_route(records, layer, self.num_layers, self.client.banned_peers())
                 for route in chain:
                     hop = _Hop(self.client, route, self.session_id, self.max_length)
                     self.hops.append(hop)
@@ -246,16 +293,127 @@ class RemoteModel:
             raise ValueError(f"wire dtype must be one of {sorted(WIRE_DTYPES)}")
         self.local = load_model(model, layers=(0, 0))  # embeddings, final norm and head
         self.model_id, self.tokenizer, self.config_model = self.local.model_id, self.local.tokenizer, self.local.config
-        self._own_dht = dht is None
-        self.dht = dht or start_dht(list(initial_peers), ["/ip4/127.0.0.1/tcp/0"], client=True)
+        self._own_dht, cert = dht is None, None
+        identity = Identity.from_option(self.config.identity)
+        if dht is None:
+            cert = load_membership(self.config.swarm_cert, identity) if self.config.swarm_cert else None
+            dht = start_dht(list(initial_peers), ["/ip4/127.0.0.1/tcp/0"], identity, client=True, cert=cert)
+        self.dht = dht
+        self.membership = Membership(dht, cert)  # in a private swarm, peers serve us once this is published
         self._loop = LoopThread("swarmlm-client")
         self._p2p: P2P = self._loop.run(self.dht.replicate_p2p(), 60)
         self._banned: dict[str, float] = {}
         self.stats = SwarmStats()
         self.sessions: set[InferenceSession] = set()
+        self.ledger = Ledger(None, identity)  # our view of the swarm's ledger: model versions, our accusations
+        self._ledger_pulled = -math.inf
+        self._refused: set[str] = set()
 
     def records(self) -> list[SpanRecord]:
+        """The swarm's live spans (called before every route, so it also keeps our membership published)."""
+        if not self.membership.publish():
+            log.warning("could not store our membership certificate in the DHT")
         return fetch_records(self.dht, self.model_id)
+
+    def routable_records(self) -> list[SpanRecord]:
+        """The live spans a route may use: with `verify_weights`, those whose announced weights digest is
+        the ledger's model version's (a swarm whose ledger has no version yet cannot be checked)."""
+        records = self.records()
+        version = self.model_version(records) if self.config.verify_weights else None
+        if version is None:
+            return records
+        routable = []
+        for r in records:
+            if expected_digest(version, r.start, r.end) == r.digest:
+                routable.append(r)
+            elif r.peer_id not in self._refused:
+                self._refused.add(r.peer_id)
+                self.stats.refused_weights += 1
+                log.warning(
+                    "not routing through %s: its weights for layers %d..%d are not the ledger's version of %s",
+                    r.peer_id,
+                    r.start,
+                    r.end,
+                    self.model_id,
+                )
+        return routable
+
+    def model_version(self, records: list[SpanRecord]) -> dict[str, str] | None:
+        """The model's version (layer digests) in the ledger, pulled from a random peer's copy now and then
+        (often while there is none yet: the first peer signs it a moment after it starts)."""
+        version = model_version(self.ledger.entries, self.model_id, self.config.trusted_authors)
+        wait = LEDGER_REFRESH_SECONDS if version is not None else 2.0
+        if records and time.monotonic() - self._ledger_pulled > wait:
+            self._ledger_pulled = time.monotonic()
+            peer = random.choice(records).peer_id
+            try:
+                self._loop.run(pull(self._p2p, self.ledger, peer), 2 * SYNC_TIMEOUT)
+            except Exception as e:  # unreachable, or a bad entry: what came before it is kept
+                log.info("ledger pull from %s failed: %s", peer, e)
+            version = model_version(self.ledger.entries, self.model_id, self.config.trusted_authors)
+        return version
+
+    def spot_check(self, hop: _Hop, inputs: Tensor, output: Tensor) -> str | None:
+        """Recompute `hop`'s last step on another peer covering its layers, from the session's whole input
+        history into that hop (`inputs`); `output` is what the hop answered for the last rows. Outputs agree
+        up to the wire format's rounding. On a mismatch a third peer decides who lied: that peer is banned
+        for good and accused in the ledger. Returns the liar's peer id, or None."""
+        start, end, suspect = hop.start, hop.end, hop.record.peer_id
+        banned = self.banned_peers() | {suspect}
+        others = [r for r in self.routable_records() if r.start <= start and end <= r.end and r.peer_id not in banned]
+        if not others:
+            return None  # nobody to compare with: this step goes unchecked
+        random.shuffle(others)
+        self.stats.spot_checks += 1
+        tolerance = SPOT_CHECK_TOLERANCE[self.config.wire_dtype]
+        n = output.shape[0]
+        checks: list[tuple[str, Tensor]] = []
+        for record in others:
+            hop2 = _Hop(self, RouteHop(record, start, end), uuid.uuid4().hex, inputs.shape[0])
+            try:
+                checks.append((record.peer_id, hop2.step(inputs, 0)[-n:]))
+            except HopFailure:
+                continue  # an unreachable checker proves nothing; try the next one
+            finally:
+                hop2.close()
+            if relative_error(output, checks[0][1]) <= tolerance:
+                return None
+            if len(checks) == 2:
+                break
+        if len(checks) < 2:
+            if checks:
+                log.warning(
+                    "peer %s and %s disagree on layers %d..%d; no third peer to decide",
+                    suspect,
+                    *checks[0][:1],
+                    start,
+                    end,
+                )
+            return None
+        (first, out1), (_, out2) = checks
+        liar = suspect if relative_error(out1, out2) <= tolerance else first
+        error = relative_error(output, out1)
+        self._banned[liar] = math.inf
+        self.stats.accusations += 1
+        log.warning(
+            "peer %s returned wrong activations for layers %d..%d (relative error %.3g): banned",
+            liar,
+            start,
+            end,
+            error,
+        )
+        self.accuse(liar, {"span": [start, end], "relative_error": error, "checked_by": [p for p, _ in checks]})
+        return liar
+
+    def accuse(self, peer_id: str, evidence: dict[str, Any]) -> None:
+        """Sign an accusation into our view of the ledger and hand it to the peers we still trust."""
+        self.ledger.append("accusation", {"model": self.model_id, "accused": peer_id, **evidence})
+        for record in self.routable_records():
+            if record.peer_id not in self.banned_peers():
+                try:
+                    self._loop.run(push(self._p2p, self.ledger, record.peer_id), 2 * SYNC_TIMEOUT)
+                except Exception as e:  # unreachable or refusing: the others still get it
+                    log.info("could not hand the accusation to %s: %s", record.peer_id, e)
 
     def ban(self, peer_id: str) -> None:
         self._banned[peer_id] = time.monotonic() + self.config.ban_seconds

@@ -26,10 +26,11 @@ from swarmlm.ledger.identity import Identity
 from swarmlm.ledger.store import Ledger, ledger_path
 from swarmlm.ledger.sync import LedgerSync
 from swarmlm.model.checkpoint import open_checkpoint
-from swarmlm.model.loading import load_model, resolve_model
+from swarmlm.model.loading import checkpoint_digests, load_model, resolve_model
 from swarmlm.serve.auth import load_keys
 from swarmlm.swarm.gateway import Gateway, ServeConfig, parse_address
 from swarmlm.swarm.loop import LoopThread
+from swarmlm.swarm.membership import Membership, load_membership
 from swarmlm.swarm.records import (
     DAEMON_START_TIMEOUT,
     DEFAULT_TTL,
@@ -41,6 +42,7 @@ from swarmlm.swarm.records import (
 )
 from swarmlm.swarm.routing import better_span, choose_span
 from swarmlm.swarm.servicer import SpanServicer
+from swarmlm.swarm.versions import expected_digest, model_version, version_body
 
 log = logging.getLogger("swarmlm.peer")
 
@@ -65,6 +67,8 @@ class PeerConfig:
     api_keys: str | None = None  # the gateway's key file
     protect_metrics: bool = False
     ledger: str | None = None  # this peer's copy of the ledger (default: ledger_path(peer id))
+    swarm_cert: str | None = None  # membership certificate: join a private swarm
+    perturb_outputs: float = 0.0  # fault injection for attack tests: a lying peer (see SpanServicer)
 
 
 def parse_layers(layers: str, total: int) -> tuple[int, int] | None:
@@ -93,13 +97,16 @@ def run_peer(cfg: PeerConfig) -> int:
     if cfg.api_keys is not None:
         load_keys(cfg.api_keys)  # a bad key file fails now, not when the gateway starts
     identity = Identity.from_option(cfg.identity)
+    cert = load_membership(cfg.swarm_cert, identity) if cfg.swarm_cert else None
+    if cfg.api is not None and cert is not None:
+        raise ValueError("--api on a private swarm is not supported yet: its client would need its own certificate")
     ledger = Ledger(cfg.ledger or ledger_path(identity.peer_id), identity)  # a tampered copy stops us here
     try:
-        dht = start_dht(cfg.initial_peers, cfg.host_maddrs, identity)
+        dht = start_dht(cfg.initial_peers, cfg.host_maddrs, identity, cert=cert)
     except BaseException:
         ledger.close()
         raise
-    peer = Peer(cfg, model_id, total, dht, ledger)
+    peer = Peer(cfg, model_id, total, dht, ledger, Membership(dht, cert))
     try:
         return peer.serve(span)
     finally:
@@ -109,8 +116,11 @@ def run_peer(cfg: PeerConfig) -> int:
 class Peer:
     """One running peer: its DHT node, its record, and the engine serving its current span."""
 
-    def __init__(self, cfg: PeerConfig, model_id: str, num_layers: int, dht: DHT, ledger: Ledger) -> None:
+    def __init__(
+        self, cfg: PeerConfig, model_id: str, num_layers: int, dht: DHT, ledger: Ledger, membership: Membership
+    ) -> None:
         self.cfg, self.model_id, self.num_layers, self.dht, self.ledger = cfg, model_id, num_layers, dht, ledger
+        self.membership = membership
         self.record = SpanRecord(str(dht.peer_id), model_id, 0, 0, version=swarmlm.__version__)
         self.engine: SpanEngine | None = None
         self.stop = threading.Event()
@@ -118,9 +128,10 @@ class Peer:
         self.move_to: tuple[int, int] | None = None
         self.loop: LoopThread | None = None
         self.p2p: P2P | None = None
-        self.servicer = SpanServicer(None, self.record)
+        self.servicer = SpanServicer(None, self.record, membership, cfg.perturb_outputs)
         self.gateway: Gateway | None = None
         self.ledger_sync: LedgerSync | None = None
+        self.version_checked = False  # the ledger's model version, against our span (`_check_version`)
 
     def serve(self, span: tuple[int, int] | None) -> int:
         for maddr in self.dht.get_visible_maddrs():
@@ -132,7 +143,7 @@ class Peer:
             signal.signal(sig, self._request_exit)
         self.loop = LoopThread("swarmlm-p2p")
         self.p2p = self.loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
-        self.ledger_sync = LedgerSync(self.ledger, self.loop, self.p2p, DAEMON_START_TIMEOUT)
+        self.ledger_sync = LedgerSync(self.ledger, self.loop, self.p2p, self.membership, DAEMON_START_TIMEOUT)
         self.ledger.append("join", {"model": self.model_id, "version": swarmlm.__version__})
         if span is None:  # serves no layers: a bootstrap or gateway node
             self._heartbeat()
@@ -178,6 +189,7 @@ class Peer:
         r.throughput = engine.measure_throughput()
         r.state = "online"
         self.engine = self.servicer.engine = engine
+        self.version_checked = False
         attestation = {"model": self.model_id, "span": list(span), "digest": model.digest, "dtype": cfg.dtype}
         self.ledger.append("attestation", {**attestation, "quant": cfg.quant})
 
@@ -227,11 +239,34 @@ class Peer:
         with self.announcing:
             if self.record.state == "offline":  # withdrawn: we are leaving
                 return
+            if not self.membership.publish():
+                log.warning("could not store our membership certificate in the DHT")
             if not announce(self.dht, self.record, self.cfg.ttl):
                 log.warning("could not store our record in the DHT (no reachable peers?)")
         if self.ledger_sync is not None:
             others = [r.peer_id for r in fetch_records(self.dht, self.model_id) if r.peer_id != self.record.peer_id]
             self.ledger_sync.pull_from_any(others)
+            self._check_version()
+
+    def _check_version(self) -> None:
+        """Once per loaded span, after a ledger pull: sign the model's version if the ledger has none yet,
+        and say so if our span is not that version's (clients will not route through us)."""
+        if self.version_checked or self.engine is None:
+            return
+        self.version_checked = True
+        version = model_version(self.ledger.entries, self.model_id)
+        if version is None:
+            version = checkpoint_digests(self.cfg.model)
+            self.ledger.append("model_version", version_body(self.model_id, version))
+            log.info("signed the model version of %s (%d layers) into the ledger", self.model_id, len(version))
+        r = self.record
+        if expected_digest(version, r.start, r.end) != r.digest:
+            log.warning(
+                "our weights for layers %d..%d differ from the ledger's version of %s: clients will not use us",
+                r.start,
+                r.end,
+                self.model_id,
+            )
 
     def _heartbeats(self) -> None:
         last_balance = time.monotonic()

@@ -15,6 +15,7 @@ from hivemind import DHT
 from hivemind.utils import get_dht_time
 
 from swarmlm.ledger.identity import Identity
+from swarmlm.swarm.membership import Certificate, MembershipValidator
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,21 @@ def fetch_records(dht: DHT, model_id: str, online_only: bool = True) -> list[Spa
 
 
 def start_dht(
-    initial_peers: list[str], host_maddrs: list[str], identity: Identity | None = None, client: bool = False
+    initial_peers: list[str],
+    host_maddrs: list[str],
+    identity: Identity | None = None,
+    client: bool = False,
+    cert: Certificate | None = None,
 ) -> DHT:
     """Join the DHT as `identity` (a fresh Ed25519 one if None): the key that authenticates our streams is
     the one that signs our ledger entries. hivemind's own identity check reads RSA keys only, so it is
-    off; an Ed25519 peer id is collision-free anyway."""
-    with (identity or Identity.generate()).key_file() as key:
+    off; an Ed25519 peer id is collision-free anyway. With `cert`, as a member of a private swarm: our
+    records are signed as a member's, and records that are not are refused."""
+    identity = identity or Identity.generate()
+    validators = [MembershipValidator(cert, identity)] if cert is not None else []
+    with identity.key_file() as key:
         return DHT(
+            record_validators=validators,
             initial_peers=initial_peers or None,
             host_maddrs=host_maddrs,
             identity_path=str(key),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
+import torch
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarmlm.engine.kv_cache import KVCacheError
 from swarmlm.engine.span_engine import SessionError, SpanEngine, SpanSession
+from swarmlm.swarm.membership import Membership, MembershipError
 from swarmlm.swarm.protocol import ProtocolError, StepRequest, error_response, step_response
 from swarmlm.swarm.records import SpanRecord
 
@@ -17,9 +19,13 @@ from swarmlm.swarm.records import SpanRecord
 class SpanServicer(ServicerBase):
     """P2P handlers of a serving peer: `rpc_inference` is one session's stream."""
 
-    def __init__(self, engine: SpanEngine | None, record: SpanRecord) -> None:
+    def __init__(
+        self, engine: SpanEngine | None, record: SpanRecord, membership: Membership, perturb: float = 0.0
+    ) -> None:
         self.engine = engine  # replaced when the peer moves to another span
         self.record = record
+        self.membership = membership
+        self.perturb = perturb  # > 0 only in attack tests: a peer that lies about its activations
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -27,6 +33,7 @@ class SpanServicer(ServicerBase):
         session: SpanSession | None = None
         engine = self.engine
         try:
+            await self.membership.require(str(context.remote_id))
             async for msg in requests:
                 step = StepRequest.from_proto(msg)
                 if engine is None or engine is not self.engine:
@@ -35,8 +42,10 @@ class SpanServicer(ServicerBase):
                     session = self._open(engine, step, str(context.remote_id))
                 future = engine.submit(session, step.hidden, step.position)
                 out = await asyncio.wrap_future(future)
+                if self.perturb:
+                    out = out + self.perturb * out.std() * torch.randn_like(out)
                 yield step_response(out.to(step.hidden.dtype))
-        except (ProtocolError, SessionError, KVCacheError) as e:
+        except (ProtocolError, SessionError, KVCacheError, MembershipError) as e:
             yield error_response(str(e))
         finally:
             if session is not None and engine is not None:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -39,10 +39,12 @@ from hivemind.compression import (
     deserialize_torch_tensor,
     serialize_torch_tensor,
 )
+from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils import amap_in_executor, get_dht_time
 from torch import Tensor
 
+from swarmlm.swarm.membership import Membership
 from swarmlm.train.aggregation import Aggregator, get_aggregator
 
 WIRE_FORMATS: dict[str, CompressionBase] = {"fp16": Float16Compression(), "fp32": NoCompression()}
@@ -167,6 +169,7 @@ class RobustAverager(DecentralizedAverager):
         aggregation: str = "mean",
         wire: str = "fp16",
         state_fn: Any = None,
+        membership: Membership | None = None,
         **kwargs: Any,
     ) -> None:
         if wire not in WIRE_FORMATS:
@@ -174,6 +177,7 @@ class RobustAverager(DecentralizedAverager):
         self.rule = get_aggregator(aggregation)
         self.bytes_sent = mp.Value(ctypes.c_int64, 0)  # shared with the averager's process (fork)
         self._state_fn = state_fn
+        self.membership = membership  # private swarm: only members may join our groups or download state
         super().__init__(tensors, dht, compression=WIRE_FORMATS[wire], **kwargs)
 
     async def _run_allreduce_inplace_(
@@ -203,6 +207,36 @@ class RobustAverager(DecentralizedAverager):
             tensor.copy_(result)  # all parts arrived: apply at once (point 3)
         self.last_updated = get_dht_time()
         self._state_updated.set()
+
+    async def _members_only(self, context: P2PContext, replies: AsyncIterator[Any], refusal: Any) -> AsyncIterator[Any]:
+        """`replies` (a handler of hivemind's, not started yet) for a member; `refusal` (if any) for others."""
+        if self.membership is not None and not await self.membership.admits(str(context.remote_id)):
+            if refusal is not None:
+                yield refusal
+            return
+        async for reply in replies:
+            yield reply
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        refusal = averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        async for reply in self._members_only(context, super().rpc_join_group(request, context), refusal):
+            yield reply
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        refusal = averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+        async for reply in self._members_only(context, super().rpc_aggregate_part(stream, context), refusal):
+            yield reply
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        # No refusal message: an empty answer sends the downloader on to the next peer.
+        async for reply in self._members_only(context, super().rpc_download_state(request, context), None):
+            yield reply
 
     def get_current_state(self) -> tuple[Any, Sequence[Tensor], Sequence[CompressionInfo] | None]:
         if self._state_fn is None:

@@ -262,7 +262,7 @@ class DistributedModel:
         import torch
 
         from swarmlm.model.llama import LlamaSpan
-        from swarmlm.model.loading import load_model, weights_digest
+        from swarmlm.model.loading import load_model, part_digests
 
         if self._trainer is None:
             if self._base is not None:
@@ -276,8 +276,8 @@ class DistributedModel:
         span.load_state_dict(trained.merged_state())
         span = span.eval().requires_grad_(False)
         with torch.no_grad():
-            digest = weights_digest(span)
-        return LoadedModel(self.name, self.run_dir, trained.config, span, self._trainer.tokenizer, digest)
+            parts = part_digests(span)
+        return LoadedModel(self.name, self.run_dir, trained.config, span, self._trainer.tokenizer, parts)
 
 
 def _resolve_model(model: str) -> tuple[str, str, str | None]:

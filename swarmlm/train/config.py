@@ -65,6 +65,7 @@ class TrainConfig:
     initial_peers: list[str] = field(default_factory=list)
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     identity: str | None = None
+    swarm_cert: str | None = None  # membership certificate: train in a private swarm
     target_group_size: int = 4
     min_group_size: int = 1  # a round completes with whoever is there, alone included
     aggregation: str = "mean"  # mean | trimmed_mean | centered_clip

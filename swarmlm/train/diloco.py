@@ -40,6 +40,7 @@ from swarmlm.ledger.store import Ledger
 from swarmlm.ledger.sync import LedgerSync
 from swarmlm.model.loading import tensors_digest
 from swarmlm.swarm.loop import LoopThread
+from swarmlm.swarm.membership import Membership, load_membership
 from swarmlm.train.allreduce import RobustAverager
 from swarmlm.train.checkpoint import best_round, latest_checkpoint, mark_best, save_checkpoint
 from swarmlm.train.config import TrainConfig
@@ -128,6 +129,7 @@ class Trainer:
         self.curve: list[tuple[int, float]] = []  # (round, validation loss)
         self._step_seconds = 0.0  # the last round's mean inner step time
         self.dht: Any = None
+        self.membership: Membership | None = None
         self.averager: RobustAverager | None = None
         self.identity = Identity.from_option(cfg.identity)  # signs this peer's ledger entries
         self.ledger_sync: LedgerSync | None = None
@@ -140,10 +142,14 @@ class Trainer:
         from swarmlm.swarm.records import DAEMON_START_TIMEOUT, start_dht
 
         cfg = self.cfg
+        cert = load_membership(cfg.swarm_cert, self.identity) if cfg.swarm_cert else None
         ledger = Ledger(cfg.run_dir / "ledger.jsonl", self.identity)  # a tampered copy stops us here
-        self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, self.identity)
+        self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, self.identity, cert=cert)
+        self.membership = Membership(self.dht, cert)
+        self.membership.publish()
         loop = LoopThread("swarmlm-ledger")
-        self.ledger_sync = LedgerSync(ledger, loop, loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT))
+        p2p = loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
+        self.ledger_sync = LedgerSync(ledger, loop, p2p, self.membership)
         self.averager = RobustAverager(
             [torch.zeros_like(p) for p in self.global_params],
             self.dht,
@@ -151,6 +157,7 @@ class Trainer:
             aggregation=cfg.aggregation,
             wire=cfg.wire,
             state_fn=self._shared,
+            membership=self.membership,
             target_group_size=cfg.target_group_size,
             min_group_size=cfg.min_group_size,
             min_matchmaking_time=cfg.matchmaking_time,
@@ -299,13 +306,24 @@ class Trainer:
             if self.catch_up() or time.monotonic() >= deadline:
                 return None
 
-    def _best_shared_round(self) -> float:
-        """The highest round a peer of this run offers its state at (read from the DHT: no download)."""
+    def _shared_rounds(self) -> list[float]:
+        """The rounds the peers of this run offer their state at (read from the DHT: no download)."""
         found = self.dht.get(f"{self.cfg.run_id}.all_averagers", latest=True)
         if found is None or not isinstance(found.value, dict):
-            return -1.0
-        rounds = [info.value for info in found.value.values() if isinstance(getattr(info, "value", None), float | int)]
-        return max(rounds, default=-1.0)
+            return []
+        return [info.value for info in found.value.values() if isinstance(getattr(info, "value", None), float | int)]
+
+    def _best_shared_round(self) -> float:
+        return max(self._shared_rounds(), default=-1.0)
+
+    def linger(self) -> None:
+        """Stay a moment after the last round, and longer while a peer of the run is still behind: a
+        straggler (its last all-reduce broke on its side, or it came back late) downloads the final state
+        from us. Bounded: a crashed peer's entry stays in the DHT until it expires."""
+        time.sleep(4 * self.cfg.matchmaking_time + 2)  # longer than a straggler's matchmaking attempt
+        deadline = time.monotonic() + self.cfg.averaging_timeout
+        while min(self._shared_rounds(), default=self.round) < self.round and time.monotonic() < deadline:
+            time.sleep(1.0)
 
     # ---- training ----------------------------------------------------------------------------------
 
@@ -412,8 +430,10 @@ class Trainer:
             if result is None:  # apply nothing rather than our own gradient: the others applied the average
                 self._averaging_failed()
                 self.inner_opt.zero_grad(set_to_none=True)
-                in_step = False
                 on_step(i + 1, losses[-1])
+                if self.round > self._sent_base[0]:  # caught up meanwhile: the others finished this round
+                    return losses, compute, 0
+                in_step = False
                 continue
             self.failures = 0
             averaged, gathered = result
@@ -478,6 +498,8 @@ class Trainer:
             on_step = progress.step if progress is not None else (lambda i, loss: None)
             if progress is not None:
                 progress.start_round(self.round, cfg.rounds)
+            if self.membership is not None and not self.membership.publish():
+                logger.warning("could not store our membership certificate in the DHT")
             run_round = self._diloco_round if cfg.mode == "diloco" else self._ddp_round
             losses, compute, group = run_round(batches, on_step)
             reports.append(self._report(losses, compute, group, wall0, self._bytes_sent() - sent0, progress))
@@ -487,25 +509,23 @@ class Trainer:
         return reports
 
     def _record_round(self, report: RoundReport) -> None:
-        """The group's first member (by peer id) signs the round into the ledger; every member then pulls
-        from another, so each copy soon holds every round."""
+        """Each member that completed the round signs it into the ledger (one writer would not do: its
+        side of the all-reduce may be the one that broke), then pulls from another member, so each copy
+        soon holds every round, attested by the members that took part."""
         if self.ledger_sync is None or not self.group:
             return
         cfg = self.cfg
-        if self.group[0] == self.identity.peer_id:
-            epsilon = report.epsilon if report.epsilon is not None and math.isfinite(report.epsilon) else None
-            body = {"run": cfg.run_id, "round": report.round, "mode": cfg.mode, "participants": self.group}
-            body |= {"aggregation": cfg.aggregation, "weights": report.digest, "epsilon": epsilon}
-            self.ledger_sync.ledger.append("training_round", {**body, "update": self.update_digest})
+        epsilon = report.epsilon if report.epsilon is not None and math.isfinite(report.epsilon) else None
+        body = {"run": cfg.run_id, "round": report.round, "mode": cfg.mode, "participants": self.group}
+        body |= {"aggregation": cfg.aggregation, "weights": report.digest, "epsilon": epsilon}
+        self.ledger_sync.ledger.append("training_round", {**body, "update": self.update_digest})
         self.sync_ledger()
 
     def sync_ledger(self) -> None:
-        """Pull the ledger entries we lack from the last group's writer of rounds (its first member), or,
-        being that writer, from another member."""
+        """Pull the ledger entries we lack from another member of the last group."""
         if self.ledger_sync is None or not self.group:
             return
-        me = self.identity.peer_id
-        self.ledger_sync.pull_from_any([p for p in self.group if p != me] if self.group[0] == me else self.group[:1])
+        self.ledger_sync.pull_from_any([p for p in self.group if p != self.identity.peer_id])
 
     def _report(
         self, losses: list[float], compute: float, group: int, wall0: float, sent: int, progress: Any
@@ -626,10 +646,8 @@ def run_training(cfg: TrainConfig, export: Path | None = None) -> int:
         tokens_per_step = cfg.batch_size * (trainer.shards.block_size - 1)
         with TrainProgress(cfg.inner_steps, tokens_per_step, TrainMetrics(cfg.metrics_port)) as progress:
             trainer.run(progress)
-        # Stay a moment before leaving: a straggler (its last all-reduce broke on its side, or it came back
-        # late) downloads the final state from us. Longer than its matchmaking attempts (`_attempt_window`).
-        time.sleep(4 * cfg.matchmaking_time + 2)
-        trainer.sync_ledger()  # the last round's entry, written by its group's first member meanwhile
+        trainer.linger()
+        trainer.sync_ledger()  # the last round's entries, signed by the other members meanwhile
         if export is not None:
             export_checkpoint(cfg.run_dir, export)
     except KeyboardInterrupt:
