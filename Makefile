@@ -50,4 +50,4 @@ security: install
 	$(PY) bench/security_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .schemathesis

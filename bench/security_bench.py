@@ -284,7 +284,7 @@ def fuzz_cases(rng: random.Random) -> list[tuple[str, list[runtime_pb2.ExpertReq
     cases: list[tuple[str, list[runtime_pb2.ExpertRequest]]] = []
     for _ in range(100):
         raw = runtime_pb2.ExpertRequest(metadata=os.urandom(rng.randrange(1, 200)))
-        raw.tensors.append(runtime_pb2.Tensor(buffer=os.urandom(rng.randrange(0, 4000)), size=[rng.randrange(-3, 99)]))
+        raw.tensors.append(runtime_pb2.Tensor(buffer=os.urandom(rng.randrange(0, 4000)), size=[rng.randrange(0, 99)]))
         cases.append(("random bytes", [raw]))
     for _ in range(20):
         broken = serialize_torch_tensor(torch.randn(2, HIDDEN))
