@@ -123,7 +123,7 @@ def unauthorized(work: Path, trials: int) -> dict[str, Any]:
             try:
                 loop.run(infer(p2p, member.peer_id, StepRequest(torch.zeros(1, HIDDEN), 0, header()).to_proto()), 90)
                 answered += 1
-            except RemoteError:
+            except Exception:  # refused: an error reply, or the stream closed on us
                 pass
             reply = loop.run(ledger_call(p2p, member.peer_id, msgpack.packb({})), 60)
             answered += not (isinstance(reply, dict) and "error" in reply)
@@ -378,14 +378,18 @@ def lying_peer(fractions: list[float], trials: int, tokens: int = 16) -> dict[st
         params = SamplingParams(max_tokens=tokens, temperature=0)
 
         def generation(fraction: float, through: str) -> tuple[int, int]:
-            """(accusations, spot-checks) of one generation routed through `through` only, fresh client."""
+            """(accusations of honest peers, or of the liar when routed through it; spot-checks) of one
+            generation routed through `through` only, by a fresh client. (Routed through an honest peer,
+            the liar may be picked as a checker and rightly accused: that is not counted.)"""
             config = ClientConfig(spot_check=fraction, allowed_peers=(peers[through].peer_id,), route_timeout=3)
             with RemoteModel(dht=dht, config=config) as client:
                 while len(client.routable_records()) < 3:
                     time.sleep(0.5)
                 with contextlib.suppress(NoRouteError):  # the liar, caught and banned, was the only way
                     client.generate(client.tokenizer.encode("The capital of France is"), params)
-                return client.stats.accusations, client.stats.spot_checks
+                accused = [p for p in ("honest1", "honest2", "liar") if peers[p].peer_id in client.banned_peers()]
+                wrong = [p for p in accused if p != "liar"] if through != "liar" else accused
+                return len(wrong), client.stats.spot_checks
 
         rates = {}
         for fraction in fractions:
@@ -422,7 +426,7 @@ def write_security_md(table_md: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=50, help="tampering trials per kind; outsider attempts")
-    parser.add_argument("--examples", type=int, default=150, help="schemathesis examples per operation")
+    parser.add_argument("--examples", type=int, default=250, help="schemathesis examples per operation")
     parser.add_argument("--parts", default="outsider,ledger,schemathesis,fuzz,liar")
     parser.add_argument("--fractions", default="0.05,0.1,0.25,1.0", help="spot-check fractions for the liar")
     parser.add_argument("--liar-trials", type=int, default=8, help="generations through the liar per fraction")
