@@ -200,12 +200,15 @@ class InferenceSession:
     def _spot_check(self, current: dict[int, Tensor]) -> int | None:
         """Re-run some of this step's hops on other peers (`ClientConfig.spot_check`); the index of a hop
         whose peer was caught lying (its output must be recomputed), or None."""
+        share = self.client.config.spot_check
+        records: list[SpanRecord] | None = None  # looked up once per step, and only when a hop is drawn
         for i, hop in enumerate(self.hops):
-            if random.random() >= self.client.config.spot_check:
+            if share <= 0 or random.random() >= share:
                 continue
+            records = records if records is not None else self.client.routable_records()
             past = self._inputs.get(hop.start)
             inputs = current[hop.start] if past is None else torch.cat([past, current[hop.start]])
-            if self.client.spot_check(hop, inputs, current[hop.end]) == hop.record.peer_id:
+            if self.client.spot_check(hop, inputs, current[hop.end], records) == hop.record.peer_id:
                 return i
         return None
 
@@ -353,31 +356,32 @@ class RemoteModel:
             version = model_version(self.ledger.entries, self.model_id, self.config.trusted_authors)
         return version
 
-    def spot_check(self, hop: _Hop, inputs: Tensor, output: Tensor) -> str | None:
-        """Recompute `hop`'s last step on another peer covering its layers, from the session's whole input
-        history into that hop (`inputs`); `output` is what the hop answered for the last rows. Outputs agree
-        up to the wire format's rounding. On a mismatch a third peer decides who lied: that peer is banned
-        for good and accused in the ledger. Returns the liar's peer id, or None."""
+    def spot_check(self, hop: _Hop, inputs: Tensor, output: Tensor, records: list[SpanRecord]) -> str | None:
+        """Recompute `hop`'s last step on another peer among `records` covering its layers, from the
+        session's whole input history into that hop (`inputs`); `output` is what the hop answered for the
+        last rows. Outputs agree up to the wire format's rounding. On a mismatch a third peer decides who
+        lied: that peer is banned for good and accused in the ledger. Returns the liar's peer id, or None."""
         start, end, suspect = hop.start, hop.end, hop.record.peer_id
         banned = self.banned_peers() | {suspect}
-        others = [r for r in self.routable_records() if r.start <= start and end <= r.end and r.peer_id not in banned]
+        others = [r for r in records if r.start <= start and end <= r.end and r.peer_id not in banned]
         if not others:
             return None  # nobody to compare with: this step goes unchecked
         random.shuffle(others)
         self.stats.spot_checks += 1
         tolerance = SPOT_CHECK_TOLERANCE[self.config.wire_dtype]
         n = output.shape[0]
-        checks: list[tuple[str, Tensor]] = []
+        checks: list[tuple[str, Tensor]] = []  # (checker, its output) for the checkers that answered
         for record in others:
             hop2 = _Hop(self, RouteHop(record, start, end), uuid.uuid4().hex, inputs.shape[0])
             try:
-                checks.append((record.peer_id, hop2.step(inputs, 0)[-n:]))
+                recomputed = hop2.step(inputs, 0)[-n:]
             except HopFailure:
                 continue  # an unreachable checker proves nothing; try the next one
             finally:
                 hop2.close()
-            if relative_error(output, checks[0][1]) <= tolerance:
+            if not checks and relative_error(output, recomputed) <= tolerance:
                 return None
+            checks.append((record.peer_id, recomputed))
             if len(checks) == 2:
                 break
         if len(checks) < 2:
