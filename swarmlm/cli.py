@@ -539,17 +539,49 @@ def ledger_show(
 
 
 @ledger_app.command("verify")
-def ledger_verify(path: LedgerPath) -> None:
-    """Check every hash, link and signature; name the first bad entry and exit 1 if there is one."""
-    from swarmlm.ledger.chain import verify_chain
+def ledger_verify(
+    path: LedgerPath,
+    against: Annotated[
+        Path | None, typer.Option(help="Another copy (e.g. another peer's): also report entries this one lacks")
+    ] = None,
+) -> None:
+    """Check every hash, link and signature; name the first bad entry and exit 1 if there is one. With
+    --against, also exit 1 if the other copy holds entries this one lacks (dropped newest entries leave a
+    valid chain: only another copy shows them) or an author signed two different entries at one number."""
+    from swarmlm.ledger.chain import compare_copies, verify_chain
 
-    verdict = verify_chain(_read_ledger(path))
-    if verdict.ok:
-        typer.secho(f"ok: {verdict.entries} entries, every hash, link and signature verified", fg=typer.colors.GREEN)
+    entries = _read_ledger(path)
+    verdict = verify_chain(entries)
+    if not verdict.ok:
+        typer.secho(f"entry {verdict.first_bad} is bad: {verdict.reason}", fg=typer.colors.RED, err=True)
+        typer.echo(f"the {verdict.entries} entries before it verify", err=True)
+        raise typer.Exit(1)
+    typer.secho(f"ok: {verdict.entries} entries, every hash, link and signature verified", fg=typer.colors.GREEN)
+    if against is None:
         return
-    typer.secho(f"entry {verdict.first_bad} is bad: {verdict.reason}", fg=typer.colors.RED, err=True)
-    typer.echo(f"the {verdict.entries} entries before it verify", err=True)
-    raise typer.Exit(1)
+    others = _read_ledger(against)
+    theirs = verify_chain(others)
+    if not theirs.ok:  # its verified prefix still counts as evidence
+        typer.echo(f"{against}: entry {theirs.first_bad} is bad ({theirs.reason}); compared its first {theirs.entries}")
+    missing, forks = compare_copies(entries, others[: theirs.entries])
+    for mine, other in forks:
+        typer.secho(
+            f"author {mine.author} signed two different entries #{mine.seq}: {mine.hash[:16]}… here, "
+            f"{other.hash[:16]}… in {against}",
+            fg=typer.colors.RED,
+            err=True,
+        )
+    if missing:
+        first = missing[0]
+        typer.secho(
+            f"this copy lacks {len(missing)} entries that {against} holds (the first: #{first.seq} by "
+            f"{first.author}, {first.kind}): dropped, or not synced yet",
+            fg=typer.colors.RED,
+            err=True,
+        )
+    if missing or forks:
+        raise typer.Exit(1)
+    typer.secho(f"and it holds every entry of {against}", fg=typer.colors.GREEN)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,27 @@ def test_cli_show_and_verify(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "no ledger at" in missing.stderr
 
 
+def test_cli_verify_against_another_copy_finds_dropped_newest_entries(tmp_path: Path) -> None:
+    path, entries = two_peer_ledger(tmp_path)
+    other = tmp_path / "b.jsonl"  # the other peer's full copy
+    same = run_cli("verify", str(path), "--against", str(other))
+    assert same.returncode == 0 and "holds every entry" in same.stdout, same.stdout + same.stderr
+    _write(path, _lines(path)[:-2])  # a valid prefix: alone it verifies
+    assert run_cli("verify", str(path)).returncode == 0
+    short = run_cli("verify", str(path), "--against", str(other))
+    assert short.returncode == 1 and "lacks 2 entries" in short.stderr, short.stdout + short.stderr
+    assert entries[-2].author in short.stderr
+    assert run_cli("verify", str(other), "--against", str(path)).returncode == 0  # behind is not wrong
+    # The newest entry's author re-signs a different one at the same number: a fork.
+    forked = tmp_path / "forked.jsonl"
+    author = Identity.generate()
+    with Ledger(tmp_path / "c.jsonl", author) as lc, Ledger(forked, author) as ld:
+        lc.append("join", {"span": [0, 30]})
+        ld.append("join", {"span": [0, 15]})
+    fork = run_cli("verify", str(tmp_path / "c.jsonl"), "--against", str(forked))
+    assert fork.returncode == 1 and "signed two different entries #0" in fork.stderr, fork.stderr
+
+
 def test_model_version_is_the_most_signed_and_fits_a_served_span() -> None:
     """Per-layer digests of the checkpoint compose into the digest a peer serving any span announces;
     of two competing versions the one more authors signed counts, unless the client names whom it trusts."""

@@ -146,3 +146,18 @@ def verify_chain(items: Iterable[Entry | LedgerError]) -> Verdict:
             return Verdict(position - 1, position, str(e))
         state.add(item)
     return Verdict(len(state.hashes))
+
+
+def compare_copies(ours: Iterable[Entry], theirs: Iterable[Entry]) -> tuple[list[Entry], list[tuple[Entry, Entry]]]:
+    """What one verified copy says about another: (their entries ours lacks, pairs of entries one author
+    signed with the same number but different contents). A valid copy missing its newest entries is only
+    visible this way; two entries at one number mean the author forked its chain (or a copy was rebuilt)."""
+    by_slot = {(e.author, e.seq): e for e in ours}
+    missing, forks = [], []
+    for entry in theirs:
+        mine = by_slot.get((entry.author, entry.seq))
+        if mine is None:
+            missing.append(entry)
+        elif mine.hash != entry.hash:
+            forks.append((mine, entry))
+    return missing, forks
