@@ -14,6 +14,7 @@ from swarmlm.ledger.store import ledger_path, read_lines
 from swarmlm.model.loading import LoadedModel
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.local import PeerProcess
+from swarmlm.swarm.records import start_dht
 from swarmlm.swarm.routing import NoRouteError
 from tests.test_swarm import local_greedy
 
@@ -70,3 +71,15 @@ def test_with_spot_checks_on_the_output_is_the_local_engines(peers: dict[str, Pe
         assert client.stats.spot_checks >= 12
         assert peers["honest1"].peer_id not in client.banned_peers()
         assert peers["honest2"].peer_id not in client.banned_peers()
+
+
+def test_clients_sharing_one_dht_each_read_the_ledger(peers: dict[str, PeerProcess]) -> None:
+    """Clients made one after another on the caller's DHT (as a gateway or a benchmark does) each pull the
+    model version from a peer's ledger: a fresh P2P replica per client got no answer to unary calls."""
+    dht = start_dht([peers["honest1"].maddr], ["/ip4/127.0.0.1/tcp/0"], client=True)
+    try:
+        for _ in range(2):
+            with RemoteModel(dht=dht) as client:
+                assert client.model_version(client.records()) is not None
+    finally:
+        dht.shutdown()

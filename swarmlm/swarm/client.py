@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import random
+import threading
 import time
 import uuid
 from collections import Counter
@@ -276,6 +277,22 @@ class InferenceSession:
         self.close()
 
 
+_replicas: dict[int, tuple[DHT, LoopThread, P2P]] = {}
+_replicas_lock = threading.Lock()
+
+
+def _shared_replica(dht: DHT) -> tuple[LoopThread, P2P]:
+    """The one P2P replica (and loop) of a caller's DHT that all clients on it share in this process. A
+    second replica of the same daemon gets no answer to unary calls (seen: the ledger pulls of every
+    client after the first on one DHT timed out, while its streams worked), so replicas are not made per
+    client. It lives as long as the process, like the DHT it serves."""
+    with _replicas_lock:
+        if (found := _replicas.get(id(dht))) is None or found[0] is not dht:
+            loop = LoopThread("swarmlm-client-shared")
+            found = _replicas[id(dht)] = (dht, loop, loop.run(dht.replicate_p2p(), 60))
+        return found[1], found[2]
+
+
 class RemoteModel:
     """A model served by a swarm, used like a local one.
 
@@ -303,8 +320,11 @@ class RemoteModel:
             dht = start_dht(list(initial_peers), ["/ip4/127.0.0.1/tcp/0"], identity, client=True, cert=cert)
         self.dht = dht
         self.membership = Membership(dht, cert)  # in a private swarm, peers serve us once this is published
-        self._loop = LoopThread("swarmlm-client")
-        self._p2p: P2P = self._loop.run(self.dht.replicate_p2p(), 60)
+        if self._own_dht:
+            self._loop = LoopThread("swarmlm-client")
+            self._p2p: P2P = self._loop.run(self.dht.replicate_p2p(), 60)
+        else:
+            self._loop, self._p2p = _shared_replica(dht)
         self._banned: dict[str, float] = {}
         self.stats = SwarmStats()
         self.sessions: set[InferenceSession] = set()
@@ -464,8 +484,8 @@ class RemoteModel:
     def close(self) -> None:
         for session in list(self.sessions):
             session.close()
-        self._loop.stop(self._p2p)
         if self._own_dht:
+            self._loop.stop(self._p2p)
             self.dht.shutdown()
 
     def __enter__(self) -> RemoteModel:
