@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -377,32 +378,40 @@ def lying_peer(fractions: list[float], trials: int, tokens: int = 16) -> dict[st
         dht = start_dht([boot], ["/ip4/127.0.0.1/tcp/0"], client=True)
         params = SamplingParams(max_tokens=tokens, temperature=0)
 
-        def generation(fraction: float, through: str) -> tuple[int, int]:
-            """(accusations of honest peers, or of the liar when routed through it; spot-checks) of one
-            generation routed through `through` only, by a fresh client. (Routed through an honest peer,
-            the liar may be picked as a checker and rightly accused: that is not counted.)"""
+        def generation(fraction: float, through: str) -> tuple[int, int, float]:
+            """(accusations of honest peers, or of the liar when routed through it; spot-checks; seconds
+            the generation took) of one generation routed through `through` only, by a fresh client.
+            (Routed through an honest peer, the liar may be picked as a checker and rightly accused: that
+            is not counted.)"""
             config = ClientConfig(spot_check=fraction, allowed_peers=(peers[through].peer_id,), route_timeout=3)
             with RemoteModel(dht=dht, config=config) as client:
                 while len(client.routable_records()) < 3:
                     time.sleep(0.5)
+                t0 = time.perf_counter()
                 with contextlib.suppress(NoRouteError):  # the liar, caught and banned, was the only way
                     client.generate(client.tokenizer.encode("The capital of France is"), params)
+                seconds = time.perf_counter() - t0
                 accused = [p for p in ("honest1", "honest2", "liar") if peers[p].peer_id in client.banned_peers()]
                 wrong = [p for p in accused if p != "liar"] if through != "liar" else accused
-                return len(wrong), client.stats.spot_checks
+                return len(wrong), client.stats.spot_checks, seconds
 
         rates = {}
         for fraction in fractions:
-            caught = sum(generation(fraction, "liar")[0] > 0 for _ in range(trials))
-            rates[str(fraction)] = {"trials": trials, "caught": caught, "expected": 1 - (1 - fraction) ** tokens}
+            runs = [generation(fraction, "liar") for _ in range(trials)]
+            rates[str(fraction)] = {
+                "trials": trials,
+                "caught": sum(accused > 0 for accused, _, _ in runs),
+                "expected": 1 - (1 - fraction) ** tokens,
+                "seconds_per_generation": statistics.median(s for _, _, s in runs),
+            }
         false = [generation(1.0, name) for name in ("honest1", "honest2") for _ in range(max(1, trials // 4))]
         return {
             "tokens": tokens,
             "noise": 0.05,
             "detection": rates,
             "honest_generations": len(false),
-            "honest_spot_checks": sum(c for _, c in false),
-            "false_accusations": sum(a for a, _ in false),
+            "honest_spot_checks": sum(c for _, c, _ in false),
+            "false_accusations": sum(a for a, _, _ in false),
         }
     finally:
         if dht is not None:
@@ -423,15 +432,20 @@ def write_security_md(table_md: str) -> None:
         path.write_text(text)
 
 
+PARTS = ("outsider", "ledger", "schemathesis", "fuzz", "liar")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=50, help="tampering trials per kind; outsider attempts")
     parser.add_argument("--examples", type=int, default=250, help="schemathesis examples per operation")
-    parser.add_argument("--parts", default="outsider,ledger,schemathesis,fuzz,liar")
+    parser.add_argument("--parts", default=",".join(PARTS), help="a subset leaves SECURITY.md as it is")
     parser.add_argument("--fractions", default="0.05,0.1,0.25,1.0", help="spot-check fractions for the liar")
     parser.add_argument("--liar-trials", type=int, default=8, help="generations through the liar per fraction")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    if unknown := parts - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     result: dict[str, Any] = {"trials": args.trials}
     with tempfile.TemporaryDirectory(prefix="swarmlm-security-") as tmp:
         work = Path(tmp)
@@ -457,7 +471,7 @@ def main() -> None:
     if led := result.get("ledger"):
         for name, r in led.items():
             if name == "dropped newest entry":
-                seen = "seen against another copy's heads" if r["seen_against_a_copy"] else "not seen"
+                seen = "seen by verify --against another copy" if r["seen_against_a_copy"] else "not seen"
                 rows.append((f"ledger: {name}", f"verify: {r['detected']}/1; {seen}", "(see SECURITY.md)"))
             else:
                 rows.append((f"ledger: {name}", f"{r['detected']}/{r['trials']} detected", "100 %"))
@@ -471,7 +485,8 @@ def main() -> None:
     if lp := result.get("lying_peer"):
         for fraction, r in lp["detection"].items():
             label = f"liar caught in a {lp['tokens']}-token generation, spot-check {fraction}"
-            rows.append((label, f"{r['caught']}/{r['trials']}", f"~{r['expected']:.0%} (1-(1-f)^{lp['tokens']})"))
+            got = f"{r['caught']}/{r['trials']} ({r['seconds_per_generation']:.1f} s per generation)"
+            rows.append((label, got, f"~{r['expected']:.0%} (1-(1-f)^{lp['tokens']})"))
         honest = f"{lp['false_accusations']} in {lp['honest_spot_checks']} checks"
         rows.append(("honest peers falsely accused", honest, "0"))
 
@@ -482,8 +497,11 @@ def main() -> None:
         table.add_row(*row)
     console.print(table)
     md = "| attack | result | target |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
-    stamp = time.strftime("%Y-%m-%d")
-    write_security_md(f"Measured {stamp} with `make security` ({result['seconds']:.0f} s):\n\n{md}")
+    if parts == set(PARTS):  # a partial run would drop the other parts' figures from the page
+        stamp = time.strftime("%Y-%m-%d")
+        write_security_md(f"Measured {stamp} with `make security` ({result['seconds']:.0f} s):\n\n{md}")
+    else:
+        console.print("a partial run: SECURITY.md's figures are left as they are")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"security-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2) + "\n")
     print("BENCH_JSON " + json.dumps(result), flush=True)
