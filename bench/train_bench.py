@@ -1,5 +1,10 @@
 """Training benchmark: DiLoCo against synchronous data-parallel, attacks, and a LoRA fine-tune.
 
+Every phase starts from the same model: as in the DiLoCo paper, whose runs start from a model pretrained
+for 24k steps, one peer first trains the tiny model alone (--warm-start-steps of 32 sequences; 0: start
+from random weights). From scratch, the first few hundred steps fall so steeply that DiLoCo's noisier
+per-peer steps (8 sequences against DDP's 32) show as a large gap that says little about a real run.
+
 Phases (all in one run, real `swarmlm train` processes on loopback, the same data and model):
   diloco     4 peers, H inner steps per round, R rounds, averaged with the plain mean
   ddp        4 peers, the same number of steps and tokens, gradients averaged every step (the baseline)
@@ -11,11 +16,13 @@ Reported: final validation loss DiLoCo / DDP (target <= 1.03); bytes sent per pe
 (round 1 also waits for the last peer to start; target >= 0.9); each attack's final loss against the
 clean DiLoCo run (target within 5 % for the robust rules).
 
-The DiLoCo phases use outer lr 1.0, momentum 0.5 rather than the product defaults (0.7, 0.9, from the
-DiLoCo paper's H=500 runs): in this short run of 8 rounds, a sweep over outer lr {0.7, 1.0, 1.3} and
-momentum {0, 0.5, 0.9} found it best (--outer-lr / --outer-momentum to change).
+The DiLoCo phases use outer lr 1.0, momentum 0.7 rather than the product defaults (0.7, 0.9, from the
+DiLoCo paper's H=500 runs): in this short run of 8 rounds from the warm start, final val loss by (outer
+lr, momentum) was (1.0, 0.5) 4.124, (1.0, 0.7) 4.096, (1.0, 0.8) 4.098, (0.7, 0.9) 4.141
+(--outer-lr / --outer-momentum to change).
 
-    .venv/bin/python bench/train_bench.py [--inner-steps 50] [--rounds 8] [--peers 4] [--phases diloco,ddp,...]
+    .venv/bin/python bench/train_bench.py [--inner-steps 50] [--rounds 8] [--peers 4] [--warm-start-steps 200]
+        [--phases diloco,ddp,...]
 
 The last line of output is `BENCH_JSON {...}`; the same JSON goes to bench/results/train-<time>.json.
 """
@@ -78,12 +85,14 @@ def instruction_set(path: Path, n: int = 240) -> Path:
     answers are checkable, and the base model does not know them, so the loss has room to fall."""
     rng = random.Random(0)
     examples = []
-    plays = default_corpus_files()
+    plays = {}  # title -> its long lines (some files of the corpus have none: verse only)
+    for play in default_corpus_files():
+        if lines := [ln.strip() for ln in play.read_text(errors="ignore").splitlines() if len(ln.strip()) > 40]:
+            plays[play.stem.removesuffix("_gut").replace("_", " ").title()] = lines
+    titles = sorted(plays)
     for _ in range(n):
-        play = rng.choice(plays)
-        lines = [ln.strip() for ln in play.read_text(errors="ignore").splitlines() if len(ln.strip()) > 40]
-        title = play.stem.removesuffix("_gut").replace("_", " ").title()
-        line = rng.choice(lines)
+        title = rng.choice(titles)
+        line = rng.choice(plays[title])
         examples.append(
             {
                 "text": f'<|im_start|>user\nWhich Shakespeare play has this line: "{line}"<|im_end|>\n'
@@ -111,6 +120,19 @@ def run_phase(name: str, data: Path, work: Path, n: int, common: tuple[str, ...]
         attacker = {n - 1: ("--byzantine", "sign_flip")}
         return summarize(run_peers(data, work / name, n, (*common, "--aggregation", rule), attacker))
     return summarize(run_peers(data, work / name, n, (*common, "--mode", "diloco"), {}))
+
+
+def warm_start(data: Path, work: Path, steps: int) -> tuple[str, ...]:
+    """The model every phase starts from: as in the DiLoCo paper (whose runs start from a model pretrained
+    for 24k steps), one peer first trains the tiny model alone for `steps` steps of 32 sequences; 0 starts
+    from random weights. The phases' options for it."""
+    if steps <= 0:
+        return ("--size", "tiny")
+    model = work / "warm-model"
+    alone = ("--mode", "diloco", "--inner-steps", str(steps), "--rounds", "1", "--batch-size", "32")
+    alone += ("--inner-lr", "3e-3", "--outer-lr", "1.0", "--outer-momentum", "0", "--matchmaking-time", "0.5")
+    run_peers(data, work / "warm", 1, (*alone, "--size", "tiny", "--export", str(model)), {})
+    return ("--model", str(model))
 
 
 def report(results: dict[str, dict], n: int, h: int, rounds: int, outer: dict[str, float]) -> dict:
@@ -161,7 +183,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--outer-lr", type=float, default=1.0)
-    ap.add_argument("--outer-momentum", type=float, default=0.5)
+    ap.add_argument("--outer-momentum", type=float, default=0.7)
+    ap.add_argument("--warm-start-steps", type=int, default=200, help="steps one peer trains first (0: none)")
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     args = ap.parse_args()
     h, rounds, n = args.inner_steps, args.rounds, args.peers
@@ -173,16 +196,24 @@ def main() -> None:
     data = work / "data"
     prepare(default_corpus_files(), data, train_tokenizer=2048, block_size=128)
     common = ("--inner-steps", str(h), "--rounds", str(rounds), "--batch-size", "8", "--inner-lr", "3e-3")
-    common += ("--matchmaking-time", "2", "--size", "tiny")
+    common += ("--matchmaking-time", "2", *warm_start(data, work, args.warm_start_steps))
     common += ("--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum))
     results: dict[str, dict] = {}
+    failed: dict[str, str] = {}  # a phase that fails costs only its own figures
     for name in phases:
         t0 = time.monotonic()
         console.print(f"phase {name} …")
-        results[name] = run_phase(name, data, work, n, common)
+        try:
+            results[name] = run_phase(name, data, work, n, common)
+        except Exception as e:
+            failed[name] = f"{type(e).__name__}: {e}"
+            console.print(f"  [red]{name} failed[/]: {failed[name]}")
+            continue
         results[name]["phase_s"] = round(time.monotonic() - t0, 1)
         console.print(f"  {name}: {results[name]}")
     result = report(results, n, h, rounds, {"outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum})
+    if failed:
+        result["failed"] = failed
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"train-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
