@@ -135,7 +135,7 @@ def warm_start(data: Path, work: Path, steps: int) -> tuple[str, ...]:
     return ("--model", str(model))
 
 
-def report(results: dict[str, dict], n: int, h: int, rounds: int, outer: dict[str, float]) -> dict:
+def report(results: dict[str, dict], n: int, h: int, rounds: int, settings: dict[str, float]) -> dict:
     """Print the table of targets for the phases that ran; the JSON result."""
     table = Table(title=f"Training: {n} peers, H={h}, {rounds} rounds, same tokens per phase")
     for col in ("measure", "value", "target", "met"):
@@ -144,7 +144,7 @@ def report(results: dict[str, dict], n: int, h: int, rounds: int, outer: dict[st
     def row(name: str, value: float, target: str, met: bool) -> None:
         table.add_row(name, f"{value:.4g}", target, "yes" if met else "NO")
 
-    result: dict = {"bench": "train", "peers": n, "inner_steps": h, "rounds": rounds, **outer}
+    result: dict = {"bench": "train", "peers": n, "inner_steps": h, "rounds": rounds, **settings}
     d, p = results.get("diloco"), results.get("ddp")
     if d:
         result["diloco_utilization"] = d["utilization"]
@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--inner-steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--peers", type=int, default=4)
+    ap.add_argument("--inner-lr", type=float, default=3e-3, help="AdamW lr of every phase but lora")
     ap.add_argument("--outer-lr", type=float, default=1.0)
     ap.add_argument("--outer-momentum", type=float, default=0.7)
     ap.add_argument("--warm-start-steps", type=int, default=200, help="steps one peer trains first (0: none)")
@@ -195,7 +196,7 @@ def main() -> None:
     console.print(f"[bold]train bench[/]: {n} peers, H={h}, {rounds} rounds, work in {work}")
     data = work / "data"
     prepare(default_corpus_files(), data, train_tokenizer=2048, block_size=128)
-    common = ("--inner-steps", str(h), "--rounds", str(rounds), "--batch-size", "8", "--inner-lr", "3e-3")
+    common = ("--inner-steps", str(h), "--rounds", str(rounds), "--batch-size", "8", "--inner-lr", str(args.inner_lr))
     common += ("--matchmaking-time", "2", *warm_start(data, work, args.warm_start_steps))
     common += ("--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum))
     results: dict[str, dict] = {}
@@ -211,7 +212,8 @@ def main() -> None:
             continue
         results[name]["phase_s"] = round(time.monotonic() - t0, 1)
         console.print(f"  {name}: {results[name]}")
-    result = report(results, n, h, rounds, {"outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum})
+    settings = {"inner_lr": args.inner_lr, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
+    result = report(results, n, h, rounds, settings)
     if failed:
         result["failed"] = failed
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,6 @@ def test_dashboard_in_headless_chromium(swarm: Swarm, tmp_path: Path) -> None:
         pytest.skip("Debian chromium and chromium-driver are not installed (make browser)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
@@ -145,16 +144,19 @@ def test_dashboard_in_headless_chromium(swarm: Swarm, tmp_path: Path) -> None:
         browser.get(f"{swarm.base}/dashboard")
         everyone = {p.peer_id for p in swarm.peers} | {swarm.gateway.peer_id}  # type: ignore[union-attr]
 
-        def shown(_: object) -> set[str]:
-            rows = browser.find_elements(By.CSS_SELECTOR, "tr.peer")
-            ids = {r.get_attribute("data-peer-id") for r in rows}
-            return ids if ids == everyone else set()
+        def read(selector: str, attribute: str | None = None) -> list[str]:
+            """Texts (or an attribute) of the matching elements in one script call: the page re-renders on
+            every refresh, so an element found in one call may be gone (stale) by the next."""
+            script = (
+                "return [...document.querySelectorAll(arguments[0])]"
+                ".map(e => String(arguments[1] ? e.getAttribute(arguments[1]) : e.textContent).trim())"
+            )
+            return browser.execute_script(script, selector, attribute)
 
-        WebDriverWait(browser, 30).until(shown)
-        cells = browser.find_elements(By.CSS_SELECTOR, "#coverage .cell")
-        assert [c.text for c in cells] == ["1"] * 15 + ["2"] * 15  # peers per layer
-        assert browser.find_element(By.ID, "covered").text == "30 / 30"
-        assert browser.find_element(By.ID, "gateway-health").text == "ok"
+        WebDriverWait(browser, 30).until(lambda _: set(read("tr.peer", "data-peer-id")) == everyone)
+        assert read("#coverage .cell") == ["1"] * 15 + ["2"] * 15  # peers per layer
+        assert read("#covered") == ["30 / 30"]
+        assert read("#gateway-health") == ["ok"]
         shot = tmp_path / "dashboard.png"
         browser.save_screenshot(str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
