@@ -197,7 +197,8 @@ def main() -> None:
     data = work / "data"
     prepare(default_corpus_files(), data, train_tokenizer=2048, block_size=128)
     common = ("--inner-steps", str(h), "--rounds", str(rounds), "--batch-size", "8", "--inner-lr", str(args.inner_lr))
-    common += ("--matchmaking-time", "2", *warm_start(data, work, args.warm_start_steps))
+    warm_steps = args.warm_start_steps if set(phases) - {"lora"} else 0  # lora starts from SmolLM2
+    common += ("--matchmaking-time", "2", *warm_start(data, work, warm_steps))
     common += ("--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum))
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}  # a phase that fails costs only its own figures
