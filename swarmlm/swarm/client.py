@@ -202,9 +202,11 @@ class InferenceSession:
         """Re-run some of this step's hops on other peers (`ClientConfig.spot_check`); the index of a hop
         whose peer was caught lying (its output must be recomputed), or None."""
         share = self.client.config.spot_check
+        if share <= 0:
+            return None
         records: list[SpanRecord] | None = None  # looked up once per step, and only when a hop is drawn
         for i, hop in enumerate(self.hops):
-            if share <= 0 or random.random() >= share:
+            if random.random() >= share:
                 continue
             records = records if records is not None else self.client.routable_records()
             past = self._inputs.get(hop.start)
@@ -277,7 +279,7 @@ class InferenceSession:
         self.close()
 
 
-_replicas: dict[int, tuple[DHT, LoopThread, P2P]] = {}
+_replicas: dict[DHT, tuple[LoopThread, P2P]] = {}
 _replicas_lock = threading.Lock()
 
 
@@ -287,10 +289,10 @@ def _shared_replica(dht: DHT) -> tuple[LoopThread, P2P]:
     client after the first on one DHT timed out, while its streams worked), so replicas are not made per
     client. It lives as long as the process, like the DHT it serves."""
     with _replicas_lock:
-        if (found := _replicas.get(id(dht))) is None or found[0] is not dht:
+        if dht not in _replicas:
             loop = LoopThread("swarmlm-client-shared")
-            found = _replicas[id(dht)] = (dht, loop, loop.run(dht.replicate_p2p(), 60))
-        return found[1], found[2]
+            _replicas[dht] = (loop, loop.run(dht.replicate_p2p(), 60))
+        return _replicas[dht]
 
 
 class RemoteModel:
