@@ -30,8 +30,10 @@ def peers() -> Iterator[dict[str, PeerProcess]]:
     try:
         started["honest1"] = PeerProcess("--layers", "0:30").wait_ready()
         boot = started["honest1"].maddr
-        started["liar"] = PeerProcess("--layers", "0:30", "--perturb-outputs", "0.05", initial=boot).wait_ready()
-        started["honest2"] = PeerProcess("--layers", "0:30", initial=boot).wait_ready()
+        started["liar"] = PeerProcess("--layers", "0:30", "--perturb-outputs", "0.05", initial=boot)
+        started["honest2"] = PeerProcess("--layers", "0:30", initial=boot)
+        for peer in started.values():
+            peer.wait_ready()
         yield started
     finally:
         for p in started.values():

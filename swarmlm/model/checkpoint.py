@@ -7,6 +7,7 @@ either with a plain `load_state_dict`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -210,15 +211,23 @@ def split_projections(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, T
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _open_gguf(path: Path, size: int, mtime_ns: int) -> GGUFCheckpoint:
+    """One reader per file version and process: parsing a GGUF header (its 49k-token vocabulary) takes
+    seconds, and a peer starting up opens its checkpoint several times (layer count, span, version)."""
+    return GGUFCheckpoint(path)
+
+
 def open_checkpoint(path: Path) -> GGUFCheckpoint | HFCheckpoint:
     if path.is_file() and path.suffix == ".gguf":
-        return GGUFCheckpoint(path)
+        st = path.stat()
+        return _open_gguf(path.resolve(), st.st_size, st.st_mtime_ns)
     if path.is_dir() and (path / "config.json").exists():
         return HFCheckpoint(path)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return GGUFCheckpoint(ggufs[0])
+            return open_checkpoint(ggufs[0])
     raise CheckpointError(f"{path}: not a .gguf file or a directory with config.json and safetensors")
 
 

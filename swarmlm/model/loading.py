@@ -99,8 +99,15 @@ class LoadedModel:
     path: Path
     config: ModelConfig
     span: LlamaSpan
-    tokenizer: Tokenizer
     parts: dict[str, str]  # `part_digests` of the checkpoint's weights, before any dtype change or quantization
+    # None: read from `path` on first use (a swarm peer's blocks never tokenize; building one takes seconds)
+    known_tokenizer: Tokenizer | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self.known_tokenizer is None:
+            self.known_tokenizer = load_tokenizer(open_checkpoint(self.path))
+        return self.known_tokenizer
 
     @property
     def digest(self) -> str:
@@ -174,4 +181,4 @@ def load_model(
         if next(span.parameters()).device.type != "cpu":
             raise ValueError("int8/int4 weights use PyTorch's CPU kernels; on an accelerator use --dtype bf16")
         quantize_(span, quant)
-    return LoadedModel(model_id, path, cfg, span, load_tokenizer(ckpt), parts)
+    return LoadedModel(model_id, path, cfg, span, parts)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING, Any
 
 from swarmlm.model.checkpoint import CheckpointError, GGUFCheckpoint, HFCheckpoint
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is built: a peer serving blocks never needs it
+    from transformers import PreTrainedTokenizerFast
 
 # GGUF token types (llama.cpp's llama_token_type): control and user-defined tokens are never split.
 _GGUF_SPECIAL_TYPES = {3, 4}
@@ -43,6 +44,8 @@ class Tokenizer:
 
 def load_tokenizer(ckpt: GGUFCheckpoint | HFCheckpoint) -> Tokenizer:
     if isinstance(ckpt, HFCheckpoint):
+        from transformers import AutoTokenizer
+
         try:
             hf = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
         except (OSError, ValueError) as e:
@@ -61,6 +64,7 @@ def _gguf_tokenizer(ckpt: GGUFCheckpoint) -> Tokenizer:
     """
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     g = ckpt.field
     if g("tokenizer.ggml.model") != "gpt2":
@@ -99,6 +103,8 @@ def _gguf_tokenizer(ckpt: GGUFCheckpoint) -> Tokenizer:
 
 
 def _transformers_gguf_tokenizer(ckpt: GGUFCheckpoint) -> Tokenizer:
+    from transformers import AutoTokenizer
+
     path = Path(ckpt.path)
     hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     add_bos = bool(ckpt.field("tokenizer.ggml.add_bos_token", False))

@@ -133,13 +133,15 @@ def alive(pids: set[int]) -> set[int]:
 def start_swarm(
     spans: list[str], extra: tuple[str, ...] = (), log_dir: Path | None = None, threads: int | None = 1
 ) -> list[PeerProcess]:
-    """Start one peer per `--layers` value, the first as the bootstrap; returns them ready."""
+    """Start one peer per `--layers` value: the first as the bootstrap, then the others all at once (each
+    needs only the bootstrap, and loading overlaps with the others' waits); returns them ready."""
     peers: list[PeerProcess] = []
     try:
         for layers in spans:
-            boot = peers[0].maddr if peers else None
-            peer = PeerProcess("--layers", layers, *extra, initial=boot, log_dir=log_dir, threads=threads)
-            peers.append(peer.wait_ready())
+            boot = peers[0].wait_ready().maddr if peers else None
+            peers.append(PeerProcess("--layers", layers, *extra, initial=boot, log_dir=log_dir, threads=threads))
+        for peer in peers:
+            peer.wait_ready()
     except BaseException:
         for p in peers:
             p.stop()

@@ -277,7 +277,7 @@ class DistributedModel:
         span = span.eval().requires_grad_(False)
         with torch.no_grad():
             parts = part_digests(span)
-        return LoadedModel(self.name, self.run_dir, trained.config, span, self._trainer.tokenizer, parts)
+        return LoadedModel(self.name, self.run_dir, trained.config, span, parts, self._trainer.tokenizer)
 
 
 def _resolve_model(model: str) -> tuple[str, str, str | None]:

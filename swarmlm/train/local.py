@@ -50,15 +50,16 @@ def start_run(
     threads: int = 1,
 ) -> list[TrainerProcess]:
     """`n` peers of one run, each training on its own slice of `data` (`--data-part rank/n`) in
-    `root/peer<rank>`, the later ones joining through the first. Returns once all are ready; if one
-    fails to start, the ones already started are stopped."""
+    `root/peer<rank>`, the later ones started together once the first is up, joining through it. Returns
+    once all are ready; if one fails to start, the ones already started are stopped."""
     peers: list[TrainerProcess] = []
     try:
         for rank in range(n):
             peer_args = ("--data", str(data), "--data-part", f"{rank}/{n}", *args, *(per_peer or {}).get(rank, ()))
-            boot = peers[0].maddr if peers else None
+            boot = peers[0].wait_ready().maddr if peers else None
             peers.append(TrainerProcess(*peer_args, run_dir=root / f"peer{rank}", initial=boot, threads=threads))
-            peers[-1].wait_ready()
+        for peer in peers:
+            peer.wait_ready()
     except BaseException:
         for p in peers:
             p.stop()
