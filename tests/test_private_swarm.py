@@ -41,16 +41,22 @@ def cli(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """An owner and three members' keys and certificates, made with the CLI as a user would."""
+    """An owner and five members' keys and certificates: the owner and member a made with the CLI as a
+    user would, the others with the same functions in-process (each CLI call starts a Python)."""
     folder = tmp_path_factory.mktemp("swarm")
     paths = {"owner": folder / "owner.key"}
     swarm_id = cli("init", "--out", str(paths["owner"]))
-    assert swarm_id == Identity.load(paths["owner"]).peer_id
+    owner = Identity.load(paths["owner"])
+    assert swarm_id == owner.peer_id
     for name in ("a", "b", "client", "t0", "t1"):
-        paths[name] = folder / f"{name}.key"
-        paths[f"{name}.cert"] = folder / f"{name}.cert"
-        peer_id = cli("id", str(paths[name]))
-        cli("invite", peer_id, "--owner", str(paths["owner"]), "--out", str(paths[f"{name}.cert"]), "--expires", "1h")
+        key = paths[name] = folder / f"{name}.key"
+        cert = paths[f"{name}.cert"] = folder / f"{name}.cert"
+        if name == "a":
+            peer_id = cli("id", str(key))
+            cli("invite", peer_id, "--owner", str(paths["owner"]), "--out", str(cert), "--expires", "1h")
+            assert peer_id == Identity.load(key).peer_id
+        else:
+            Certificate.issue(owner, Identity.load_or_create(key).peer_id, 3600).save(cert)
     return paths
 
 
