@@ -29,7 +29,9 @@ Settings, and why (2-core machine, warm start, 4 peers, the same tokens in each 
   best against best DiLoCo stays ~4 % behind: the defaults are that comparison (inner lr 1.2e-2), not
   the lr at which DiLoCo wins.
 Outer lr 1.0, momentum 0.7 (the product's defaults 0.7, 0.9 are the DiLoCo paper's, for H=500 over more than
-a hundred rounds; here there are 5).
+a hundred rounds; here there are 5). At batch 32 and inner lr 1.2e-2, DiLoCo alone by outer momentum:
+0.0 4.236, 0.3 4.206, 0.5 4.206, 0.7 4.231, 0.85 4.290 (against DDP's 4.064-4.080: 1.031-1.035 at 0.3-0.5);
+the whole bench has not yet run at 0.5.
 
     .venv/bin/python bench/train_bench.py [--inner-steps 20] [--rounds 5] [--batch-size 32] [--inner-lr 1.2e-2]
         [--peers 4] [--warm-start-steps 200] [--phases diloco,ddp,...]
