@@ -13,7 +13,7 @@ from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import ledger_path, read_lines
 from swarmlm.model.loading import LoadedModel
 from swarmlm.swarm.client import ClientConfig, RemoteModel
-from swarmlm.swarm.local import PeerProcess
+from swarmlm.swarm.local import PeerProcess, start_peers
 from swarmlm.swarm.records import start_dht
 from swarmlm.swarm.routing import NoRouteError
 from tests.test_swarm import local_greedy
@@ -26,17 +26,17 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def peers() -> Iterator[dict[str, PeerProcess]]:
     """Three peers holding every layer; the second returns its outputs with 5 % noise added."""
-    started: dict[str, PeerProcess] = {}
+    names = ("honest1", "liar", "honest2")
+
+    def make(rank: int, boot: str | None) -> PeerProcess:
+        noise = ("--perturb-outputs", "0.05") if names[rank] == "liar" else ()
+        return PeerProcess("--layers", "0:30", *noise, initial=boot)
+
+    started = start_peers(len(names), make)
     try:
-        started["honest1"] = PeerProcess("--layers", "0:30").wait_ready()
-        boot = started["honest1"].maddr
-        started["liar"] = PeerProcess("--layers", "0:30", "--perturb-outputs", "0.05", initial=boot)
-        started["honest2"] = PeerProcess("--layers", "0:30", initial=boot)
-        for peer in started.values():
-            peer.wait_ready()
-        yield started
+        yield dict(zip(names, started, strict=True))
     finally:
-        for p in started.values():
+        for p in started:
             p.stop()
 
 

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 
 def free_port() -> int:
@@ -117,6 +119,9 @@ class PeerProcess:
                 os.kill(pid, signal.SIGKILL)
 
 
+P = TypeVar("P", bound=PeerProcess)
+
+
 def alive(pids: set[int]) -> set[int]:
     """Those of `pids` still running (zombies count as gone)."""
     running = set()
@@ -130,16 +135,14 @@ def alive(pids: set[int]) -> set[int]:
     return running
 
 
-def start_swarm(
-    spans: list[str], extra: tuple[str, ...] = (), log_dir: Path | None = None, threads: int | None = 1
-) -> list[PeerProcess]:
-    """Start one peer per `--layers` value: the first as the bootstrap, then the others all at once (each
-    needs only the bootstrap, and loading overlaps with the others' waits); returns them ready."""
-    peers: list[PeerProcess] = []
+def start_peers(n: int, make: Callable[[int, str | None], P]) -> list[P]:
+    """`n` peers of one swarm: `make(0, None)` as the bootstrap, then, once it is ready, `make(rank, its
+    multiaddr)` for all the others at once (each needs only the bootstrap, and their loading overlaps). Returns
+    them ready; if one fails to start, the ones already started are stopped."""
+    peers: list[P] = []
     try:
-        for layers in spans:
-            boot = peers[0].wait_ready().maddr if peers else None
-            peers.append(PeerProcess("--layers", layers, *extra, initial=boot, log_dir=log_dir, threads=threads))
+        for rank in range(n):
+            peers.append(make(rank, peers[0].wait_ready().maddr if peers else None))
         for peer in peers:
             peer.wait_ready()
     except BaseException:
@@ -147,3 +150,13 @@ def start_swarm(
             p.stop()
         raise
     return peers
+
+
+def start_swarm(
+    spans: list[str], extra: tuple[str, ...] = (), log_dir: Path | None = None, threads: int | None = 1
+) -> list[PeerProcess]:
+    """One peer per `--layers` value, started by `start_peers`."""
+    return start_peers(
+        len(spans),
+        lambda rank, boot: PeerProcess("--layers", spans[rank], *extra, initial=boot, log_dir=log_dir, threads=threads),
+    )

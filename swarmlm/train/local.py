@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from swarmlm.swarm.local import PeerProcess
+from swarmlm.swarm.local import PeerProcess, start_peers
 from swarmlm.train.checkpoint import saved_rounds
 
 
@@ -50,18 +50,11 @@ def start_run(
     threads: int = 1,
 ) -> list[TrainerProcess]:
     """`n` peers of one run, each training on its own slice of `data` (`--data-part rank/n`) in
-    `root/peer<rank>`, the later ones started together once the first is up, joining through it. Returns
-    once all are ready; if one fails to start, the ones already started are stopped."""
-    peers: list[TrainerProcess] = []
-    try:
-        for rank in range(n):
-            peer_args = ("--data", str(data), "--data-part", f"{rank}/{n}", *args, *(per_peer or {}).get(rank, ()))
-            boot = peers[0].wait_ready().maddr if peers else None
-            peers.append(TrainerProcess(*peer_args, run_dir=root / f"peer{rank}", initial=boot, threads=threads))
-        for peer in peers:
-            peer.wait_ready()
-    except BaseException:
-        for p in peers:
-            p.stop()
-        raise
-    return peers
+    `root/peer<rank>`, started by `start_peers`."""
+
+    def make(rank: int, boot: str | None) -> TrainerProcess:
+        own = (per_peer or {}).get(rank, ())
+        peer_args = ("--data", str(data), "--data-part", f"{rank}/{n}", *args, *own)
+        return TrainerProcess(*peer_args, run_dir=root / f"peer{rank}", initial=boot, threads=threads)
+
+    return start_peers(n, make)
