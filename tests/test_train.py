@@ -32,7 +32,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def start_peers(
+def start_trainers(
     data: Path,
     root: Path,
     n: int,
@@ -81,7 +81,7 @@ def finish(peers: list[TrainerProcess], timeout: float = 300) -> None:
 
 @pytest.fixture(scope="module")
 def three_peers(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[TrainerProcess]:
-    peers = start_peers(data, tmp_path_factory.mktemp("run"), 3, rounds=5)
+    peers = start_trainers(data, tmp_path_factory.mktemp("run"), 3, rounds=5)
     finish(peers)
     return peers
 
@@ -113,7 +113,7 @@ def test_diloco_loss_falls_and_every_peer_holds_the_same_weights(three_peers: li
 
 def test_synchronous_data_parallel_baseline(data: Path, tmp_path: Path) -> None:
     """`--mode ddp`: gradients averaged every step; every peer holds the same weights after each round."""
-    peers = start_peers(data, tmp_path, 2, rounds=2, extra=("--mode", "ddp", "--inner-steps", "5"))
+    peers = start_trainers(data, tmp_path, 2, rounds=2, extra=("--mode", "ddp", "--inner-steps", "5"))
     finish(peers)
     reference = assert_same_weights_every_round(peers, 2)
     assert reference[-1]["val_loss"] < peers[0].rounds()[0]["val_loss"]
@@ -150,7 +150,9 @@ def test_join_crash_resume_and_a_corrupt_checkpoint(data: Path, tmp_path: Path) 
     from its checkpoints, the newest of which was corrupted meanwhile: it resumes from the one before
     and catches up. All end with the same weights."""
     rounds = 20  # enough that the others are still training when the crashed peer is back
-    peers = start_peers(data, tmp_path, 2, rounds=rounds, extra=("--target-group-size", "3", "--min-group-size", "2"))
+    peers = start_trainers(
+        data, tmp_path, 2, rounds=rounds, extra=("--target-group-size", "3", "--min-group-size", "2")
+    )
     try:
         wait_for(lambda: len(averaged(peers[1])) >= 2)
         args = ("--data", str(data), "--data-part", "2/3", "--rounds", str(rounds), *FAST, "--min-group-size", "2")
@@ -187,7 +189,7 @@ def wait_for(cond, timeout: float = 180) -> None:
 @pytest.mark.parametrize("rule", ["mean", "trimmed_mean", "centered_clip"])
 def test_one_byzantine_peer(data: Path, tmp_path: Path, rule: str) -> None:
     """Peer 2 of 3 sends -10x its update. Robust rules keep training; the plain mean is wrecked."""
-    peers = start_peers(
+    peers = start_trainers(
         data, tmp_path, 3, rounds=5, extra=("--aggregation", rule), per_peer={2: ("--byzantine", "sign_flip")}
     )
     finish(peers)
@@ -216,7 +218,7 @@ def test_differential_privacy_reports_epsilon(data: Path, tmp_path: Path) -> Non
         text=True,
     )
     assert refused.returncode == 2 and "--dp-delta" in refused.stderr and "Traceback" not in refused.stderr
-    peers = start_peers(
+    peers = start_trainers(
         data, tmp_path, 2, rounds=3, extra=("--dp-noise", "0.5", "--dp-clip", "0.5", "--dp-delta", "1e-5")
     )
     finish(peers)
@@ -277,7 +279,7 @@ def test_lora_fine_tune_of_the_embedded_model(tmp_path: Path) -> None:
     prepare(default_corpus_files()[:1], data, block_size=32)  # the embedded model's own tokenizer
     extra = ("--model", "SmolLM2-135M-Instruct", "--lora-rank", "4", "--inner-steps", "3", "--batch-size", "2")
     extra += ("--warmup-steps", "1", "--inner-lr", "1e-3", "--matchmaking-time", "2")
-    peers = start_peers(data, tmp_path / "run", 2, rounds=2, extra=extra)
+    peers = start_trainers(data, tmp_path / "run", 2, rounds=2, extra=extra)
     finish(peers)
     reports = [averaged(p) for p in peers]
     assert [r["round"] for r in reports[0]] == [1, 2]

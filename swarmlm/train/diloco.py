@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 TRAINING_KEY = "swarmlm.training"  # DHT key: one subkey per run, read by the dashboard
 TRAINING_TTL = 600.0
 CURVE_POINTS = 200
+ROUND_KEY_BITS = 16  # rounds in the matchmaking key, modulo 2**16: only neighbours need to differ
 
 
 class NoPeersError(RuntimeError):
@@ -266,8 +267,17 @@ class Trainer:
         assert self.averager is not None
         self._sent_base = (self.round, self.digest())
         gather = {"round": self._sent_base[0], "digest": self._sent_base[1]}
+        self._match_within_round()
         window = self._attempt_window() + self.cfg.matchmaking_time  # covers the steps still to run
         return self.averager.step(gather=gather, timeout=window, allow_retries=False, wait=False, require_trigger=True)
+
+    def _match_within_round(self) -> None:
+        """Match only with peers averaging from the same round: the round goes into the matchmaking key
+        (hivemind's group bits). A straggler retrying round r would otherwise join the others' group for
+        round r + 1 and mix a pseudo-gradient from stale weights into it. Set before every matchmaking:
+        hivemind rewrites the bits each time a group assembles."""
+        assert self.averager is not None
+        self.averager.set_group_bits(format(self._sent_base[0] % 2**ROUND_KEY_BITS, f"0{ROUND_KEY_BITS}b"))
 
     def _attempt_window(self) -> float:
         """How long one matchmaking attempt may wait before we look whether the others moved on: short,
@@ -296,6 +306,7 @@ class Trainer:
                     if remaining <= self.cfg.matchmaking_time:
                         return None
                     window = min(remaining, self._attempt_window())
+                    self._match_within_round()
                     gathered = self.averager.step(gather=gather, timeout=window, allow_retries=False)
                 if gathered:
                     with self.averager.get_tensors() as buffers:
