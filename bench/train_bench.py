@@ -10,6 +10,7 @@ Phases (all in one run, real `swarmlm train` processes on loopback, the same dat
   diloco     4 peers, H inner steps per round, R rounds, averaged with the plain mean
   ddp        4 peers, the same number of steps and tokens, gradients averaged every step in fp32 (the baseline)
   ddp-1      1 peer, the same steps with the 4 peers' batches in one: DDP as if no all-reduce ever broke
+             (a diagnostic, run only when named in --phases)
   attack-*   4 peers of which one sends -10x its update, under mean / trimmed mean / CenteredClip
   lora       SmolLM2-135M with LoRA adapters on a small instruction set, 2 peers: val loss before/after
 
@@ -42,18 +43,26 @@ Settings, and why (2-core machine, warm start, 4 peers, the same tokens in each 
 - 10 rounds (200 steps; the gap narrows with training, as in the DiLoCo paper). DiLoCo 3.8801 (four runs,
   identical to 4 digits; with fp32 on the wire 3.8802). DDP with fp16 on the wire 3.849 and 3.905 (0.994-
   1.008); with fp32 3.759 (1.032): gradients rounded to fp16 without loss scaling lose their small entries,
-  which AdamW would have scaled up, so DDP runs fp32 here (DiLoCo's pseudo-gradients, summed over H steps,
-  do not suffer; bytes per peer DiLoCo / DDP was 0.0498 against DDP in fp16). ddp-1 (no network): 3.667,
-  1.058. Why 4-peer DDP ends 0.09 above it is not established (the breaks above are one candidate; ddp-1
-  also draws its batches in another order). The defaults: 10 rounds.
+  which AdamW would have scaled up, so `--mode ddp` sends fp32 by default (DiLoCo's pseudo-gradients,
+  summed over H steps, do not suffer; bytes per peer DiLoCo / DDP was 0.0498 against DDP in fp16). ddp-1
+  (no network): 3.667, 1.058. Why 4-peer DDP ends 0.09 above it is not established (the breaks above are
+  one candidate; ddp-1 also draws its batches in another order). The defaults: 10 rounds.
+- warm start 600 steps (was 200; the paper's runs start from a well-trained model, and after 200 steps
+  the tiny model is still in its steep early fall, where DiLoCo's per-peer steps lag DDP's most). 10
+  rounds, the settings above, DDP in fp32: with 200 warm-start steps DiLoCo / DDP 3.8801 / 3.759 = 1.032;
+  with 600 (val 3.906 at the start) 3.6153 / 3.5301 = 1.024 (utilization 0.946). Both runs first climb to
+  4.26-4.28 in round 1: the warm start ends at a decayed lr 3e-3 and every phase restarts AdamW at 1.2e-2.
+  The warm start takes ~13 min on this 2-core machine (one thread).
 
-Full run 2026-12-02 (`make bench-train`, DDP then in fp16; ~26 min): utilization 0.924; DiLoCo / DDP
-0.994; bytes 0.0498; one peer sending -10x: mean 380x (diverges), trimmed mean 1.030, CenteredClip 1.031;
-LoRA 4.871 -> 2.983. Against DDP in fp32 (3.759, same settings): 1.032; against ddp-1 (3.667): 1.058.
-So DiLoCo is 3-6 % above synchronous data-parallel at this budget: the 1.03 target is not met yet.
+Full run 2026-12-03 (`make bench-train`, 600-step warm start; ~75 min): DiLoCo / DDP 3.6153 / 3.5271 =
+1.025; bytes 0.025 (DDP in fp32); utilization 0.887 (one of the 4 single-thread peers on 2 cores computed
+~10 % slower every round and the others waited for it; the attack phases, DiLoCo too, measured 0.943 and
+0.946 in the same run, the diloco + ddp run before it 0.946); one peer sending -10x: mean 446x (diverges),
+trimmed mean 1.043, CenteredClip 1.043; LoRA 4.871 -> 2.983. The previous full run (200-step warm start,
+DDP in fp16): utilization 0.924, trimmed mean 1.030, CenteredClip 1.031.
 
     .venv/bin/python bench/train_bench.py [--inner-steps 20] [--rounds 10] [--batch-size 32] [--inner-lr 1.2e-2]
-        [--peers 4] [--warm-start-steps 200] [--phases diloco,ddp,...]
+        [--peers 4] [--warm-start-steps 600] [--phases diloco,ddp,...]
 
 The last line of output is `BENCH_JSON {...}`; the same JSON goes to bench/results/train-<time>.json.
 """
@@ -144,6 +153,7 @@ def instruction_set(path: Path, n: int = 240) -> Path:
 
 
 PHASES = ("diloco", "ddp", "ddp-1", "attack-mean", "attack-trimmed_mean", "attack-centered_clip", "lora")
+DEFAULT_PHASES = tuple(p for p in PHASES if p != "ddp-1")  # ddp-1 is a diagnostic (see the docstring)
 
 
 def run_phase(name: str, data: Path, work: Path, n: int, batch: int, common: tuple[str, ...]) -> dict:
@@ -154,7 +164,7 @@ def run_phase(name: str, data: Path, work: Path, n: int, batch: int, common: tup
         lora += ("--model", "SmolLM2-135M-Instruct", "--matchmaking-time", "2", "--warmup-steps", "1")
         return summarize(run_peers(inst, work / "lora", 2, lora, {}))
     if name == "ddp":
-        ddp = (*common, "--mode", "ddp", "--wire", "fp32", "--matchmaking-time", "0.5")  # fp32: see the docstring
+        ddp = (*common, "--mode", "ddp", "--matchmaking-time", "0.5")  # ddp's wire default: fp32 (see the docstring)
         return summarize(run_peers(data, work / name, n, ddp, {}))
     if name == "ddp-1":  # DDP's steps without a network: one peer, the n peers' batches in one
         alone = (*common, "--mode", "ddp", "--batch-size", str(n * batch), "--matchmaking-time", "0.1")
@@ -234,8 +244,8 @@ def main() -> None:
     ap.add_argument("--inner-lr", type=float, default=1.2e-2, help="AdamW lr of every phase but lora")
     ap.add_argument("--outer-lr", type=float, default=1.0)
     ap.add_argument("--outer-momentum", type=float, default=0.5)
-    ap.add_argument("--warm-start-steps", type=int, default=200, help="steps one peer trains first (0: none)")
-    ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    ap.add_argument("--warm-start-steps", type=int, default=600, help="steps one peer trains first (0: none)")
+    ap.add_argument("--phases", default=",".join(DEFAULT_PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     args = ap.parse_args()
     h, rounds, n = args.inner_steps, args.rounds, args.peers
     phases = args.phases.split(",")

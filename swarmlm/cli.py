@@ -262,7 +262,9 @@ def train(
     target_group_size: Annotated[int, typer.Option(help="Peers expected in a round's group")] = 4,
     min_group_size: Annotated[int, typer.Option(help="Fewest peers a round averages with (1: alone too)")] = 1,
     aggregation: Annotated[str, typer.Option(help="mean, trimmed_mean or centered_clip")] = "mean",
-    wire: Annotated[str, typer.Option(help="fp16 or fp32 on the wire")] = "fp16",
+    wire: Annotated[
+        str | None, typer.Option(help="fp16, fp32 or int8 on the wire (default: fp16 for diloco, fp32 for ddp)")
+    ] = None,
     matchmaking_time: Annotated[float, typer.Option(help="Seconds a round waits for its group to fill")] = 2.0,
     averaging_timeout: Annotated[float, typer.Option(help="Give up a round's averaging after this")] = 60.0,
     patience: Annotated[int, typer.Option(help="Rounds in a row without a group before giving up (exit 3)")] = 5,

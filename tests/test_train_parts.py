@@ -108,7 +108,7 @@ def test_checkpoints_are_atomic_verified_and_pruned(tmp_path: Path):
     assert latest_checkpoint(folder)[1]["round"] == 2
 
 
-def _allreduce_peer(rank: int, n: int, rule: str, boot_file: str) -> None:
+def _allreduce_peer(rank: int, n: int, rule: str, wire: str, boot_file: str) -> None:
     """One averager; run in its own interpreter (a fork of pytest, which ran torch ops, can deadlock)."""
     import json
     import time
@@ -129,6 +129,7 @@ def _allreduce_peer(rank: int, n: int, rule: str, boot_file: str) -> None:
         [t],
         dht,
         aggregation=rule,
+        wire=wire,
         prefix="t",
         target_group_size=n,
         min_group_size=n,
@@ -139,20 +140,21 @@ def _allreduce_peer(rank: int, n: int, rule: str, boot_file: str) -> None:
     gathered = averager.step(timeout=60)
     with averager.get_tensors() as (result,):
         digest = hashlib.sha256(result.numpy().tobytes()).hexdigest()
-        print(json.dumps({"group": len(gathered or {}), "digest": digest, "mean": float(result.mean())}), flush=True)
+        mean, sent = float(result.mean()), averager.bytes_sent.value
+        print(json.dumps({"group": len(gathered or {}), "digest": digest, "mean": mean, "sent": sent}), flush=True)
     time.sleep(3)  # as `swarmlm train` lingers: a reducer that leaves at once can cut others' last results
     averager.shutdown()
     dht.shutdown()
 
 
-@pytest.mark.parametrize("rule", ["mean", "centered_clip"])
-def test_robust_allreduce_gives_every_member_identical_results(rule, tmp_path):
-    """Three real averagers over hivemind: every member ends with the same bytes, and the robust rule
-    keeps the Byzantine third peer's -10x contribution out."""
+@pytest.mark.parametrize(("rule", "wire"), [("mean", "fp16"), ("centered_clip", "fp16"), ("mean", "int8")])
+def test_robust_allreduce_gives_every_member_identical_results(rule: str, wire: str, tmp_path: Path) -> None:
+    """Three real averagers over hivemind: every member ends with the same bytes, the robust rule keeps
+    the Byzantine third peer's -10x contribution out, and the wire format sets the bytes sent."""
     boot = tmp_path / "boot"
     code = "import sys; from tests.test_train_parts import _allreduce_peer as f; f(int(sys.argv[1]), 3, *sys.argv[2:])"
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(r), rule, str(boot)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", code, str(r), rule, wire, str(boot)], stdout=subprocess.PIPE, text=True)
         for r in range(3)
     ]
     try:
@@ -163,6 +165,9 @@ def test_robust_allreduce_gives_every_member_identical_results(rule, tmp_path):
     results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
     assert all(r["group"] == 3 for r in results)
     assert len({r["digest"] for r in results}) == 1
+    # Each member sends the parts it does not reduce and its aggregate to the other two: 3 x 300k + 300k
+    # values in all, however the parts are split.
+    assert sum(r["sent"] for r in results) / 1.2e6 == pytest.approx({"fp16": 2, "int8": 1}[wire], rel=0.05)
     if rule == "mean":
         assert results[0]["mean"] == pytest.approx((1 + 1 - 10) / 3, abs=0.01)
     else:

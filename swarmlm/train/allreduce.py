@@ -9,7 +9,7 @@ all-reduce over its P2P streams, groups formed by matchmaking through the DHT). 
 2. **Reducers send the aggregate itself, rounded through the wire format once**, where hivemind sends
    each sender the difference from its own part. With differences, every member ends with a slightly
    different result (`local + fp16(avg - local)`), so peers' global weights would drift apart. Here all
-   members, the reducer included, receive the same fp16 (or fp32) values, so after a DiLoCo outer step
+   members, the reducer included, receive the same fp16 (or fp32, int8) values, so after a DiLoCo outer step
    every peer's weights have the same digest.
 3. **The result is applied only when every part arrived.** If a reducer died mid-way, hivemind fills
    its parts with the local values and reports success, which again splits the peers' states; we raise
@@ -26,6 +26,7 @@ import multiprocessing as mp
 from collections.abc import Sequence
 from typing import Any, AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
+import numpy as np
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
@@ -36,18 +37,44 @@ from hivemind.compression import (
     CompressionInfo,
     Float16Compression,
     NoCompression,
+    Uniform8BitQuantization,
     deserialize_torch_tensor,
+    serialization,
     serialize_torch_tensor,
 )
 from hivemind.p2p import P2PContext
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import amap_in_executor, get_dht_time
 from torch import Tensor
 
 from swarmlm.swarm.membership import Membership
 from swarmlm.train.aggregation import Aggregator, get_aggregator
 
-WIRE_FORMATS: dict[str, CompressionBase] = {"fp16": Float16Compression(), "fp32": NoCompression()}
+
+class Uniform8Bit(Uniform8BitQuantization):
+    """hivemind's uniform 8-bit codec (256 buckets over the mean +- 3 std, each decoded as the mean of
+    its values) with a decoder that runs on numpy >= 2.4: hivemind 1.1.12 calls int() on a one-element
+    array, which numpy 2.4 refuses. The bytes are hivemind's, so its peers decode ours and we theirs."""
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> Tensor:
+        buffer = serialized_tensor.buffer
+        size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+        codebook = np.frombuffer(buffer, offset=8, count=size, dtype=self.codebook_dtype)
+        indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+        values = torch.as_tensor(codebook).to(getattr(torch, serialized_tensor.dtype))
+        quantized = torch.as_tensor(indices, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
+        return values[quantized].requires_grad_(serialized_tensor.requires_grad)
+
+
+# hivemind decodes by the wire type named in each message: register the working decoder for it.
+serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Uniform8Bit()
+
+# int8 as INTELLECT-1 sends its pseudo-gradients: a quarter of fp32's bytes.
+WIRE_FORMATS: dict[str, CompressionBase] = {
+    "fp16": Float16Compression(),
+    "fp32": NoCompression(),
+    "int8": Uniform8Bit(),
+}
 
 
 class _Contributions:
@@ -67,6 +94,9 @@ class RobustPartReducer(TensorPartReducer):
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, rule: Aggregator, wire: CompressionBase):
         self.rule, self.wire = rule, wire
+        # Each aggregate as sent: re-encoding a decoded int8 part gives other bytes (a new codebook), so
+        # every member, this reducer included, decodes this one message.
+        self.messages: dict[int, runtime_pb2.Tensor] = {}
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -79,8 +109,9 @@ class RobustPartReducer(TensorPartReducer):
         if self.current_part_accumulated_from == self.num_current_senders:
             acc: _Contributions = self.accumulator
             result = self.rule(torch.stack(acc.parts), torch.tensor(acc.weights))
-            # Round once through the wire format, so our own copy equals what the other members receive.
-            rounded = deserialize_torch_tensor(serialize_torch_tensor(result, self.wire.compression_type))
+            message = serialize_torch_tensor(result, self.wire.compression_type)
+            self.messages[self.current_part_index] = message
+            rounded = deserialize_torch_tensor(message)
             self.current_part_future.set_result(rounded.reshape(self.part_shapes[self.current_part_index]))
             self.reset_accumulators()
 
@@ -146,10 +177,10 @@ class RobustAllReduceRunner(AllReduceRunner):
                 stream,
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
-                result = await self.tensor_part_reducer.accumulate_part(sender_index, received, part, weight=weight)
+                await self.tensor_part_reducer.accumulate_part(sender_index, received, part, weight=weight)
+                message = self.tensor_part_reducer.messages[received]
                 received += 1
-                serialized = serialize_torch_tensor(result, self.tensor_part_reducer.wire.compression_type)
-                yield self._count(averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized))
+                yield self._count(averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=message))
         finally:
             if received != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])

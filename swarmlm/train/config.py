@@ -69,7 +69,9 @@ class TrainConfig:
     target_group_size: int = 4
     min_group_size: int = 1  # a round completes with whoever is there, alone included
     aggregation: str = "mean"  # mean | trimmed_mean | centered_clip
-    wire: str = "fp16"  # fp16 | fp32 on the wire
+    # fp16 | fp32 | int8 on the wire; None: fp16 for DiLoCo's pseudo-gradients, fp32 for DDP's per-step
+    # gradients (fp16 without loss scaling rounds their small entries away: bench/train_bench.py).
+    wire: str | None = None
     matchmaking_time: float = 2.0  # seconds a round waits for peers to join its group (less if it fills)
     averaging_timeout: float = 60.0  # give up on a round's averaging after this long (progress is kept)
     patience: int = 5  # rounds in a row without a group before the peer gives up (exit code 3)
@@ -92,6 +94,10 @@ class TrainConfig:
             raise ValueError("--inner-steps, --rounds and --batch-size must be positive")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("--min-lr-ratio must be between 0 and 1")
+        if self.wire is None:
+            self.wire = "fp32" if self.mode == "ddp" else "fp16"
+        if self.wire not in ("fp16", "fp32", "int8"):
+            raise ValueError(f"--wire must be fp16, fp32 or int8, not {self.wire!r}")
         if self.min_group_size < 1:
             raise ValueError("--min-group-size must be at least 1")
         if self.dp_noise is not None and self.dp_delta is None:
