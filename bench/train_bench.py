@@ -92,7 +92,7 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 def run_peers(data: Path, root: Path, n: int, common: tuple[str, ...], per_peer: dict[int, tuple[str, ...]]) -> list:
     """n peers of one run (rounds wait for all n); returns each peer's round reports."""
     args = ("--target-group-size", str(n), "--min-group-size", str(n), "--run-id", root.name, *common)
-    peers = start_run(data, root, n, args, per_peer)
+    peers = start_run(data, root, n, args, per_peer, pin=True)
     try:
         for p in peers:
             if p.finish(timeout=3600) != 0:

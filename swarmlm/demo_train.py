@@ -89,8 +89,9 @@ def _interrupt(signum: int, _frame: object) -> None:
 def _wait(done: object, peers: list[TrainerProcess], timeout: float = 1800) -> None:
     deadline = time.monotonic() + timeout
     while not done():  # type: ignore[operator]
-        if any(p.proc.poll() is not None for p in peers):
-            raise RuntimeError("a training peer exited early")
+        for p in peers:
+            if p.proc.poll() is not None:
+                raise RuntimeError(f"a training peer exited early ({p.proc.returncode}):\n{p.log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError("training made no progress")
         time.sleep(0.5)

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from swarmlm.swarm.membership import Membership
 from swarmlm.train.aggregation import Aggregator, get_aggregator
+from swarmlm.train.config import WIRE_FORMATS
 
 
 class Uniform8Bit(Uniform8BitQuantization):
@@ -70,11 +71,9 @@ class Uniform8Bit(Uniform8BitQuantization):
 serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Uniform8Bit()
 
 # int8 as INTELLECT-1 sends its pseudo-gradients: a quarter of fp32's bytes.
-WIRE_FORMATS: dict[str, CompressionBase] = {
-    "fp16": Float16Compression(),
-    "fp32": NoCompression(),
-    "int8": Uniform8Bit(),
-}
+WIRE_CODECS: dict[str, CompressionBase] = dict(
+    zip(WIRE_FORMATS, (Float16Compression(), NoCompression(), Uniform8Bit()), strict=True)
+)
 
 
 class _Contributions:
@@ -203,13 +202,13 @@ class RobustAverager(DecentralizedAverager):
         membership: Membership | None = None,
         **kwargs: Any,
     ) -> None:
-        if wire not in WIRE_FORMATS:
-            raise ValueError(f"wire format must be one of {sorted(WIRE_FORMATS)}, not {wire!r}")
+        if wire not in WIRE_CODECS:
+            raise ValueError(f"wire format must be one of {', '.join(WIRE_CODECS)}, not {wire!r}")
         self.rule = get_aggregator(aggregation)
         self.bytes_sent = mp.Value(ctypes.c_int64, 0)  # shared with the averager's process (fork)
         self._state_fn = state_fn
         self.membership = membership  # private swarm: only members may join our groups or download state
-        super().__init__(tensors, dht, compression=WIRE_FORMATS[wire], **kwargs)
+        super().__init__(tensors, dht, compression=WIRE_CODECS[wire], **kwargs)
 
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs: Any

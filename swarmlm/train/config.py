@@ -7,6 +7,8 @@ from pathlib import Path
 
 from swarmlm.model.config import ModelConfig
 
+WIRE_FORMATS = ("fp16", "fp32", "int8")  # how pseudo-gradients / gradients travel (codecs: allreduce.py)
+
 # hidden, layers, heads, kv heads, MLP width. "tiny" trains in minutes on two CPU cores.
 PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (128, 4, 4, 2, 384),
@@ -96,8 +98,8 @@ class TrainConfig:
             raise ValueError("--min-lr-ratio must be between 0 and 1")
         if self.wire is None:
             self.wire = "fp32" if self.mode == "ddp" else "fp16"
-        if self.wire not in ("fp16", "fp32", "int8"):
-            raise ValueError(f"--wire must be fp16, fp32 or int8, not {self.wire!r}")
+        if self.wire not in WIRE_FORMATS:
+            raise ValueError(f"--wire must be one of {', '.join(WIRE_FORMATS)}, not {self.wire!r}")
         if self.min_group_size < 1:
             raise ValueError("--min-group-size must be at least 1")
         if self.dp_noise is not None and self.dp_delta is None:
