@@ -33,7 +33,7 @@ browser:
 	echo "chromium unavailable: the dashboard's browser test will be skipped"
 
 test: install lint browser
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 bench-serve: install
 	$(PY) bench/serve_bench.py

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ def run_train_demo(work: Path, rounds: int, inner_steps: int, port: int, prompt:
         m = prepare(default_corpus_files(), work / "data", train_tokenizer=2048, block_size=128)
         console.print(f"  {m.stats.tokens:,} tokens, {m.stats.train_blocks:,} training blocks of 128")
         args = ("--rounds", str(rounds), "--inner-steps", str(inner_steps), "--inner-lr", "3e-3")
-        args += ("--target-group-size", str(PEERS), "--min-group-size", "2", "--run-id", f"demo-{work.resolve().name}")
+        args += ("--target-group-size", str(PEERS), "--min-group-size", "2", "--run-id", _run_id(work))
         trainers = start_run(work / "data", work, PEERS, args)
         procs.extend(trainers)
         console.print(f"{PEERS} peers training a tiny model, {rounds} DiLoCo rounds of {inner_steps} steps …")
@@ -80,6 +81,11 @@ def run_train_demo(work: Path, rounds: int, inner_steps: int, port: int, prompt:
         for p in reversed(procs):
             p.stop()
         console.print("stopped.")
+
+
+def _run_id(work: Path) -> str:
+    """One run per work folder, so two demos on one machine do not train together."""
+    return "demo-" + re.sub(r"[^\w-]", "-", work.resolve().name)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -20,6 +20,7 @@ from swarmlm.train.checkpoint import (
     mark_best,
     save_checkpoint,
 )
+from swarmlm.train.config import TrainConfig
 from swarmlm.train.privacy import PeerPrivacy
 
 
@@ -55,6 +56,15 @@ def test_rules_agree_without_attackers():
     assert torch.allclose(trimmed_mean(stack[:2], w[:2]), stack[:2].mean(0))
     with pytest.raises(ValueError, match="unknown aggregation"):
         get_aggregator("median")
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [({"run_id": "my.run"}, "--run-id"), ({"wire": "fp8"}, "--wire"), ({"min_group_size": 0}, "--min-group-size")],
+)
+def test_a_bad_option_is_named(tmp_path: Path, option: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        TrainConfig(data=tmp_path, run_dir=tmp_path, **option)
 
 
 def test_privacy_clips_adds_noise_and_accounts():
@@ -178,7 +188,6 @@ def test_robust_allreduce_gives_every_member_identical_results(rule: str, wire: 
 def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str) -> None:
     """A peer that downloads another's state then takes the same step with the same batch lands on the
     same weights: in DDP mode that needs the AdamW moments too, not just the weights."""
-    from swarmlm.train.config import TrainConfig
     from swarmlm.train.data import default_corpus_files, prepare
     from swarmlm.train.diloco import Trainer
 

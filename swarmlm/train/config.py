@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +93,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("diloco", "ddp"):
             raise ValueError(f"mode must be diloco or ddp, not {self.mode!r}")
+        if not re.fullmatch(r"[\w-]+", self.run_id):  # it prefixes DHT keys, and hivemind's separator is "."
+            raise ValueError(f"--run-id {self.run_id!r}: use letters, digits, '_' and '-' only")
         if self.inner_steps < 1 or self.rounds < 1 or self.batch_size < 1:
             raise ValueError("--inner-steps, --rounds and --batch-size must be positive")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
