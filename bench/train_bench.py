@@ -61,6 +61,16 @@ Full run 2026-12-03 (`make bench-train`, 600-step warm start; ~75 min): DiLoCo /
 trimmed mean 1.043, CenteredClip 1.043; LoRA 4.871 -> 2.983. The previous full run (200-step warm start,
 DDP in fp16): utilization 0.924, trimmed mean 1.030, CenteredClip 1.031.
 
+Peers pinned to cores (each peer on core rank mod 2, so two share each core evenly; run 2026-12-03
+19:01, stopped after the ddp phase): DiLoCo 3.6153 (identical again), utilization 0.957 (every peer
+0.95-0.96 in every round from round 2: nobody waits for a straggler now); DDP 3.5039 (utilization
+0.826), so DiLoCo / DDP 1.032; bytes 0.025. DDP ended ~0.025 below its unpinned runs (3.527, 3.530),
+likely because peers computing at one pace break fewer of its per-step all-reduces. DiLoCo at inner lr
+6e-3 (DDP's 1.2e-2 suits its 4x larger batch) 3.6104 (1.030): its curve no longer climbs in round 1
+(4.097 against 4.278) but ends within 0.2 %, as the cosine decay brings both lrs down. So at 10 rounds
+DiLoCo sits 3.0-3.2 % above the better DDP: closing it needs more rounds (the gap narrowed from 4 % at 5
+rounds to 3 % at 10) and a full run of ~100 min.
+
     .venv/bin/python bench/train_bench.py [--inner-steps 20] [--rounds 10] [--batch-size 32] [--inner-lr 1.2e-2]
         [--peers 4] [--warm-start-steps 600] [--phases diloco,ddp,...]
 

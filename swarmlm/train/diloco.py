@@ -56,7 +56,6 @@ TRAINING_KEY = "swarmlm.training"  # DHT key: one subkey per run, read by the da
 TRAINING_TTL = 600.0
 CURVE_POINTS = 200
 ROUND_KEY_BITS = 16  # rounds in the matchmaking key, modulo 2**16: only neighbours need to differ
-PART_TIMEOUT = 10.0  # seconds an all-reduce waits for a member's next part before it gives up on the group
 
 
 class NoPeersError(RuntimeError):
@@ -165,7 +164,7 @@ class Trainer:
             min_matchmaking_time=cfg.matchmaking_time,
             request_timeout=cfg.matchmaking_time / 2,  # hivemind: below the matchmaking time
             allreduce_timeout=cfg.averaging_timeout,
-            next_chunk_timeout=PART_TIMEOUT,
+            next_chunk_timeout=10.0,
             start=True,
         )
         self.averager.state_sharing_priority = float(self.round)
@@ -285,12 +284,9 @@ class Trainer:
         so a straggler notices a finished run while its peers still linger (see `run_training`)."""
         return 3 * self.cfg.matchmaking_time
 
-    def _average(
-        self, tensors: list[Tensor], early: Any = None, one_sided_wait: float = 0.0
-    ) -> tuple[list[Tensor], dict[Any, Any]] | None:
+    def _average(self, tensors: list[Tensor], early: Any = None) -> tuple[list[Tensor], dict[Any, Any]] | None:
         """All-reduce `tensors` with the current group (`early`: the matchmaking `_begin_average` started);
-        None when no group formed or the round failed. `one_sided_wait`: after an all-reduce that broke on
-        our side, how long to wait for a member that finished it to publish the round (see below)."""
+        None when no group formed or the round failed."""
         assert self.averager is not None
         with self.averager.get_tensors() as buffers:
             for b, t in zip(buffers, tensors, strict=True):
@@ -300,7 +296,6 @@ class Trainer:
         gather = {"round": self._sent_base[0], "digest": self._sent_base[1]}
         deadline = time.monotonic() + self.cfg.averaging_timeout
         while True:
-            sent = self._bytes_sent()
             try:
                 if early is not None:
                     control, early = early, None  # one try: a retry is a fresh step
@@ -318,11 +313,8 @@ class Trainer:
                         return [b.clone() for b in buffers], gathered
             except Exception as e:  # hivemind raises on a failed group; the caller keeps its progress
                 logger.warning("averaging failed in round %d: %s", self.round, e)
-            # A failure can be one-sided: a member that received our part may have finished the round. Then
-            # take its state, once it publishes it (right after its outer step). Retrying at once instead
-            # could average this round again with another member that failed too: two different results.
-            wait = one_sided_wait if self._bytes_sent() > sent else 0.0
-            if self.catch_up(wait=wait) or time.monotonic() >= deadline:
+            # A failure can be one-sided: the others may have finished this round. Then take their state.
+            if self.catch_up() or time.monotonic() >= deadline:
                 return None
 
     def _shared_rounds(self) -> list[float]:
@@ -402,7 +394,7 @@ class Trainer:
             if self.privacy is not None:
                 self.privacy.privatize_(update)
         compute += time.perf_counter() - t0
-        result = self._average(update, early, one_sided_wait=PART_TIMEOUT)
+        result = self._average(update, early)
         if result is None:  # keep local progress: the next round's pseudo-gradient includes it
             self._averaging_failed()
             return losses, compute, 0
