@@ -131,16 +131,25 @@ def test_eval_export_and_serve_the_trained_model(three_peers: list[TrainerProces
     out = subprocess.run([sys.executable, "-m", "swarmlm.cli", "export", str(run), "--out", str(export)], text=True)
     assert out.returncode == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in export.iterdir()}
+    # The reference: transformers reads the export on its own and continues the prompt greedily. (A
+    # barely trained model may well continue with newlines only: what matters is that it is this model.)
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(export / "tokenizer.json"))
+    prompt = tokenizer.encode("ROMEO:")
+    reference = LlamaForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
     server = ServerProcess("--model", str(export))
     try:
         server.wait_ready()
-        r = httpx.post(
-            f"{server.base}/v1/completions",
-            json={"model": "exported", "prompt": "ROMEO:", "max_tokens": 12, "temperature": 0},
-            timeout=60,
-        )
+        request = {"model": "exported", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{server.base}/v1/completions", json=request, timeout=60)
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"].strip()
+        assert r.json()["usage"]["completion_tokens"] == 12
+        assert r.json()["choices"][0]["text"] == tokenizer.decode(ids[len(prompt) :])
     finally:
         server.stop()
 
