@@ -44,6 +44,17 @@ def test_robust_rules_resist_one_attacker_where_the_mean_does_not(attack):
     assert err["centered_clip"] < spread
 
 
+def test_centered_clip_drops_a_gross_outlier_only_within_its_budget():
+    honest, stack = honest_and_attacker(3, "sign_flip")
+    w = torch.ones(4)
+    # among four, the outlier is dropped: what is left is CenteredClip over the honest three
+    assert torch.allclose(centered_clip(stack, w), centered_clip(honest, w[:3]))
+    # among three, dropping one would leave no majority to trust: the outlier stays in, clipped to tau
+    pair, trio = honest[:2], torch.cat([honest[:2], stack[-1:]])
+    pull = float((centered_clip(trio, w[:3]) - pair.mean(0)).norm())
+    assert 0 < pull < float((pair[0] - pair[1]).norm())
+
+
 def test_rules_agree_without_attackers():
     gen = torch.Generator().manual_seed(1)
     stack = torch.randn(4, 500, generator=gen) * 0.01 + 2.0

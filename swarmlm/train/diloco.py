@@ -532,11 +532,27 @@ class Trainer:
         self.ledger_sync.ledger.append("training_round", {**body, "update": self.update_digest})
         self.sync_ledger()
 
-    def sync_ledger(self) -> None:
-        """Pull the ledger entries we lack from another member of the last group."""
+    def sync_ledger(self, wait: float = 0.0) -> None:
+        """Pull the ledger entries we lack from another member of the last group. With `wait`, keep
+        pulling for up to that many seconds until our copy holds the round we are at: a peer that took
+        its last round's result by download signed nothing itself, and the members that did only linger
+        a few seconds."""
         if self.ledger_sync is None or not self.group:
             return
-        self.ledger_sync.pull_from_any([p for p in self.group if p != self.identity.peer_id])
+        others = [p for p in self.group if p != self.identity.peer_id]
+        deadline = time.monotonic() + wait
+        while True:
+            self.ledger_sync.pull_from_any(others)
+            if self._ledger_holds_round(self.round) or time.monotonic() >= deadline:
+                return
+            time.sleep(1.0)
+
+    def _ledger_holds_round(self, round_: int) -> bool:
+        assert self.ledger_sync is not None
+        return any(
+            e.kind == "training_round" and e.body.get("run") == self.cfg.run_id and e.body.get("round") == round_
+            for e in self.ledger_sync.ledger.entries
+        )
 
     def _report(
         self, losses: list[float], compute: float, group: int, wall0: float, sent: int, progress: Any
@@ -657,6 +673,7 @@ def run_training(cfg: TrainConfig, export: Path | None = None) -> int:
         tokens_per_step = cfg.batch_size * (trainer.shards.block_size - 1)
         with TrainProgress(cfg.inner_steps, tokens_per_step, TrainMetrics(cfg.metrics_port)) as progress:
             trainer.run(progress)
+        trainer.sync_ledger(wait=4 * cfg.matchmaking_time + 2)  # while the last round's signers linger
         trainer.linger()
         trainer.sync_ledger()  # the last round's entries, signed by the other members meanwhile
         if export is not None:
