@@ -134,6 +134,9 @@ def _allreduce_peer(rank: int, n: int, rule: str, wire: str, boot_file: str) -> 
     import json
     import time
 
+    from hivemind.averaging.allreduce import AllreduceException
+    from hivemind.averaging.matchmaking import MatchmakingException
+
     from swarmlm.swarm.records import start_dht
     from swarmlm.train.allreduce import RobustAverager
 
@@ -158,21 +161,22 @@ def _allreduce_peer(rank: int, n: int, rule: str, wire: str, boot_file: str) -> 
         request_timeout=1.0,
         start=True,
     )
-    gathered = averager.step(timeout=60)
+    try:
+        gathered = averager.step(timeout=60, allow_retries=False)
+    except (AllreduceException, MatchmakingException) as e:  # our side broke: the test runs the trio again
+        print(json.dumps({"group": 0, "error": repr(e)}), flush=True)
+        gathered = None
     with averager.get_tensors() as (result,):
         digest = hashlib.sha256(result.numpy().tobytes()).hexdigest()
         mean, sent = float(result.mean()), averager.bytes_sent.value
-        print(json.dumps({"group": len(gathered or {}), "digest": digest, "mean": mean, "sent": sent}), flush=True)
+        if gathered is not None:
+            print(json.dumps({"group": len(gathered), "digest": digest, "mean": mean, "sent": sent}), flush=True)
     time.sleep(3)  # as `swarmlm train` lingers: a reducer that leaves at once can cut others' last results
     averager.shutdown()
     dht.shutdown()
 
 
-@pytest.mark.parametrize(("rule", "wire"), [("mean", "fp16"), ("centered_clip", "fp16"), ("mean", "int8")])
-def test_robust_allreduce_gives_every_member_identical_results(rule: str, wire: str, tmp_path: Path) -> None:
-    """Three real averagers over hivemind: every member ends with the same bytes, the robust rule keeps
-    the Byzantine third peer's -10x contribution out, and the wire format sets the bytes sent."""
-    boot = tmp_path / "boot"
+def _run_allreduce_trio(rule: str, wire: str, boot: Path) -> list[dict]:
     code = "import sys; from tests.test_train_parts import _allreduce_peer as f; f(int(sys.argv[1]), 3, *sys.argv[2:])"
     procs = [
         subprocess.Popen([sys.executable, "-c", code, str(r), rule, wire, str(boot)], stdout=subprocess.PIPE, text=True)
@@ -183,7 +187,21 @@ def test_robust_allreduce_gives_every_member_identical_results(rule: str, wire: 
     finally:
         for p in procs:
             p.kill()
-    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+
+
+@pytest.mark.parametrize(("rule", "wire"), [("mean", "fp16"), ("centered_clip", "fp16"), ("mean", "int8")])
+def test_robust_allreduce_gives_every_member_identical_results(rule: str, wire: str, tmp_path: Path) -> None:
+    """Three real averagers over hivemind: every member ends with the same bytes, the robust rule keeps
+    the Byzantine third peer's -10x contribution out, and the wire format sets the bytes sent.
+
+    On a loaded 2-core machine a libp2p stream is now and then cut mid-way (a member logs "received
+    12 % results"); that member raises rather than apply a partial result, and in training it would take
+    the round from the others (tests/test_train.py). Here the trio then runs once more."""
+    for attempt in range(2):
+        results = _run_allreduce_trio(rule, wire, tmp_path / f"boot-{attempt}")
+        if all(r["group"] == 3 for r in results):
+            break
     assert all(r["group"] == 3 for r in results)
     assert len({r["digest"] for r in results}) == 1
     # Each member sends the parts it does not reduce and its aggregate to the other two: 3 x 300k + 300k
