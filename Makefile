@@ -24,6 +24,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check swarmlm tests bench
+	$(VENV)/bin/lint-imports
 
 # The dashboard's browser test drives Debian's chromium; installed when we may (root + apt), else skipped.
 browser:

@@ -42,19 +42,20 @@ from hivemind.utils import get_dht_time
 from rich.console import Console
 from rich.table import Table
 
+from swarmlm.core.dht import start_dht
+from swarmlm.core.identity import Identity
+from swarmlm.core.keys import members_key, model_key
+from swarmlm.core.loop import LoopThread
+from swarmlm.core.membership import Certificate, load_membership
 from swarmlm.engine.sampling import SamplingParams
+from swarmlm.launch.peers import PeerProcess
+from swarmlm.launch.servers import ServerProcess
 from swarmlm.ledger.chain import Entry, compare_copies
-from swarmlm.ledger.identity import Identity
 from swarmlm.ledger.store import Ledger, verify_file
 from swarmlm.ledger.sync import LedgerServicer
 from swarmlm.model.loading import DEFAULT_MODEL_ID
-from swarmlm.serve.local import ServerProcess
 from swarmlm.swarm.client import ClientConfig, RemoteModel
-from swarmlm.swarm.local import PeerProcess
-from swarmlm.swarm.loop import LoopThread
-from swarmlm.swarm.membership import Certificate, load_membership, members_key
-from swarmlm.swarm.protocol import RemoteError, StepRequest, read_response
-from swarmlm.swarm.records import model_key, start_dht
+from swarmlm.swarm.messages import RemoteError, StepRequest, read_response
 from swarmlm.swarm.routing import NoRouteError
 from swarmlm.swarm.servicer import SpanServicer
 

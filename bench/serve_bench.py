@@ -36,7 +36,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from swarmlm.swarm.local import free_port
+from swarmlm.launch.peers import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
 from llama_server import BINARY as LLAMA_BINARY

@@ -45,9 +45,9 @@ from rich.table import Table
 from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.launch.peers import PeerProcess, free_port, start_swarm
 from swarmlm.model.loading import load_model
 from swarmlm.swarm.client import RemoteModel, _Hop
-from swarmlm.swarm.local import PeerProcess, free_port, start_swarm
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -105,8 +105,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from swarmlm.launch.trainers import start_run
 from swarmlm.train.data import default_corpus_files, prepare
-from swarmlm.train.local import start_run
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

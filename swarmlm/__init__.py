@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import os
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from swarmlm.train.api import DistributedModel
+# hivemind reads USE_LEGACY_BFLOAT16 at import: with the legacy default it sends bf16 tensors as fp32,
+# doubling the bytes of every hidden state on the wire. Every swarmlm module runs this file first, so the
+# setting is in place before any of them imports hivemind.
+os.environ.setdefault("USE_LEGACY_BFLOAT16", "0")
 
-try:
-    __version__ = version("swarmlm")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
+if TYPE_CHECKING:
+    from swarmlm.train.distributed_model import DistributedModel
+
+from swarmlm.core.version import __version__
 
 __all__ = ["DistributedModel", "__version__"]
 
@@ -20,7 +22,7 @@ def __getattr__(name: str) -> Any:
     """`from swarmlm import DistributedModel` imports torch and hivemind only when it is asked for: the
     CLI imports `swarmlm` for every command and must stay quick to start."""
     if name == "DistributedModel":
-        from swarmlm.train.api import DistributedModel
+        from swarmlm.train.distributed_model import DistributedModel
 
         return DistributedModel
     raise AttributeError(f"module 'swarmlm' has no attribute {name!r}")

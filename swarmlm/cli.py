@@ -129,7 +129,8 @@ def peer(
     ] = 0.0,
 ) -> None:
     """Join (or start) a swarm and serve a span of the model's layers to its clients."""
-    from swarmlm.swarm.peer import PeerConfig, run_peer
+    from swarmlm.serve.gateway import GatewayConfig, run_peer_with_gateway
+    from swarmlm.swarm.peer import PeerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = PeerConfig(
@@ -145,15 +146,12 @@ def peer(
         scheduler=scheduler,
         threads=threads,
         rebalance_period=rebalance_period,
-        api=api,
-        max_batch_seqs=max_batch_seqs,
-        api_keys=api_keys,
-        protect_metrics=protect_metrics,
         ledger=ledger,
         swarm_cert=swarm_cert,
         perturb_outputs=perturb_outputs,
     )
-    _exit_with(run_peer, cfg)
+    gateway = None if api is None else GatewayConfig(api, max_batch_seqs, api_keys, protect_metrics)
+    _exit_with(lambda c: run_peer_with_gateway(*c), (cfg, gateway))
 
 
 @app.command()
@@ -164,11 +162,12 @@ def status(
     swarm_cert: SwarmCertOption = None,
 ) -> None:
     """Show the swarm's peers and per-layer coverage; exit code 1 if some layer has no live peer."""
-    from swarmlm.ledger.identity import Identity
+    from swarmlm.core.dht import start_dht
+    from swarmlm.core.identity import Identity
+    from swarmlm.core.membership import load_membership
     from swarmlm.model.checkpoint import open_checkpoint
     from swarmlm.model.loading import resolve_model
-    from swarmlm.swarm.membership import load_membership
-    from swarmlm.swarm.records import DEFAULT_TTL, fetch_records, start_dht
+    from swarmlm.swarm.records import DEFAULT_TTL, fetch_records
     from swarmlm.swarm.status import print_status
 
     model_id, path = resolve_model(model)
@@ -200,7 +199,7 @@ def demo(
     """Start a local swarm on the embedded model, stream a chat answer through the openai client, keep serving."""
     if ctx.invoked_subcommand is not None:
         return
-    from swarmlm.demo import run_demo
+    from swarmlm.launch.demo_serve import run_demo
 
     raise typer.Exit(run_demo(port, prompt, once))
 
@@ -214,7 +213,7 @@ def demo_train(
     prompt: str = "ROMEO:",
 ) -> None:
     """Three peers train a tiny model from scratch (one is killed and restarts), then a swarm serves it."""
-    from swarmlm.demo_train import run_train_demo
+    from swarmlm.launch.demo_train import run_train_demo
 
     logging.basicConfig(level=logging.WARNING, force=True)
     _exit_with(lambda c: run_train_demo(*c), (work_dir, rounds, inner_steps, port, prompt))
@@ -445,7 +444,7 @@ def swarm_init(
     out: Annotated[Path, typer.Option("--out", help="Where to write the owner's key (keep it secret)")],
 ) -> None:
     """Make a swarm owner key; prints the swarm id (the owner's peer id)."""
-    from swarmlm.ledger.identity import Identity
+    from swarmlm.core.identity import Identity
 
     if out.exists():
         typer.secho(f"error: {out} exists; a swarm keeps its owner key", fg=typer.colors.RED, err=True)
@@ -458,7 +457,7 @@ def swarm_id(
     identity: Annotated[Path, typer.Argument(help="A peer's key file (created if missing)")],
 ) -> None:
     """Print the peer id of a key file: what the owner invites."""
-    from swarmlm.ledger.identity import Identity
+    from swarmlm.core.identity import Identity
 
     def run(path: Path) -> int:
         typer.echo(Identity.load_or_create(path).peer_id)
@@ -475,8 +474,8 @@ def swarm_invite(
     expires: Annotated[str, typer.Option(help="Lifetime: seconds, or 30m, 12h, 7d")] = "30d",
 ) -> None:
     """Sign a membership certificate for a peer; it joins with --identity KEYFILE --swarm-cert FILE."""
-    from swarmlm.ledger.identity import Identity
-    from swarmlm.swarm.membership import Certificate
+    from swarmlm.core.identity import Identity
+    from swarmlm.core.membership import Certificate
 
     lifetime = _duration(expires)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from swarmlm.launch.servers import ServerProcess
 from swarmlm.model.loading import LoadedModel, default_model_path, load_model
-from swarmlm.serve.local import ServerProcess
 
 # Peers keep their ledger copies under $SWARMLM_HOME: the suite's go to a temporary folder, not ~/.swarmlm.
 os.environ.setdefault("SWARMLM_HOME", tempfile.mkdtemp(prefix="swarmlm-test-home-"))

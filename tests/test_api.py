@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from swarmlm.serve.local import ServerProcess
+from swarmlm.launch.servers import ServerProcess
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
+from swarmlm.launch.servers import ServerProcess
 from swarmlm.serve.auth import ApiKey, KeyChecker, KeyFileError, create_key, hash_key, load_keys
-from swarmlm.serve.local import ServerProcess
 
 
 def test_key_file_holds_hashes_only(tmp_path: Path) -> None:

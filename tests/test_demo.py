@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from swarmlm.swarm.local import free_port
+from swarmlm.launch.peers import free_port
 
 
 def test_demo_streams_an_answer_and_stops_cleanly() -> None:

@@ -17,8 +17,8 @@ from openai import OpenAI
 from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.launch.peers import PeerProcess, free_port, start_swarm
 from swarmlm.model.loading import LoadedModel
-from swarmlm.swarm.local import PeerProcess, free_port, start_swarm
 
 pytestmark = pytest.mark.slow
 

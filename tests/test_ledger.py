@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from swarmlm.core.dht import start_dht
+from swarmlm.core.identity import Identity, IdentityError, verify
 from swarmlm.ledger.chain import Entry, LedgerError, verify_chain
-from swarmlm.ledger.identity import Identity, IdentityError, verify
 from swarmlm.ledger.store import Ledger, read_lines, verify_file
 from swarmlm.model.loading import DEFAULT_MODEL_ID, checkpoint_digests, load_model
-from swarmlm.swarm.records import start_dht
 from swarmlm.swarm.versions import expected_digest, model_version, version_body
 
 

@@ -16,19 +16,21 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 
+from swarmlm.core.dht import start_dht
+from swarmlm.core.identity import Identity
+from swarmlm.core.keys import members_key, model_key
+from swarmlm.core.loop import LoopThread
+from swarmlm.core.membership import Certificate, MembershipError, load_membership
 from swarmlm.engine.sampling import SamplingParams
-from swarmlm.ledger.identity import Identity
+from swarmlm.launch.peers import PeerProcess
+from swarmlm.launch.trainers import start_run
 from swarmlm.ledger.sync import LedgerServicer
 from swarmlm.swarm.client import ClientConfig, RemoteModel
-from swarmlm.swarm.local import PeerProcess
-from swarmlm.swarm.loop import LoopThread
-from swarmlm.swarm.membership import Certificate, MembershipError, load_membership, members_key
-from swarmlm.swarm.protocol import RemoteError, StepRequest, read_response
-from swarmlm.swarm.records import fetch_records, model_key, start_dht
+from swarmlm.swarm.messages import RemoteError, StepRequest, read_response
+from swarmlm.swarm.records import fetch_records
 from swarmlm.swarm.servicer import SpanServicer
 from swarmlm.train.allreduce import RobustAverager
 from swarmlm.train.data import default_corpus_files, prepare
-from swarmlm.train.local import start_run
 
 pytestmark = pytest.mark.slow
 

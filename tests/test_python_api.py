@@ -12,9 +12,9 @@ from swarmlm import DistributedModel
 from swarmlm.engine.engine import Engine
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.launch.trainers import TrainerProcess
 from swarmlm.model.loading import load_model
 from swarmlm.train.data import DataError, TokenShards, default_corpus_files, prepare
-from swarmlm.train.local import TrainerProcess
 
 pytestmark = pytest.mark.slow
 

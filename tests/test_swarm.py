@@ -17,11 +17,11 @@ import pytest
 from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.launch.peers import PeerProcess, alive, start_swarm
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import ledger_path, read_lines, verify_file
 from swarmlm.model.loading import DEFAULT_MODEL_ID, LoadedModel, default_model_path
 from swarmlm.swarm.client import ClientConfig, RemoteModel
-from swarmlm.swarm.local import PeerProcess, alive, start_swarm
 from swarmlm.swarm.records import SpanRecord
 from swarmlm.swarm.routing import NoRouteError, better_span, choose_span, find_route
 

@@ -12,12 +12,12 @@ import httpx
 import pytest
 import torch
 
+from swarmlm.launch.peers import PeerProcess, free_port
+from swarmlm.launch.servers import ServerProcess
+from swarmlm.launch.trainers import TrainerProcess, start_run
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import read_lines, verify_file
-from swarmlm.serve.local import ServerProcess
-from swarmlm.swarm.local import PeerProcess, free_port
 from swarmlm.train.data import default_corpus_files, prepare
-from swarmlm.train.local import TrainerProcess, start_run
 
 pytestmark = pytest.mark.slow
 

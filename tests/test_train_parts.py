@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from swarmlm.train.aggregation import centered_clip, get_aggregator, mean, trimmed_mean
-from swarmlm.train.checkpoint import (
+from swarmlm.train.checkpointer import (
     CheckpointCorrupt,
     latest_checkpoint,
     load_checkpoint,
@@ -137,7 +137,7 @@ def _allreduce_peer(rank: int, n: int, rule: str, wire: str, boot_file: str) -> 
     from hivemind.averaging.allreduce import AllreduceException
     from hivemind.averaging.matchmaking import MatchmakingException
 
-    from swarmlm.swarm.records import start_dht
+    from swarmlm.core.dht import start_dht
     from swarmlm.train.allreduce import RobustAverager
 
     boot = Path(boot_file)

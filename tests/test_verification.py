@@ -8,13 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from swarmlm.core.dht import start_dht
 from swarmlm.engine.sampling import SamplingParams
+from swarmlm.launch.peers import PeerProcess, start_peers
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import ledger_path, read_lines
 from swarmlm.model.loading import LoadedModel
 from swarmlm.swarm.client import ClientConfig, RemoteModel
-from swarmlm.swarm.local import PeerProcess, start_peers
-from swarmlm.swarm.records import start_dht
 from swarmlm.swarm.routing import NoRouteError
 from tests.test_swarm import local_greedy
 

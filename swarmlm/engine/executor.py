@@ -2,7 +2,7 @@
 
 The engine (engine.py) decides *what* a step does: which sequences, how many tokens each, what to sample.
 An executor runs it. `LocalExecutor` holds the whole model and every sequence's KV cache in this process.
-`swarmlm.swarm.executor.SwarmExecutor` keeps only the embeddings and the head here and sends each
+`swarmlm.swarm.remote_executor.SwarmExecutor` keeps only the embeddings and the head here and sends each
 sequence's hidden states through the swarm's peers, who keep its KV cache.
 """
 

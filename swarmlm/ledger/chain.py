@@ -17,13 +17,13 @@ with any peer that has them brings them back.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from swarmlm.ledger.identity import Identity
-from swarmlm.ledger.identity import verify as verify_signature
+from swarmlm.core.encoding import canonical
+from swarmlm.core.identity import Identity
+from swarmlm.core.identity import verify as verify_signature
 
 KINDS = ("model_version", "training_round", "join", "leave", "attestation", "accusation")
 GENESIS = ""  # the `prev` of an author's first entry in an empty ledger
@@ -31,11 +31,6 @@ GENESIS = ""  # the `prev` of an author's first entry in an empty ledger
 
 class LedgerError(ValueError):
     """An entry or a copy that breaks the chain's rules; the message names the entry and the rule."""
-
-
-def canonical(value: Any) -> bytes:
-    """One byte string per JSON value: what is signed and hashed."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from swarmlm.core.identity import Identity
 from swarmlm.ledger.chain import ChainState, Entry, LedgerError, Verdict, verify_chain
-from swarmlm.ledger.identity import Identity
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import msgpack
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
+from swarmlm.core.loop import LoopThread
+from swarmlm.core.membership import Membership, MembershipError
 from swarmlm.ledger.chain import Entry, LedgerError
 from swarmlm.ledger.store import Ledger
-from swarmlm.swarm.loop import LoopThread
-from swarmlm.swarm.membership import Membership, MembershipError
 
 log = logging.getLogger(__name__)
 

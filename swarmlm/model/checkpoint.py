@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from swarmlm.core.files import atomic_directory
 from swarmlm.model.config import ModelConfig
 
 
@@ -235,16 +236,9 @@ def save_hf_checkpoint(state: dict[str, Tensor], config: ModelConfig, out_dir: P
     """Write a whole model as a Hugging Face directory (config.json + model.safetensors) that both
     `HFCheckpoint` and transformers load. Written into a temporary sibling and renamed into place, so a
     crash never leaves a half-written directory."""
-    import os
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         tensors = {
             (name if name == "lm_head.weight" else f"model.{name}"): t.detach().to("cpu").contiguous()
             for name, t in split_projections(state, config).items()
@@ -252,12 +246,3 @@ def save_hf_checkpoint(state: dict[str, Tensor], config: ModelConfig, out_dir: P
         }
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from swarmlm.core.files import atomic_write
 
 KEY_PREFIX = "sk-swarmlm-"
 
@@ -95,16 +96,8 @@ def create_key(
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     entry = ApiKey(name, hash_key(secret), requests_per_minute, tuple(models) if models else None)
     keys.append(entry)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        for k in keys:
-            row = asdict(k)
-            row["models"] = list(k.models) if k.models is not None else None
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    rows = [{**asdict(k), "models": list(k.models) if k.models is not None else None} for k in keys]
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows), mode=0o600)
     return secret
 
 

@@ -32,15 +32,16 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from torch import Tensor
 
+from swarmlm.core.dht import start_dht
+from swarmlm.core.identity import Identity
+from swarmlm.core.loop import LoopThread
+from swarmlm.core.membership import Membership, load_membership
 from swarmlm.engine.sampling import SamplingParams, apply_penalties, sample_row
-from swarmlm.ledger.identity import Identity
 from swarmlm.ledger.store import Ledger
 from swarmlm.ledger.sync import SYNC_TIMEOUT, pull, push
 from swarmlm.model.loading import load_model
-from swarmlm.swarm.loop import LoopThread
-from swarmlm.swarm.membership import Membership, load_membership
-from swarmlm.swarm.protocol import WIRE_DTYPES, RemoteError, StepRequest, read_response
-from swarmlm.swarm.records import SpanRecord, fetch_records, start_dht
+from swarmlm.swarm.messages import WIRE_DTYPES, RemoteError, StepRequest, read_response
+from swarmlm.swarm.records import SpanRecord, fetch_records
 from swarmlm.swarm.routing import NoRouteError, RouteHop, find_route
 from swarmlm.swarm.servicer import SpanServicer
 from swarmlm.swarm.versions import expected_digest, model_version

@@ -5,6 +5,10 @@ runs the `SpanEngine`; an asyncio loop in a second thread serves P2P streams and
 engine; a third refreshes the DHT record. The DHT itself and the libp2p daemon are hivemind's own
 child processes; the peer runs in its own process group so a killed peer leaves none behind (its
 parent or test harness kills the group).
+
+A peer may carry a *sidecar*: something that runs beside it on the same DHT node and is announced in its
+record. The serve layer's gateway (`serve/gateway.py`, `--api`) is the one sidecar; this module only knows
+the `Sidecar` protocol, so the swarm layer never imports the HTTP layer above it.
 """
 
 from __future__ import annotations
@@ -13,33 +17,26 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from hivemind import DHT
 from hivemind.p2p import P2P
 
-import swarmlm
+from swarmlm.core.dht import DAEMON_START_TIMEOUT, start_dht
+from swarmlm.core.identity import Identity
+from swarmlm.core.loop import LoopThread
+from swarmlm.core.membership import Membership, load_membership
+from swarmlm.core.version import __version__
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.engine.span_engine import SpanEngine
-from swarmlm.ledger.identity import Identity
 from swarmlm.ledger.store import Ledger, ledger_path
 from swarmlm.ledger.sync import LedgerSync
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import checkpoint_digests, load_model, resolve_model
-from swarmlm.serve.auth import load_keys
-from swarmlm.swarm.gateway import Gateway, ServeConfig, parse_address
-from swarmlm.swarm.loop import LoopThread
-from swarmlm.swarm.membership import Membership, load_membership
-from swarmlm.swarm.records import (
-    DAEMON_START_TIMEOUT,
-    DEFAULT_TTL,
-    SpanRecord,
-    announce,
-    fetch_records,
-    start_dht,
-    withdraw,
-)
+from swarmlm.swarm.records import DEFAULT_TTL, SpanRecord, announce, fetch_records, withdraw
 from swarmlm.swarm.routing import better_span, choose_span
 from swarmlm.swarm.servicer import SpanServicer
 from swarmlm.swarm.versions import expected_digest, model_version, version_body
@@ -62,10 +59,6 @@ class PeerConfig:
     ttl: float = DEFAULT_TTL
     rebalance_period: float = 60.0  # seconds between balance checks of an `auto` peer; 0: never move
     threads: int | None = None  # torch intra-op threads; None: PyTorch's default (all cores)
-    api: str | None = None  # HOST:PORT: also run the OpenAI API and dashboard, backed by the swarm
-    max_batch_seqs: int = 32  # the gateway's concurrent sequences
-    api_keys: str | None = None  # the gateway's key file
-    protect_metrics: bool = False
     ledger: str | None = None  # this peer's copy of the ledger (default: ledger_path(peer id))
     swarm_cert: str | None = None  # membership certificate: join a private swarm
     perturb_outputs: float = 0.0  # fault injection for attack tests: a lying peer (see SpanServicer)
@@ -84,7 +77,26 @@ def parse_layers(layers: str, total: int) -> tuple[int, int] | None:
     return a, b
 
 
-def run_peer(cfg: PeerConfig) -> int:
+class Sidecar(Protocol):
+    """What runs beside a peer (the gateway): started once the peer is up, announced in its record."""
+
+    address: str  # host:port, announced as the record's `api`
+
+    def start(self) -> None: ...
+
+    def run(self) -> int:
+        """Its main loop; returns an exit code when stopped."""
+        ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+SidecarFactory = Callable[[DHT], Sidecar]  # given the peer's DHT node
+
+
+def run_peer(cfg: PeerConfig, sidecar: SidecarFactory | None = None) -> int:
     if cfg.threads is not None:
         # Several peers on one machine must not each spin a thread per core: OpenMP workers that busy-wait
         # between steps steal the cores the next peer in the chain needs.
@@ -92,13 +104,9 @@ def run_peer(cfg: PeerConfig) -> int:
     model_id, path = resolve_model(cfg.model)
     total = open_checkpoint(path).config.num_layers
     span = None if cfg.layers == "auto" else parse_layers(cfg.layers, total)  # fail early on a bad value
-    if cfg.api is not None:
-        parse_address(cfg.api)
-    if cfg.api_keys is not None:
-        load_keys(cfg.api_keys)  # a bad key file fails now, not when the gateway starts
     identity = Identity.from_option(cfg.identity)
     cert = load_membership(cfg.swarm_cert, identity) if cfg.swarm_cert else None
-    if cfg.api is not None and cert is not None:
+    if sidecar is not None and cert is not None:
         raise ValueError("--api on a private swarm is not supported yet: its client would need its own certificate")
     ledger = Ledger(cfg.ledger or ledger_path(identity.peer_id), identity)  # a tampered copy stops us here
     try:
@@ -106,7 +114,7 @@ def run_peer(cfg: PeerConfig) -> int:
     except BaseException:
         ledger.close()
         raise
-    peer = Peer(cfg, model_id, total, dht, ledger, Membership(dht, cert))
+    peer = Peer(cfg, model_id, total, dht, ledger, Membership(dht, cert), sidecar)
     try:
         return peer.serve(span)
     finally:
@@ -117,11 +125,18 @@ class Peer:
     """One running peer: its DHT node, its record, and the engine serving its current span."""
 
     def __init__(
-        self, cfg: PeerConfig, model_id: str, num_layers: int, dht: DHT, ledger: Ledger, membership: Membership
+        self,
+        cfg: PeerConfig,
+        model_id: str,
+        num_layers: int,
+        dht: DHT,
+        ledger: Ledger,
+        membership: Membership,
+        sidecar: SidecarFactory | None = None,
     ) -> None:
         self.cfg, self.model_id, self.num_layers, self.dht, self.ledger = cfg, model_id, num_layers, dht, ledger
         self.membership = membership
-        self.record = SpanRecord(str(dht.peer_id), model_id, 0, 0, version=swarmlm.__version__)
+        self.record = SpanRecord(str(dht.peer_id), model_id, 0, 0, version=__version__)
         self.engine: SpanEngine | None = None
         self.stop = threading.Event()
         self.announcing = threading.Lock()  # a heartbeat in flight must not re-announce us after we withdrew
@@ -129,7 +144,8 @@ class Peer:
         self.loop: LoopThread | None = None
         self.p2p: P2P | None = None
         self.servicer = SpanServicer(None, self.record, membership, cfg.perturb_outputs)
-        self.gateway: Gateway | None = None
+        self.make_sidecar = sidecar
+        self.sidecar: Sidecar | None = None
         self.ledger_sync: LedgerSync | None = None
         self.version_checked = False  # the ledger's model version, against our span (`_check_version`)
 
@@ -144,17 +160,15 @@ class Peer:
         self.loop = LoopThread("swarmlm-p2p")
         self.p2p = self.loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
         self.ledger_sync = LedgerSync(self.ledger, self.loop, self.p2p, self.membership, DAEMON_START_TIMEOUT)
-        self.ledger.append("join", {"model": self.model_id, "version": swarmlm.__version__})
+        self.ledger.append("join", {"model": self.model_id, "version": __version__})
         if span is None:  # serves no layers: a bootstrap or gateway node
             self._heartbeat()
             threading.Thread(target=self._heartbeats, daemon=True).start()
             print(f"swarmlm peer ready: {self.model_id} layers 0..0 (no layers)", flush=True)
-            if self.cfg.api is None:
+            if self.make_sidecar is None:
                 self.stop.wait()
                 return 0
-            gateway = self._start_gateway()
-            gateway.engine.run()  # in the main thread, where its head runs fastest; returns on a signal
-            return 1 if gateway.engine.error is not None else 0
+            return self._start_sidecar().run()  # in the main thread, where its head runs fastest
         self.loop.run(self.servicer.add_p2p_handlers(self.p2p), DAEMON_START_TIMEOUT)
         threading.Thread(target=self._heartbeats, daemon=True).start()
         while not self.stop.is_set():
@@ -167,9 +181,9 @@ class Peer:
                 flush=True,
             )
             assert self.engine is not None
-            if self.cfg.api is not None and self.gateway is None:
-                # In a thread: starting it profiles the swarm, which needs our own engine running.
-                threading.Thread(target=self._run_gateway, name="swarmlm-gateway", daemon=True).start()
+            if self.make_sidecar is not None and self.sidecar is None:
+                # In a thread: starting the gateway profiles the swarm, which needs our own engine running.
+                threading.Thread(target=self._run_sidecar, name="swarmlm-sidecar", daemon=True).start()
             self.engine.run()  # returns on a signal, or when the heartbeat decides to move
             if self.move_to is None:
                 break
@@ -193,43 +207,32 @@ class Peer:
         attestation = {"model": self.model_id, "span": list(span), "digest": model.digest, "dtype": cfg.dtype}
         self.ledger.append("attestation", {**attestation, "quant": cfg.quant})
 
-    def _start_gateway(self) -> Gateway:
-        """The OpenAI API and dashboard on `--api`, announced in our record."""
-        assert self.cfg.api is not None
-        host, port = parse_address(self.cfg.api)
-        serve = ServeConfig(
-            self.cfg.model,
-            host,
-            port,
-            self.cfg.scheduler,
-            max_batch_seqs=self.cfg.max_batch_seqs,
-            api_keys=self.cfg.api_keys,
-            protect_metrics=self.cfg.protect_metrics,
-        )
-        self.gateway = Gateway(self.dht, serve, self.cfg.ttl)
-        self.gateway.start()
-        self.record.api = self.gateway.address
+    def _start_sidecar(self) -> Sidecar:
+        """Start the sidecar on our DHT node and announce its address in our record."""
+        assert self.make_sidecar is not None
+        self.sidecar = self.make_sidecar(self.dht)
+        self.sidecar.start()
+        self.record.api = self.sidecar.address
         self._heartbeat()
-        print(f"swarmlm gateway: http://{self.gateway.address}/v1 (dashboard: /dashboard)", flush=True)
-        return self.gateway
+        return self.sidecar
 
-    def _run_gateway(self) -> None:
+    def _run_sidecar(self) -> None:
         try:
-            gateway = self._start_gateway()
+            sidecar = self._start_sidecar()
         except Exception:
             log.exception("the gateway failed to start; stopping the peer")
             self._request_exit(signal.SIGTERM, None)
             return
         if not self.stop.is_set():  # a signal may have come while it started
-            gateway.engine.run()
+            sidecar.run()
 
     def _request_exit(self, signum: int, _frame: object) -> None:
         log.info("signal %d: leaving the swarm", signum)
         self.stop.set()
         if self.engine is not None:
             self.engine.stop()
-        if self.gateway is not None:
-            self.gateway.stop()
+        if self.sidecar is not None:
+            self.sidecar.stop()
 
     def _heartbeat(self) -> None:
         if (engine := self.engine) is not None:
@@ -298,8 +301,8 @@ class Peer:
 
     def shutdown(self) -> None:
         self.stop.set()
-        if self.gateway is not None:
-            self.gateway.close()
+        if self.sidecar is not None:
+            self.sidecar.close()
         try:
             with self.announcing:
                 withdraw(self.dht, self.record)

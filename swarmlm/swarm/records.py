@@ -14,18 +14,12 @@ from typing import Any
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
-from swarmlm.ledger.identity import Identity
-from swarmlm.swarm.membership import Certificate, MembershipValidator
+from swarmlm.core.dht import DHT_TIMEOUT
+from swarmlm.core.keys import model_key
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 15.0
-DAEMON_START_TIMEOUT = 60.0  # hivemind's 15 s default is too tight for a loaded 2-core machine
-DHT_TIMEOUT = 10.0  # every DHT call has a deadline: a dead DHT process must not hang its caller
-
-
-def model_key(model_id: str) -> str:
-    return f"swarmlm:{model_id}:spans"
 
 
 @dataclass
@@ -97,29 +91,3 @@ def fetch_records(dht: DHT, model_id: str, online_only: bool = True) -> list[Spa
             continue
         records.append(record)
     return sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
-
-
-def start_dht(
-    initial_peers: list[str],
-    host_maddrs: list[str],
-    identity: Identity | None = None,
-    client: bool = False,
-    cert: Certificate | None = None,
-) -> DHT:
-    """Join the DHT as `identity` (a fresh Ed25519 one if None): the key that authenticates our streams is
-    the one that signs our ledger entries. hivemind's own identity check reads RSA keys only, so it is
-    off; an Ed25519 peer id is collision-free anyway. With `cert`, as a member of a private swarm: our
-    records are signed as a member's, and records that are not are refused."""
-    identity = identity or Identity.generate()
-    validators = [MembershipValidator(cert, identity)] if cert is not None else []
-    with identity.key_file() as key:
-        return DHT(
-            record_validators=validators,
-            initial_peers=initial_peers or None,
-            host_maddrs=host_maddrs,
-            identity_path=str(key),
-            check_if_identity_free=False,
-            client_mode=client,
-            startup_timeout=DAEMON_START_TIMEOUT,
-            start=True,
-        )

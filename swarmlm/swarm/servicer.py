@@ -9,10 +9,10 @@ import torch
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
+from swarmlm.core.membership import Membership, MembershipError
 from swarmlm.engine.kv_cache import KVCacheError
 from swarmlm.engine.span_engine import SessionError, SpanEngine, SpanSession
-from swarmlm.swarm.membership import Membership, MembershipError
-from swarmlm.swarm.protocol import ProtocolError, StepRequest, error_response, step_response
+from swarmlm.swarm.messages import ProtocolError, StepRequest, error_response, step_response
 from swarmlm.swarm.records import SpanRecord
 
 

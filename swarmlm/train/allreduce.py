@@ -47,7 +47,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import amap_in_executor, get_dht_time
 from torch import Tensor
 
-from swarmlm.swarm.membership import Membership
+from swarmlm.core.membership import Membership
 from swarmlm.train.aggregation import Aggregator, get_aggregator
 from swarmlm.train.config import WIRE_FORMATS
 

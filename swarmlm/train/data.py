@@ -53,6 +53,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from swarmlm.core.files import sha256_file
 from swarmlm.model.tokenizer import Tokenizer
 
 FORMAT = "swarmlm-tokens-1"
@@ -661,14 +662,6 @@ def prepare(
 # ------------------------------------------------------------------------------------------------- reading
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_COPY_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class TokenShards:
     """One split of a prepared data directory: blocks of token ids, memory-mapped from its shards.
 
@@ -700,7 +693,7 @@ class TokenShards:
             size, expected = path.stat().st_size, shard.blocks * manifest.block_size * itemsize
             if size != expected:
                 raise DataError(f"shard {path}: wrong size ({size} bytes, expected {expected})")
-            if verify and (digest := _sha256(path)) != shard.sha256:
+            if verify and (digest := sha256_file(path)) != shard.sha256:
                 raise DataError(f"shard {path}: checksum mismatch (sha256 {digest}, manifest says {shard.sha256})")
         return cls(data_dir, manifest, split)
 

@@ -35,14 +35,15 @@ import torch
 from hivemind.utils import get_dht_time
 from torch import Tensor
 
-from swarmlm.ledger.identity import Identity
+from swarmlm.core.identity import Identity
+from swarmlm.core.keys import TRAINING_KEY
+from swarmlm.core.loop import LoopThread
+from swarmlm.core.membership import Membership, load_membership
 from swarmlm.ledger.store import Ledger
 from swarmlm.ledger.sync import LedgerSync
 from swarmlm.model.loading import tensors_digest
-from swarmlm.swarm.loop import LoopThread
-from swarmlm.swarm.membership import Membership, load_membership
 from swarmlm.train.allreduce import RobustAverager
-from swarmlm.train.checkpoint import best_round, latest_checkpoint, mark_best, save_checkpoint
+from swarmlm.train.checkpointer import best_round, latest_checkpoint, mark_best, save_checkpoint
 from swarmlm.train.config import TrainConfig
 from swarmlm.train.data import TokenShards, load_data_tokenizer
 from swarmlm.train.evaluation import evaluate
@@ -52,7 +53,6 @@ from swarmlm.train.privacy import PeerPrivacy
 logger = logging.getLogger(__name__)
 
 
-TRAINING_KEY = "swarmlm.training"  # DHT key: one subkey per run, read by the dashboard
 TRAINING_TTL = 600.0
 CURVE_POINTS = 200
 ROUND_KEY_BITS = 16  # rounds in the matchmaking key, modulo 2**16: only neighbours need to differ
@@ -140,7 +140,7 @@ class Trainer:
     # ---- swarm plumbing ----------------------------------------------------------------------------
 
     def connect(self) -> None:
-        from swarmlm.swarm.records import DAEMON_START_TIMEOUT, start_dht
+        from swarmlm.core.dht import DAEMON_START_TIMEOUT, start_dht
 
         cfg = self.cfg
         cert = load_membership(cfg.swarm_cert, self.identity) if cfg.swarm_cert else None

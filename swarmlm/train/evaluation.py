@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from swarmlm.train.checkpoint import best_round, load_checkpoint
+from swarmlm.train.checkpointer import best_round, load_checkpoint
 from swarmlm.train.config import TrainConfig
 from swarmlm.train.data import TokenShards, load_data_tokenizer
 from swarmlm.train.model import TrainableModel, build_model

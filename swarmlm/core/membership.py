@@ -28,20 +28,17 @@ from hivemind import DHT
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 
-from swarmlm.ledger.chain import canonical
-from swarmlm.ledger.identity import Identity, IdentityError, verify
+from swarmlm.core.dht import DHT_TIMEOUT
+from swarmlm.core.encoding import canonical
+from swarmlm.core.identity import Identity, IdentityError, verify
+from swarmlm.core.keys import members_key
 
 MEMBER_CACHE_SECONDS = 30.0  # how long a positive membership answer is trusted before asking the DHT again
 CERT_RECORD_TTL = 300.0  # a member's certificate entry lives this long; `publish` refreshes it at half-life
-DHT_TIMEOUT = 10.0
 
 
 class MembershipError(PermissionError):
     """A certificate that is malformed, forged, expired or not for this swarm, or a non-member's call."""
-
-
-def members_key(swarm_id: str) -> str:
-    return f"swarmlm:swarm:{swarm_id}:members"
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ class Certificate:
 
     @classmethod
     def issue(cls, owner: Identity, peer: str, lifetime: float) -> Certificate:
-        from swarmlm.ledger.identity import public_key_of
+        from swarmlm.core.identity import public_key_of
 
         public_key_of(peer)  # IdentityError unless an Ed25519 peer id
         issued = time.time()

@@ -8,7 +8,6 @@ and anyone can check a signature against a peer id alone: an Ed25519 peer id *is
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hivemind.proto import crypto_pb2
+
+from swarmlm.core.files import atomic_write
 
 _IDENTITY_MULTIHASH = b"\x00"  # multihash code 0x00: the digest is the key itself (keys of <= 42 bytes)
 
@@ -124,11 +125,4 @@ class Identity:
         proto = crypto_pb2.PrivateKey(
             key_type=crypto_pb2.KeyType.Ed25519, data=seed + _raw_public(self.key.public_key())
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, proto.SerializeToString(), mode=0o600)

@@ -12,7 +12,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from swarmlm.swarm.local import PeerProcess, start_swarm
+from swarmlm.launch.peers import PeerProcess, start_swarm
 
 console = Console(soft_wrap=True)  # long URLs stay on one line, ready to copy
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from swarmlm.swarm.local import PeerProcess, start_swarm
-from swarmlm.train.local import TrainerProcess, start_run
+from swarmlm.launch.peers import PeerProcess, start_swarm
+from swarmlm.launch.trainers import TrainerProcess, start_run
 
 console = Console(soft_wrap=True)
 PEERS = 3

@@ -14,19 +14,17 @@ checksum matches is used; a corrupt one is reported and skipped for the one befo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from swarmlm.core.files import atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -37,47 +35,20 @@ class CheckpointCorrupt(ValueError):
     """A checkpoint whose files are missing, truncated or do not match their checksum."""
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself must survive a crash
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(folder: Path, round_: int, tensors: dict[str, Tensor], meta: dict[str, Any], keep: int = 3) -> Path:
     """Write round `round_`'s checkpoint and drop all but the newest `keep` (and `best.json`'s round)."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"round-{round_:06d}.safetensors"
-    _atomic_write(weights, lambda p: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(p)))
+    atomic_write(weights, lambda p: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(p)))
     record = {**meta, "round": round_, "tensors": weights.name, "sha256": sha256_file(weights)}
     marker = folder / f"round-{round_:06d}.json"
-    _atomic_write(marker, lambda p: p.write_text(json.dumps(record, indent=1)))
+    atomic_write(marker, lambda p: p.write_text(json.dumps(record, indent=1)))
     _prune(folder, keep)
     return marker
 
 
 def mark_best(folder: Path, round_: int, val_loss: float) -> None:
-    _atomic_write(folder / "best.json", lambda p: p.write_text(json.dumps({"round": round_, "val_loss": val_loss})))
+    atomic_write(folder / "best.json", lambda p: p.write_text(json.dumps({"round": round_, "val_loss": val_loss})))
 
 
 def best_round(folder: Path) -> tuple[int, float] | None:

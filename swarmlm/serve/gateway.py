@@ -1,5 +1,5 @@
 """A swarm gateway (`swarmlm peer --api HOST:PORT`): the OpenAI-compatible API and the dashboard, backed
-by the swarm.
+by the swarm. It runs as its peer's sidecar (`swarm/peer.py`): the peer starts it on its DHT node once up.
 
 It is `swarmlm serve`'s stack unchanged (API, AsyncEngine, Engine with its scheduler, sampling and
 metrics) with a `SwarmExecutor` in place of the local model, plus `/dashboard`. It joins the swarm through
@@ -13,17 +13,21 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
+from swarmlm.core.keys import TRAINING_KEY
 from swarmlm.engine.async_engine import AsyncEngine
+from swarmlm.serve.auth import load_keys
 from swarmlm.serve.dashboard import add_dashboard
 from swarmlm.serve.server import ApiServer, ServeConfig, build_app
 from swarmlm.swarm.client import RemoteModel
-from swarmlm.swarm.executor import SwarmExecutor
+from swarmlm.swarm.peer import PeerConfig, run_peer
 from swarmlm.swarm.records import SpanRecord, fetch_records
+from swarmlm.swarm.remote_executor import SwarmExecutor
 from swarmlm.swarm.routing import NoRouteError, find_route, format_layers, peers_per_layer, uncovered_layers
 
 log = logging.getLogger("swarmlm.gateway")
@@ -37,6 +41,33 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--api must be HOST:PORT (e.g. 127.0.0.1:8000), not {address!r}")
     return host, int(port)
+
+
+@dataclass
+class GatewayConfig:
+    api: str  # HOST:PORT of the OpenAI API and dashboard
+    max_batch_seqs: int = 32  # sequences the gateway runs at once
+    api_keys: str | None = None  # key file: every /v1 call needs one of its keys
+    protect_metrics: bool = False  # /metrics and /dashboard need a key too
+
+
+def run_peer_with_gateway(peer: PeerConfig, gateway: GatewayConfig | None) -> int:
+    """`swarmlm peer`: with `gateway`, the OpenAI API over the swarm runs beside the peer."""
+    if gateway is None:
+        return run_peer(peer)
+    host, port = parse_address(gateway.api)
+    if gateway.api_keys is not None:
+        load_keys(gateway.api_keys)  # a bad key file fails now, not when the gateway starts
+    serve = ServeConfig(
+        peer.model,
+        host,
+        port,
+        peer.scheduler,
+        max_batch_seqs=gateway.max_batch_seqs,
+        api_keys=gateway.api_keys,
+        protect_metrics=gateway.protect_metrics,
+    )
+    return run_peer(peer, lambda dht: Gateway(dht, serve, peer.ttl))
 
 
 class Gateway:
@@ -61,7 +92,12 @@ class Gateway:
 
     def start(self) -> None:
         self.api.start()
-        log.info("OpenAI API on http://%s/v1, dashboard on http://%s/dashboard", self.address, self.address)
+        print(f"swarmlm gateway: http://{self.address}/v1 (dashboard: /dashboard)", flush=True)
+
+    def run(self) -> int:
+        """The engine loop; returns 0 on a signal, 1 if the engine failed."""
+        self.engine.run()
+        return 1 if self.engine.error is not None else 0
 
     def stop(self) -> None:
         self.api.stop()
@@ -92,8 +128,6 @@ class Gateway:
 
     def _training(self) -> list[dict[str, Any]]:
         """Training runs in this DHT (`swarmlm train` peers announce their round and loss curve)."""
-        from swarmlm.train.diloco import TRAINING_KEY
-
         found = self.remote.dht.get(TRAINING_KEY, latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
@@ -135,4 +169,4 @@ class Gateway:
         }
 
 
-__all__ = ["Gateway", "ServeConfig", "parse_address"]
+__all__ = ["Gateway", "GatewayConfig", "parse_address", "run_peer_with_gateway"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from swarmlm.swarm.local import free_port
+from swarmlm.launch.peers import free_port
 
 
 class ServerProcess:

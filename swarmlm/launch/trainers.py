@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from swarmlm.swarm.local import PeerProcess, start_peers
-from swarmlm.train.checkpoint import saved_rounds
+from swarmlm.launch.peers import PeerProcess, start_peers
+from swarmlm.train.checkpointer import saved_rounds
 
 
 class TrainerProcess(PeerProcess):
