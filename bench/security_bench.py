@@ -6,13 +6,19 @@
 3. schemathesis against a real `swarmlm serve`'s /openapi.json (every phase, >= 1000 cases): responses
    with a 5xx status. Target: 0.
 4. Fuzzing a real peer's P2P handlers (inference stream, ledger sync) with random bytes, wrong shapes,
-   oversized tensors and bad headers: crashes, and whether it still serves a correct generation after.
+   oversized tensors and bad headers: inputs refused, crashes, and whether it still serves a correct
+   generation after. Target: every malformed input refused; the peer alive and serving.
 5. A lying peer (its outputs carry 5 % noise) behind the right weights digest: the share of 16-token
-   generations routed through it in which spot-checks catch it, per spot-check fraction; false accusations
-   of honest peers with every step checked.
+   generations routed through it in which spot-checks catch it, per spot-check fraction f; false accusations
+   of honest peers with every step checked. Target: caught about 1-(1-f)^16 of the time; 0 accusations.
 
-Prints a table; writes the figures into SECURITY.md (between its `figures` markers), the JSON to
-bench/results/security-<time>.json and a last line `BENCH_JSON {...}`.
+    make security        # installs schemathesis, then runs every part (~7 min on 2 cores)
+    .venv/bin/python bench/security_bench.py [--parts outsider,ledger,schemathesis,fuzz,liar] [--trials 50]
+        [--examples 250] [--fractions 0.05,0.1,0.25,1.0] [--liar-trials 8]
+
+Output: a table (stderr); a run of every part writes it into SECURITY.md (between its `figures`
+markers); the last line of stdout is `BENCH_JSON {...}`; the same JSON goes to
+bench/results/security-<time>.json. Past runs: bench/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -4,15 +4,29 @@ Every backend is a real OpenAI-compatible HTTP server in its own process, driven
 streaming client, on the same GGUF model, so the numbers include everything a user would see:
 tokenization, scheduling, batching, kernels and streaming.
 
+Backends: swarmlm-fcfs and swarmlm-mlfq (`swarmlm serve --quant int4 --max-batch-seqs 16`), llama-server
+(built once by bench/llama_server.py; 2 threads, 16 parallel slots, prompt cache off) and hf
+(bench/hf_baseline.py: transformers, one request at a time).
+
 Phases, per backend:
-  sweep       open-loop Poisson arrivals (heavy-tailed lengths) at several rates: JCT/TTFT/TPOT vs load
+  sweep       open-loop Poisson arrivals (heavy-tailed lengths, bench/workload.py) at several rates:
+              JCT/TTFT/TPOT vs load; the swarmlm backends run every rate, the others only the highest
+              rate FCFS sustained (the one the comparison uses)
   throughput  16 closed-loop streams, 64-token prompts, 128 output tokens: aggregate decode tok/s
   single      one stream, 64-token prompt, 128 output tokens: per-sequence decode tok/s
 
-    .venv/bin/python bench/serve_bench.py            # full run, ~25 min on 2 cores
-    .venv/bin/python bench/serve_bench.py --quick    # smoke test, ~3 min
+Reported, with no pass/fail target: per run JCT, TTFT, TPOT, output tok/s and req/s; sweep runs past
+saturation marked "(sat)" and runs during which other processes took over 5 % of the CPU marked "!";
+MLFQ / FCFS mean and p99 JCT at the highest rate FCFS sustained; swarmlm / llama-server throughput and
+single-stream decode tok/s.
 
-The last line of output is `BENCH_JSON {...}`; the same JSON goes to bench/results/serve-<time>.json.
+    make bench-serve                                 # full run, ~25 min on 2 cores
+    .venv/bin/python bench/serve_bench.py --quick    # smoke test, ~3 min
+    .venv/bin/python bench/serve_bench.py [--backends swarmlm-fcfs,swarmlm-mlfq,llama-server,hf]
+        [--rates 1,2,3] [--requests 60] [--phases sweep,throughput,single]
+
+Output: the table (stderr); the last line of stdout is `BENCH_JSON {...}`; the same JSON goes to
+bench/results/serve-<time>.json, the servers' logs to bench/results/logs/. Past runs: bench/RESULTS.md.
 """
 
 from __future__ import annotations

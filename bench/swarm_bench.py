@@ -1,25 +1,28 @@
 """Swarm benchmark: a 3-peer chain on loopback against the single-process engine, and failover recovery.
 
-Phases (all in one run, side by side on this machine):
+Phases (all in one run, side by side on this machine, SmolLM2-135M fp32):
   single     one stream, greedy: decode tokens/s through the chain vs the local engine
   concurrent 16 HTTP clients at once through a gateway (`swarmlm peer --layers none --api`): aggregate
              tokens/s through the swarm vs the local engine's batching of 16 sequences
   failover   kill -9 of the middle peer a session is using, N times: time from the failure being seen to
              the failed step answered by the new route (replay included), median and p95
-  wan        single-stream tokens/s with 20 ms added to every hop's round trip. tc netem needs a kernel
-             with the netem qdisc (this one has none: the bench says why), so the delay is added in the
-             client's transport instead, 10 ms before each request and 10 ms after each reply: every hop
-             of a session is a client <-> peer stream, so that is the latency a WAN adds to the data path
+  wan        single-stream tokens/s with 20 ms added to every hop's round trip, in the client's transport:
+             10 ms before each request and 10 ms after each reply (every hop of a session is a client <->
+             peer stream, so that is the latency a WAN adds to the data path). The result's
+             `wan_emulation` says why tc netem is not used on this machine (it needs root and a netem qdisc)
 
-    .venv/bin/python bench/swarm_bench.py [--kills 20] [--tokens 48] [--peer-threads 2] [--spin 10000]
+Targets: single stream through the swarm >= 0.7 of the local engine; failover median <= 1 s + replay.
 
-All peers share this machine's cores. In a single stream only one peer computes at a time, so each
-may use every core, provided idle peers' OpenMP workers stop spinning quickly: GOMP_SPINCOUNT=10000
-(libgomp's default spins ~30x longer and starves the next peer; 0 pays a wake-up per parallel region).
-Measured on 2 cores, 3 peers: 1 thread 13.8 tok/s; 2 threads with spin default 13.0, 0 13.8, 1000 15.1,
-10000 20.0, 30000 20.2, 100000 16.9.
+All peers share this machine's cores. In a single stream only one peer computes at a time, so each uses
+--peer-threads 2 with GOMP_SPINCOUNT=--spin 10000: idle peers' OpenMP workers stop spinning soon enough
+to leave the cores to the next peer (libgomp's default spins ~30x longer; 0 pays a wake-up per parallel
+region; the sweep behind that value: bench/RESULTS.md).
 
-The last line of output is `BENCH_JSON {...}`; the same JSON goes to bench/results/swarm-<time>.json.
+    make bench-swarm
+    .venv/bin/python bench/swarm_bench.py [--kills 20] [--tokens 48] [--clients 16] [--peer-threads 2] [--spin 10000]
+
+Output: a table of the figures (stderr); the last line of stdout is `BENCH_JSON {...}`; the same JSON goes
+to bench/results/swarm-<time>.json. Past runs: bench/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Training benchmark: DiLoCo against synchronous data-parallel, attacks, and a LoRA fine-tune.
 
-Every phase starts from the same model: as in the DiLoCo paper, whose runs start from a model pretrained
-for 24k steps, one peer first trains the tiny model alone (--warm-start-steps of 32 sequences; 0: start
-from random weights). From scratch, the first few hundred steps fall so steeply that DiLoCo's noisier
-per-peer steps (a peer's batch against DDP's 4 peers' batches) show as a gap that says little about a
-real run.
+Every phase starts from the same model, as the DiLoCo paper's runs start from a pretrained one: one peer
+first trains the tiny model alone for --warm-start-steps steps of 32 sequences (0: random weights; the
+result is cached in .cache/). From scratch the loss falls so steeply that DiLoCo's noisier per-peer steps
+show as a gap that says little about a real run.
 
-Phases (all in one run, real `swarmlm train` processes on loopback, the same data and model):
+Phases (all in one run, real `swarmlm train` processes on loopback pinned to cores, the same data and model):
   diloco     4 peers, H inner steps per round, R rounds, averaged with the plain mean
-  ddp        4 peers, the same number of steps and tokens, gradients averaged every step in fp32 (the baseline)
+  ddp        4 peers, the same number of steps and tokens, gradients averaged every step (the baseline), in
+             fp32: rounded to fp16 without loss scaling, gradients lose their small entries
   ddp-1      1 peer, the same steps with the 4 peers' batches in one: DDP as if no all-reduce ever broke
              (a diagnostic, run only when named in --phases)
   attack-*   4 peers of which one sends -10x its update, under mean / trimmed mean / CenteredClip
@@ -19,74 +19,14 @@ DiLoCo / DDP (target <= 1.2 / H); DiLoCo compute utilization = training compute 
 (round 1 also waits for the last peer to start; target >= 0.9); each attack's final loss against the
 clean DiLoCo run (target within 5 % for the robust rules).
 
-Settings, and why (2-core machine, warm start, 4 peers, the same tokens in each run; loss DiLoCo / DDP):
-- per-peer batch 8 sequences, H=50, 8 rounds, inner lr 3e-3: 4.096 / 3.905 = 1.049; 16 rounds: 3.779 /
-  3.616 = 1.045. No outer (lr, momentum) tried closed it: (1.0, 0.5) 4.124, (1.0, 0.7) 4.096, (1.0, 0.8)
-  4.098, (0.7, 0.9) 4.141. At 8 sequences of 128 tokens a peer's AdamW steps are mostly noise, which DDP
-  averages away before every step and DiLoCo only after H of them.
-- per-peer batch 32, H=20, 5 rounds (the same tokens; a round's compute then dwarfs its ~1.5 s of
-  averaging, evaluation and checkpointing, so H=20 keeps utilization above 0.9), by inner lr:
-  3e-3: 4.321 / 4.352 = 0.993; 6e-3: 4.230 / 4.171; 1.2e-2: 4.231 / 4.064 = 1.041; DDP at 2.4e-2: 4.148.
-  DiLoCo is best from 6e-3 on, DDP gains up to 1.2e-2 (the larger lr its 4x larger batch allows), so
-  best against best DiLoCo stays ~4 % behind: the defaults are that comparison (inner lr 1.2e-2), not
-  the lr at which DiLoCo wins.
-- outer lr 1.0, momentum 0.5 (the product's defaults 0.7, 0.9 are the DiLoCo paper's, for H=500 over more
-  than a hundred rounds). 5 rounds, inner lr 1.2e-2, DiLoCo alone by outer momentum: 0.0 4.236, 0.3 4.206,
-  0.5 4.206, 0.7 4.231, 0.85 4.290; by outer lr at momentum 0.5: 1.0 4.206, 1.3 4.306 (1.3 at 0.3: 4.250);
-  inner lr 8e-3 at (1.0, 0.5): 4.208.
-- DDP averages ~3 MB of gradients every step. On this 2-core machine about one step's all-reduce in a few
-  dozen breaks for one peer (one reducer's stream is cut: "received 90 % results") while the others
-  apply it; that peer is out of step with its group for the rest of the round (its gradients, averaged
-  into the others' steps, come from other weights) and re-syncs at the round's end. So DDP's final loss
-  varies by run: at 5 rounds (fp16) 4.064, 4.080, 4.091, 4.147, 4.176 (DiLoCo, with 5 all-reduces in the
-  run, repeats its 4.2064 to 4 digits). Against that spread, DiLoCo at 5 rounds is 1.007-1.035 of DDP.
-- 10 rounds (200 steps; the gap narrows with training, as in the DiLoCo paper). DiLoCo 3.8801 (four runs,
-  identical to 4 digits; with fp32 on the wire 3.8802). DDP with fp16 on the wire 3.849 and 3.905 (0.994-
-  1.008); with fp32 3.759 (1.032): gradients rounded to fp16 without loss scaling lose their small entries,
-  which AdamW would have scaled up, so `--mode ddp` sends fp32 by default (DiLoCo's pseudo-gradients,
-  summed over H steps, do not suffer; bytes per peer DiLoCo / DDP was 0.0498 against DDP in fp16). ddp-1
-  (no network): 3.667, 1.058. Why 4-peer DDP ends 0.09 above it is not established (the breaks above are
-  one candidate; ddp-1 also draws its batches in another order). The defaults were then 10 rounds.
-- warm start 600 steps (was 200; the paper's runs start from a well-trained model, and after 200 steps
-  the tiny model is still in its steep early fall, where DiLoCo's per-peer steps lag DDP's most). 10
-  rounds, the settings above, DDP in fp32: with 200 warm-start steps DiLoCo / DDP 3.8801 / 3.759 = 1.032;
-  with 600 (val 3.906 at the start) 3.6153 / 3.5301 = 1.024 (utilization 0.946). Both runs first climb to
-  4.26-4.28 in round 1: the warm start ends at a decayed lr 3e-3 and every phase restarts AdamW at 1.2e-2.
-  The warm start takes ~13 min on this 2-core machine (one thread).
+bench/RESULTS.md keeps the settings tried, why the defaults are these, and the figures of past runs.
 
-Full run 2026-12-03 (`make bench-train`, 600-step warm start; ~75 min): DiLoCo / DDP 3.6153 / 3.5271 =
-1.025; bytes 0.025 (DDP in fp32); utilization 0.887 (one of the 4 single-thread peers on 2 cores computed
-~10 % slower every round and the others waited for it; the attack phases, DiLoCo too, measured 0.943 and
-0.946 in the same run, the diloco + ddp run before it 0.946); one peer sending -10x: mean 446x (diverges),
-trimmed mean 1.043, CenteredClip 1.043; LoRA 4.871 -> 2.983. The previous full run (200-step warm start,
-DDP in fp16): utilization 0.924, trimmed mean 1.030, CenteredClip 1.031.
-
-Peers pinned to cores (each peer on core rank mod 2, so two share each core evenly; run 2026-12-03
-19:01, stopped after the ddp phase): DiLoCo 3.6153 (identical again), utilization 0.957 (every peer
-0.95-0.96 in every round from round 2: nobody waits for a straggler now); DDP 3.5039 (utilization
-0.826), so DiLoCo / DDP 1.032; bytes 0.025. DDP ended ~0.025 below its unpinned runs (3.527, 3.530),
-likely because peers computing at one pace break fewer of its per-step all-reduces. DiLoCo at inner lr
-6e-3 (DDP's 1.2e-2 suits its 4x larger batch) 3.6104 (1.030): its curve no longer climbs in round 1
-(4.097 against 4.278) but ends within 0.2 %, as the cosine decay brings both lrs down. So at 10 rounds
-DiLoCo sits 3.0-3.2 % above the better DDP: closing it needs more rounds (the gap narrowed from 4 % at 5
-rounds to 3 % at 10), hence 20 rounds below.
-
-20 rounds, the defaults (400 steps; two full runs on 2026-12-04, `make bench-train`, ~41 min of phases
-after the warm start, which is cached in .cache/): DiLoCo 3.4284 and DDP 3.3537 in both (each phase
-repeats itself to 4 digits), DiLoCo / DDP 1.022; bytes 0.025 (63.0 MB against 2.52 GB per peer);
-utilization 0.946 and 0.941; mean under attack 5086x and 5003x (diverges); trimmed mean 3.5996 and 3.5998,
-1.0499 and 1.04998 of clean, right at the 5 % limit: with 4 contributions it averages the middle 2 of each
-coordinate, so it keeps about two honest peers' worth of each round. CenteredClip as the paper has it
-measured 1.052 in the first run (over the limit): at its fixed point the clipped attacker still pulls
-the centre by tau / n along -g, a third of the honest spread off every outer step. Since it drops a
-contribution that ends over 3 tau away and clips again without it (train/aggregation.py), the second run
-measured 3.4603, 1.009 of clean: the mean of the 3 honest peers, the best any rule can do without the
-fourth peer's data. LoRA 4.871 -> 2.983 in both.
-
+    make bench-train        # the defaults: ~45 min on 2 cores, ~13 min more while the warm start is not cached
     .venv/bin/python bench/train_bench.py [--inner-steps 20] [--rounds 20] [--batch-size 32] [--inner-lr 1.2e-2]
-        [--peers 4] [--warm-start-steps 600] [--phases diloco,ddp,...]
+        [--outer-lr 1.0] [--outer-momentum 0.5] [--peers 4] [--warm-start-steps 600] [--phases diloco,ddp,...]
 
-The last line of output is `BENCH_JSON {...}`; the same JSON goes to bench/results/train-<time>.json.
+Output: a table of the figures against their targets (stderr); the last line of stdout is
+`BENCH_JSON {...}`; the same JSON goes to bench/results/train-<time>.json.
 """
 
 from __future__ import annotations

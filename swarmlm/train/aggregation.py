@@ -53,7 +53,7 @@ def centered_clip(
 
     A clipped contribution still pulls the centre by tau / n, all along its own direction: against one
     peer sending -10x its update among four, a third of the honest spread taken off the honest mean's
-    step, every round (measured in bench/train_bench.py). So a contribution that ends more than `reject`
+    step, every round (bench/RESULTS.md, train). So a contribution that ends more than `reject`
     tau from the centre is dropped and the clipping runs again on the rest, with tau measured anew. At
     most `byzantine_budget(n)` are dropped, and only while more than twice that many remain, so honest
     peers stay the majority of what is kept; an attacker near enough to be kept is clipped as before.

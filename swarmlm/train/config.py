@@ -73,7 +73,7 @@ class TrainConfig:
     min_group_size: int = 1  # a round completes with whoever is there, alone included
     aggregation: str = "mean"  # mean | trimmed_mean | centered_clip
     # fp16 | fp32 | int8 on the wire; None: fp16 for DiLoCo's pseudo-gradients, fp32 for DDP's per-step
-    # gradients (fp16 without loss scaling rounds their small entries away: bench/train_bench.py).
+    # gradients (fp16 without loss scaling rounds their small entries away: bench/RESULTS.md, train).
     wire: str | None = None
     matchmaking_time: float = 2.0  # seconds a round waits for peers to join its group (less if it fills)
     averaging_timeout: float = 60.0  # give up on a round's averaging after this long (progress is kept)
