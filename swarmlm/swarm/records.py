@@ -14,6 +14,7 @@ from typing import Any
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
+from swarmlm.core import process_guard
 from swarmlm.ledger.identity import Identity
 from swarmlm.swarm.membership import Certificate, MembershipValidator
 
@@ -110,6 +111,7 @@ def start_dht(
     the one that signs our ledger entries. hivemind's own identity check reads RSA keys only, so it is
     off; an Ed25519 peer id is collision-free anyway. With `cert`, as a member of a private swarm: our
     records are signed as a member's, and records that are not are refused."""
+    process_guard.install()  # before the fork: the DHT process and its p2pd must die with us, even on SIGKILL
     identity = identity or Identity.generate()
     validators = [MembershipValidator(cert, identity)] if cert is not None else []
     with identity.key_file() as key:
