@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from hivemind import DHT
 
+from swarmlm.core import process_guard
 from swarmlm.core.identity import Identity
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ def start_dht(
     records are signed as a member's, and records that are not are refused."""
     from swarmlm.core.membership import MembershipValidator  # it needs DHT_TIMEOUT from here
 
+    process_guard.install()  # before the fork: the DHT process and its p2pd must die with us, even on SIGKILL
     identity = identity or Identity.generate()
     validators = [MembershipValidator(cert, identity)] if cert is not None else []
     with identity.key_file() as key:

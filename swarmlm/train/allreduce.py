@@ -47,6 +47,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import amap_in_executor, get_dht_time
 from torch import Tensor
 
+from swarmlm.core import process_guard
 from swarmlm.core.membership import Membership
 from swarmlm.train.aggregation import Aggregator, get_aggregator
 from swarmlm.train.config import WIRE_FORMATS
@@ -205,6 +206,7 @@ class RobustAverager(DecentralizedAverager):
         if wire not in WIRE_CODECS:
             raise ValueError(f"wire format must be one of {', '.join(WIRE_CODECS)}, not {wire!r}")
         self.rule = get_aggregator(aggregation)
+        process_guard.install()  # the averager is a fork of ours: it must die with us, even on SIGKILL
         self.bytes_sent = mp.Value(ctypes.c_int64, 0)  # shared with the averager's process (fork)
         self._state_fn = state_fn
         self.membership = membership  # private swarm: only members may join our groups or download state
