@@ -286,8 +286,8 @@ def test_bad_inputs(story: Path, tmp_path: Path) -> None:
         prepare([tmp_path / "nope.txt"], tmp_path / "out", train_tokenizer=300)
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Caf\u00e9 cr\u00e8me\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8"):
-        prepare([latin1], tmp_path / "out", train_tokenizer=300)
+    with pytest.raises(DataError, match=r"(?i)latin1\.txt: not UTF-8"):  # detected unless --encoding says otherwise
+        prepare([latin1], tmp_path / "out", train_tokenizer=300, encoding="utf-8", strict=True)
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     with pytest.raises(DataError, match=r"no \*\.txt / \*\.md / \*\.jsonl files"):
