@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import pickle
@@ -399,6 +400,13 @@ def test_bad_line_is_counted_in_its_own_file(tmp_path: Path) -> None:
     m = prepare([folder], tmp_path / "out", train_tokenizer=300, block_size=4, encoding="utf-8")
     assert m.skipped == [SkippedFile(str(folder / "b.txt"), "not utf-8 text (invalid start byte)", 3)]
     assert [f.path for f in m.files] == [str(folder / "a.txt")]
+    # A byte-order mark names the encoding: a bad byte after it is not guessed around.
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(codecs.BOM_UTF8 + b"One.\nTwo.\nThree \xff.\n")
+    m = prepare([folder / "a.txt", bom], tmp_path / "out", train_tokenizer=300, block_size=4)
+    assert m.skipped == [SkippedFile(str(bom), "not utf-8-sig text (invalid start byte)", 3)]
+    with pytest.raises(DataError, match=r"no text to prepare: every file was skipped \(.*bom\.txt"):
+        prepare([bom], tmp_path / "out", train_tokenizer=300, block_size=4)
 
 
 def test_cli_strict_and_encoding(mixed_folder: Path, tmp_path: Path) -> None:

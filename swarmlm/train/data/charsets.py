@@ -31,6 +31,11 @@ _BOMS = (  # UTF-32's little-endian mark starts with UTF-16's: it is tested firs
 # they are reported as such, with their line.
 _BINARY_CHARS = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
 
+# Undecodable bytes become a lone surrogate, which no strict decoder produces: the first one is the bad spot.
+_MARK = "\udc00"
+_MARK_ERRORS = "swarmlm.mark-undecodable"
+codecs.register_error(_MARK_ERRORS, lambda e: (_MARK, e.end))
+
 
 class NotText(Exception):
     """A file that is not text in a known encoding; `line` (1-based, within the file) where one is to blame."""
@@ -100,11 +105,11 @@ def _check_decodes(path: Path, codec: str) -> None:
                 try:
                     newlines += decoder.decode(chunk, final=not chunk).count("\n")
                 except UnicodeDecodeError as e:
-                    # e.start counts from the bytes the decoder held back from the previous piece.
-                    before = codecs.getincrementaldecoder(codec)(errors="ignore")
-                    before.setstate(state)
-                    held = len(state[0]) if isinstance(state[0], bytes) else 0
-                    newlines += before.decode(chunk[: max(0, e.start - held)]).count("\n")
+                    # Decode the piece again, marking bad bytes: the newlines before the first mark.
+                    marked = codecs.getincrementaldecoder(codec)(errors=_MARK_ERRORS)
+                    marked.setstate(state)
+                    text = marked.decode(chunk, final=not chunk)
+                    newlines += text.count("\n", 0, text.find(_MARK))
                     raise NotText(f"not {codec} text ({e.reason})", newlines + 1) from e
                 if not chunk:
                     return
