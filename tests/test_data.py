@@ -405,7 +405,7 @@ def test_bad_line_is_counted_in_its_own_file(tmp_path: Path) -> None:
     bom.write_bytes(codecs.BOM_UTF8 + b"One.\nTwo.\nThree \xff.\n")
     m = prepare([folder / "a.txt", bom], tmp_path / "out", train_tokenizer=300, block_size=4)
     assert m.skipped == [SkippedFile(str(bom), "not utf-8-sig text (invalid start byte)", 3)]
-    with pytest.raises(DataError, match=r"no text to prepare: every file was skipped \(.*bom\.txt"):
+    with pytest.raises(DataError, match=r"all 1 files were skipped, first .*bom\.txt: not utf-8-sig"):
         prepare([bom], tmp_path / "out", train_tokenizer=300, block_size=4)
 
 

@@ -26,7 +26,7 @@ from swarmlm.core.files import atomic_write, fsync_dir
 from swarmlm.train.data.charsets import codec_name
 from swarmlm.train.data.cleaning import clean_chunks
 from swarmlm.train.data.manifest import MANIFEST, SPLITS, TOKENIZER_DIR, DataError, Manifest, PrepareStats, SourceFile
-from swarmlm.train.data.shards import write_shards
+from swarmlm.train.data.shards import token_dtype, write_shards
 from swarmlm.train.data.sources import DEFAULT_CORPUS, resolve_sources, text_files
 from swarmlm.train.data.tokenization import (
     ENDOFTEXT,
@@ -95,7 +95,7 @@ def prepare(
     out = Path(out)
     files, skipped = text_files(resolve_sources(sources), cfg.encoding, cfg.strict)
     if not files:
-        raise DataError(f"no text to prepare: every file was skipped ({skipped[0].describe()}, ...)")
+        raise DataError(f"no text to prepare: all {len(skipped)} files were skipped, first {skipped[0].describe()}")
     # A bad model path fails here, before anything in OUT is touched.
     model = model_tokenizer(cfg.tokenizer) if cfg.train_tokenizer is None else None
     if out.exists() and not out.is_dir():
@@ -138,7 +138,7 @@ def prepare(
     fsync_dir(out)  # the shards' renames, before the manifest that names them
     manifest = Manifest(
         block_size=cfg.block_size,
-        dtype="uint16" if vocab_size <= 65535 else "uint32",
+        dtype=token_dtype(vocab_size).name,
         vocab_size=vocab_size,
         tokenizer=tok_desc,
         eos_id=sep,

@@ -78,6 +78,11 @@ def _is_val(seed: int, index: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < val_fraction
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest little-endian unsigned type that holds every token id."""
+    return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+
+
 def write_shards(
     batches: Iterable[np.ndarray],
     out_dir: Path,
@@ -90,8 +95,7 @@ def write_shards(
     stats: PrepareStats,
 ) -> dict[str, list[Shard]]:
     """Cut the token stream into blocks, split them and write each split's shards into `out_dir`."""
-    dtype = np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
-    writers = {s: ShardWriter(out_dir, s, dtype, shard_blocks) for s in SPLITS}
+    writers = {s: ShardWriter(out_dir, s, token_dtype(vocab_size), shard_blocks) for s in SPLITS}
     try:
         carry = np.empty(0, dtype=np.int64)
         index = 0
