@@ -154,7 +154,7 @@ def warm_start(data: Path, work: Path, steps: int) -> tuple[str, ...]:
     alone += ("--inner-lr", "3e-3", "--outer-lr", "1.0", "--outer-momentum", "0", "--matchmaking-time", "0.5")
     key = hashlib.sha256(json.dumps(alone).encode() + (data / "manifest.json").read_bytes())
     for package in ("model", "train"):
-        for source in sorted((ROOT / "swarmlm" / package).glob("*.py")):
+        for source in sorted((ROOT / "swarmlm" / package).rglob("*.py")):
             key.update(source.read_bytes())
     model = WARM_CACHE / key.hexdigest()[:16]
     if (model / "config.json").exists():

@@ -375,10 +375,17 @@ def data_prepare(
     val_fraction: Annotated[float, typer.Option(help="Share of blocks held out for validation")] = 0.05,
     shard_blocks: Annotated[int, typer.Option(help="Most blocks per shard file")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation split")] = 0,
+    strict: Annotated[
+        bool, typer.Option(help="Stop (exit code 2) at a file that is not text instead of skipping and listing it")
+    ] = False,
+    encoding: Annotated[
+        str | None, typer.Option(help="Decode every file with this encoding (default: detect each file's)")
+    ] = None,
 ) -> None:
     """Clean, deduplicate and tokenize text; pack it into train/val shards with a checksummed manifest."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from swarmlm.train.data import prepare
 
@@ -392,6 +399,8 @@ def data_prepare(
             val_fraction=val_fraction,
             shard_blocks=shard_blocks,
             seed=seed,
+            strict=strict,
+            encoding=encoding,
         )
         st = m.stats
         tok = "trained BPE (tokenizer/)" if m.tokenizer["kind"] == "trained" else m.tokenizer["model"]
@@ -400,6 +409,7 @@ def data_prepare(
         table.add_column("count", justify="right")
         for name, value in [
             ("files", st.files),
+            ("files skipped", st.files_skipped),
             ("documents", st.documents),
             ("lines read", st.lines_read),
             ("lines kept", st.lines_kept),
@@ -416,6 +426,8 @@ def data_prepare(
             table.add_row(name, f"{value:,}")
         console = Console()
         console.print(table)
+        for skipped in m.skipped:
+            console.print(Text.assemble(("skipped ", "yellow"), skipped.describe()), soft_wrap=True)
         console.print(f"tokenizer: {tok}, vocab {m.vocab_size:,}; {m.block_size} tokens per block ({m.dtype})")
         return 0
 

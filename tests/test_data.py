@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import torch
 from swarmlm.train.data import (
     DataError,
     Manifest,
+    SkippedFile,
     TokenShards,
     default_corpus_files,
     load_data_tokenizer,
@@ -286,8 +290,8 @@ def test_bad_inputs(story: Path, tmp_path: Path) -> None:
         prepare([tmp_path / "nope.txt"], tmp_path / "out", train_tokenizer=300)
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Caf\u00e9 cr\u00e8me\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8"):
-        prepare([latin1], tmp_path / "out", train_tokenizer=300)
+    with pytest.raises(DataError, match=r"(?i)latin1\.txt: not UTF-8"):  # detected unless --encoding says otherwise
+        prepare([latin1], tmp_path / "out", train_tokenizer=300, encoding="utf-8", strict=True)
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     with pytest.raises(DataError, match=r"no \*\.txt / \*\.md / \*\.jsonl files"):
@@ -327,3 +331,102 @@ def test_cli(corpus: list[Path], tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines() == [f"error: source not found: {tmp_path / 'missing.txt'}"]
     r = run_cli(str(corpus[0]), "--out", str(out), "--train-tokenizer", "7")
     assert r.returncode == 2 and r.stderr.startswith("error: --train-tokenizer") and "Traceback" not in r.stderr
+
+
+def png_bytes() -> bytes:
+    """A real 4x4 RGB PNG image."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes((x * 60, y * 60, 128) * 1) * 1 for y in range(4) for x in range(4))
+    header = struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+# charset-normalizer alone ranks Baltic cp1257 first for this text (è would become č).
+FRENCH = (
+    "Le café crème est servi à l'aube, près de la fenêtre où l'été déjà s'achève.\n"
+    "Les élèves préfèrent les crêpes et le thé; le maître répète qu'il faut être sérieux.\n"
+    "Où est la gare? Derrière l'église, à côté du marché aux légumes.\n"
+    "Noël approche et les enfants décorent le sapin avec des guirlandes dorées.\n"
+)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real folder: UTF-8, Latin-1 and UTF-16 text, a PNG image named .txt, an empty file, Markdown."""
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "a-utf8.txt").write_text("A naïve approach to the swarm.\nPeers train together.\n", encoding="utf-8")
+    (root / "b-latin1.txt").write_bytes(FRENCH.encode("latin-1"))
+    (root / "c-utf16.txt").write_bytes("Grüße aus Köln, die schöne Straße entlang.\n".encode("utf-16"))
+    (root / "d-image.txt").write_bytes(png_bytes())
+    (root / "e-empty.txt").write_bytes(b"")
+    (root / "f-notes.md").write_text("# Notes\n\nMarkdown is text too.\n")
+    return root
+
+
+def test_real_folder_skips_and_reports(mixed_folder: Path, tmp_path: Path) -> None:
+    m = prepare([mixed_folder], tmp_path / "out", train_tokenizer=300, block_size=4, val_fraction=0.0)
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    taken = {Path(f["path"]).name: f for f in on_disk["files"]}
+    assert {name: f["encoding"] for name, f in taken.items()} == {
+        "a-utf8.txt": "utf-8",
+        "b-latin1.txt": "cp1252",  # Windows-1252 decodes Latin-1 text alike
+        "c-utf16.txt": "utf-16",
+        "f-notes.md": "utf-8",
+    }
+    assert taken["b-latin1.txt"]["bytes"] == len(FRENCH.encode("latin-1"))
+    assert (taken["b-latin1.txt"]["documents"], taken["b-latin1.txt"]["lines_kept"]) == (1, 4)
+    skipped = {Path(s["path"]).name: s for s in on_disk["skipped"]}
+    assert set(skipped) == {"d-image.txt", "e-empty.txt"}
+    assert (
+        skipped["d-image.txt"]["reason"].startswith("binary data") and skipped["e-empty.txt"]["reason"] == "empty file"
+    )
+    assert (m.stats.files, m.stats.files_skipped) == (4, 2)
+
+    tok = load_data_tokenizer(tmp_path / "out")
+    ts = TokenShards.open(tmp_path / "out")
+    text = tok.hf.decode(ts.blocks(range(len(ts))).reshape(-1).tolist())
+    for word in ("naïve", "crème", "fenêtre", "Grüße", "Straße", "Markdown is text too."):
+        assert word in text
+
+
+def test_bad_line_is_counted_in_its_own_file(tmp_path: Path) -> None:
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "a.txt").write_text("".join(f"Good line number {i} of the first file.\n" for i in range(1, 8)))
+    (folder / "b.txt").write_bytes(b"First line is fine.\nSo is the second.\nThe third has a \xff byte.\nFourth.\n")
+    m = prepare([folder], tmp_path / "out", train_tokenizer=300, block_size=4, encoding="utf-8")
+    assert m.skipped == [SkippedFile(str(folder / "b.txt"), "not utf-8 text (invalid start byte)", 3)]
+    assert [f.path for f in m.files] == [str(folder / "a.txt")]
+    # A byte-order mark names the encoding: a bad byte after it is not guessed around.
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(codecs.BOM_UTF8 + b"One.\nTwo.\nThree \xff.\n")
+    m = prepare([folder / "a.txt", bom], tmp_path / "out", train_tokenizer=300, block_size=4)
+    assert m.skipped == [SkippedFile(str(bom), "not utf-8-sig text (invalid start byte)", 3)]
+    with pytest.raises(DataError, match=r"all 1 files were skipped, first .*bom\.txt: not utf-8-sig"):
+        prepare([bom], tmp_path / "out", train_tokenizer=300, block_size=4)
+
+
+def test_cli_strict_and_encoding(mixed_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = run_cli(str(mixed_folder), "--out", str(out), "--train-tokenizer", "300", "--block-size", "4")
+    assert r.returncode == 0, r.stderr
+    assert "files skipped" in r.stdout
+    assert f"skipped {mixed_folder / 'd-image.txt'}: binary data" in r.stdout
+    assert f"skipped {mixed_folder / 'e-empty.txt'}: empty file" in r.stdout
+
+    r = run_cli(str(mixed_folder), "--out", str(out), "--train-tokenizer", "300", "--strict")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: {mixed_folder / 'd-image.txt'}: binary data")
+
+    r = run_cli(str(mixed_folder), "--out", str(out), "--train-tokenizer", "300", "--encoding", "utf-8", "--strict")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: {mixed_folder / 'b-latin1.txt'}: not utf-8 text (invalid continuation byte) (line 1); "
+        "without --strict it would be skipped"
+    ]
+    r = run_cli(str(mixed_folder), "--out", str(out), "--encoding", "klingon")
+    assert r.returncode == 2 and r.stderr.startswith("error: --encoding: unknown text encoding 'klingon'")
