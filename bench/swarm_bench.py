@@ -50,7 +50,8 @@ from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.launch.peers import PeerProcess, free_port, start_swarm
 from swarmlm.model.loading import load_model
-from swarmlm.swarm.client import RemoteModel, _Hop
+from swarmlm.swarm.client import RemoteModel
+from swarmlm.swarm.span_stream import SpanStream
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -132,19 +133,19 @@ def failover(client: RemoteModel, peers: dict[str, PeerProcess], kills: int, tok
 
 def wan_single(client: RemoteModel, tokens: int, delay: float) -> float:
     """remote_single with `delay` seconds added to each hop's round trip (see the module docstring)."""
-    original = _Hop._step
+    original = SpanStream._step
 
-    async def delayed(hop: _Hop, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def delayed(hop: SpanStream, hidden: torch.Tensor, position: int) -> torch.Tensor:
         await asyncio.sleep(delay / 2)
         out = await original(hop, hidden, position)
         await asyncio.sleep(delay / 2)
         return out
 
-    _Hop._step = delayed  # type: ignore[method-assign]
+    SpanStream._step = delayed  # type: ignore[method-assign]
     try:
         return remote_single(client, tokens)
     finally:
-        _Hop._step = original  # type: ignore[method-assign]
+        SpanStream._step = original  # type: ignore[method-assign]
 
 
 def netem_unavailable() -> str:

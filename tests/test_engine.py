@@ -9,6 +9,7 @@ from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.engine.sequence import FinishReason, Sequence
+from swarmlm.engine.stopping import StopChecker
 from swarmlm.model.loading import LoadedModel
 
 QUESTIONS = [
@@ -115,6 +116,28 @@ def test_stop_strings_tokens_and_length(model: LoadedModel, one_at_a_time: list[
     assert by_length.output_ids == one_at_a_time[0][:3] and by_length.finish_reason == FinishReason.LENGTH
     (past_eos,) = run(engine, [(ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))])
     assert len(past_eos.output_ids) == 12
+
+
+def test_streamed_text_holds_back_a_stop_string_that_spans_tokens(model: LoadedModel) -> None:
+    """The StopChecker every decode loop uses: text that may begin a stop string is not shown until the
+    string is ruled out; once it completes, the text ends before it and nothing of it was shown."""
+    checker = StopChecker(model.tokenizer, context=64)
+    seq = Sequence("r", 0, [1], SamplingParams(max_tokens=50, stop=["answer is"]), "", 0.0, None)
+    shown = []
+    tokens = model.tokenizer.encode(" Paris.\n\nThe answer is: 2018")
+    for token in tokens:
+        seq.output_ids.append(token)
+        seq.finish_reason = checker.check(seq)
+        shown.append(checker.take_text(seq))
+        assert "answer"[:3] not in "".join(shown)
+        if seq.finished:
+            break
+    assert seq.finish_reason == FinishReason.STOP and len(seq.output_ids) < len(tokens)
+    assert "".join(shown) == seq.text == " Paris.\n\nThe "
+    seq = Sequence("r", 0, list(range(10, 70)), SamplingParams(max_tokens=50), "", 0.0, None)
+    for token in tokens[:4]:
+        seq.output_ids.append(token)
+        assert checker.check(seq) == (FinishReason.LENGTH if seq.num_tokens == 64 else None)
 
 
 def test_logprobs_are_the_models_distribution(model: LoadedModel) -> None:

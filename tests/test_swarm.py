@@ -17,6 +17,7 @@ import pytest
 from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.engine.sequence import FinishReason, Sequence
 from swarmlm.launch.peers import PeerProcess, alive, start_swarm
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import ledger_path, read_lines, verify_file
@@ -52,18 +53,33 @@ def swarm() -> Iterator[dict[str, PeerProcess]]:
             p.stop()
 
 
+CONTEXT = 64  # the client's max_model_len, and the engine's it is compared with
+
+
 @pytest.fixture(scope="module")
 def client(swarm: dict[str, PeerProcess]) -> Iterator[RemoteModel]:
-    with RemoteModel(initial_peers=[swarm["a"].maddr], config=ClientConfig(step_timeout=20)) as remote:
+    config = ClientConfig(step_timeout=20, max_model_len=CONTEXT)
+    with RemoteModel(initial_peers=[swarm["a"].maddr], config=config) as remote:
         yield remote
 
 
-def local_greedy(model: LoadedModel, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    engine = Engine(model, make_scheduler("fcfs"), EngineConfig(kv_budget_bytes=256 << 20))
-    (seq,) = engine.add(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0))
+def engine_choices(
+    model: LoadedModel, prompt_ids: list[int], params: SamplingParams, n: int = 1, max_model_len: int | None = None
+) -> list[Sequence]:
+    """The n choices `swarmlm serve`'s engine generates for this request on the whole local model."""
+    engine = Engine(model, make_scheduler("fcfs"), EngineConfig(kv_budget_bytes=256 << 20, max_model_len=max_model_len))
+    seqs = engine.add(prompt_ids, params, n)
     while engine.has_work:
         engine.step()
-    return seq.output_ids
+    return seqs
+
+
+def local_greedy(model: LoadedModel, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    return engine_choices(model, prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0))[0].output_ids
+
+
+def outcome(seqs: list[Sequence]) -> list[tuple[list[int], str, FinishReason | None]]:
+    return [(s.output_ids, s.text, s.finish_reason) for s in seqs]
 
 
 def test_late_peer_fills_the_least_covered_span(swarm: dict[str, PeerProcess]) -> None:
@@ -153,6 +169,35 @@ def test_seeded_sampling_is_reproducible(client: RemoteModel, model: LoadedModel
     ids = model.tokenizer.encode(PROMPTS[1])
     params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
     assert client.generate(ids, params) == client.generate(ids, params)
+
+
+def test_seeded_choices_and_stop_strings_match_the_engine(client: RemoteModel, model: LoadedModel) -> None:
+    """Choice i of n draws from the seed the engine gives choice i; a stop string ends a choice where
+    the engine ends it, with the same text."""
+    ids = model.tokenizer.encode(PROMPTS[1])
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, stop=["."])
+    got = client.complete(ids, params, n=3)
+    assert outcome(got) == outcome(engine_choices(model, ids, params, n=3))
+    assert {s.finish_reason for s in got} == {FinishReason.STOP, FinishReason.LENGTH}  # "." ends some, not all
+    assert len({s.text for s in got}) == 3
+    assert client.generate(ids, params, choice=2) == got[2].output_ids
+    greedy = SamplingParams(max_tokens=16, temperature=0, stop=["Elara", "healer"])  # "Elara" spans tokens
+    (want,) = engine_choices(model, ids, greedy)
+    assert want.finish_reason == FinishReason.STOP and len(want.output_ids) < 16
+    assert outcome(client.complete(ids, greedy)) == outcome([want])
+
+
+def test_the_client_keeps_the_engines_context_limit(client: RemoteModel, model: LoadedModel) -> None:
+    ids = model.tokenizer.encode(" ".join(PROMPTS * 3))[: CONTEXT - 6]
+    too_long = SamplingParams(max_tokens=7, temperature=0)
+    with pytest.raises(ValueError, match=f"exceeds the model's context of {CONTEXT} tokens"):
+        engine_choices(model, ids, too_long, max_model_len=CONTEXT)
+    with pytest.raises(ValueError, match=f"exceeds the model's context of {CONTEXT} tokens"):
+        client.stream(ids, too_long)
+    fits = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    (got,) = client.complete(ids, fits)
+    assert outcome([got]) == outcome(engine_choices(model, ids, fits, max_model_len=CONTEXT))
+    assert got.num_tokens == CONTEXT and got.finish_reason == FinishReason.LENGTH
 
 
 def test_uncovered_layers_give_a_clear_error(client: RemoteModel, swarm: dict[str, PeerProcess]) -> None:

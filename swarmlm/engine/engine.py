@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from swarmlm.engine.executor import Executor, LocalExecutor
-from swarmlm.engine.sampling import SamplingParams, apply_penalties, sample_row, token_logprob
+from swarmlm.engine.sampling import SamplingParams, choice_generator
 from swarmlm.engine.scheduler import Scheduler
 from swarmlm.engine.sequence import FinishReason, Sequence, StepOutput
+from swarmlm.engine.stopping import StopChecker
 from swarmlm.model.loading import LoadedModel
 from swarmlm.model.tokenizer import Tokenizer
 
@@ -50,8 +51,8 @@ class Engine:
         self.scheduler = scheduler
         self.clock = clock
         self.executor = executor or LocalExecutor(model.span, config.kv_budget_bytes, config.prefix_block)
-        cfg = model.config
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.stopper = StopChecker(self.tokenizer, model.config.max_position_embeddings, config.max_model_len)
+        self.max_model_len = self.stopper.max_model_len
         self.active: list[Sequence] = []
         self.prefill_seconds_per_token = 0.0
         self.decode_step_seconds = 0.0
@@ -61,13 +62,7 @@ class Engine:
     # ----- requests -------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError, with a message for the client, for a request this engine cannot serve."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"the model's context of {self.max_model_len} tokens"
-            )
+        self.stopper.validate(prompt_ids, params)
         need = len(prompt_ids) + params.max_tokens
         if need > self.executor.capacity_tokens:
             raise ValueError(
@@ -86,11 +81,7 @@ class Engine:
         now = self.clock()
         seqs = []
         for i in range(n):
-            gen = None
-            if not params.greedy:
-                gen = torch.Generator()
-                gen.manual_seed(params.seed + i if params.seed is not None else torch.seed())
-            seq = Sequence(request_id, i, list(prompt_ids), params, user, now, gen)
+            seq = Sequence(request_id, i, list(prompt_ids), params, user, now, choice_generator(params, i))
             self.scheduler.admit(seq, now, self.prefill_seconds_per_token * len(prompt_ids))
             seqs.append(seq)
         self.active.extend(seqs)
@@ -160,52 +151,13 @@ class Engine:
 
     # ----- sampling and stopping ------------------------------------------------------------------
     def _sample(self, seq: Sequence, raw: torch.Tensor, now: float) -> StepOutput:
-        params = seq.params
-        logits = raw.clone()
-        apply_penalties(logits, params, seq.prompt_ids, seq.output_ids)
-        token = sample_row(logits, params, seq.generator)
-        lp = token_logprob(raw, token, params.logprobs) if params.logprobs is not None else None
-        seq.output_ids.append(token)
-        if lp is not None:
-            seq.logprobs.append(lp)
+        token, lp = seq.sample_token(raw)
         inter_token = None if seq.last_token is None else now - seq.last_token
         seq.first_token = seq.first_token or now
         seq.last_token = now
-        stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.eos_token_ids)
-        reason = None
-        if stop_token:
-            reason = FinishReason.STOP
-        else:
-            seq.text = self.tokenizer.decode(seq.output_ids)
-            reason = self._check_stop_strings(seq)
-        if reason is None and (len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = FinishReason.LENGTH
-        if reason is not None:
+        if (reason := self.stopper.check(seq)) is not None:
             self._finish(seq, reason)
-        return StepOutput(seq, token, self._take_text(seq), lp, inter_token)
-
-    def _check_stop_strings(self, seq: Sequence) -> FinishReason | None:
-        longest = max((len(s) for s in seq.params.stop), default=0)
-        if not longest:
-            return None
-        window_start = max(0, seq.emitted - longest)
-        hits = [i for s in seq.params.stop if (i := seq.text.find(s, window_start)) >= 0]
-        if not hits:
-            return None
-        seq.text = seq.text[: min(hits)]
-        return FinishReason.STOP
-
-    def _take_text(self, seq: Sequence) -> str:
-        """New text to report, holding back an incomplete character or a possible stop-string start."""
-        end = len(seq.text)
-        if not seq.finished:
-            if seq.text.endswith("\ufffd"):
-                end = len(seq.text.rstrip("\ufffd"))
-            longest = max((len(s) for s in seq.params.stop), default=0)
-            end = max(seq.emitted, end - max(0, longest - 1))
-        delta = seq.text[seq.emitted : end]
-        seq.emitted = end
-        return delta
+        return StepOutput(seq, token, self.stopper.take_text(seq), lp, inter_token)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason

@@ -56,6 +56,16 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # (token id, logprob) of the most likely alternatives
 
 
+def choice_generator(params: SamplingParams, index: int) -> torch.Generator | None:
+    """The random stream of choice `index` of a request (None when greedy): a seeded request's choice i
+    draws from seed + i, so each of its n choices is reproducible on its own."""
+    if params.greedy:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(params.seed + index if params.seed is not None else torch.seed())
+    return generator
+
+
 def apply_penalties(logits: Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:
     """In place on one row: repetition penalty over prompt and output (HF/vLLM semantics), presence and
     frequency penalties over the output (OpenAI semantics)."""

@@ -8,7 +8,7 @@ from enum import StrEnum
 import torch
 
 from swarmlm.engine.kv_cache import SequenceKV
-from swarmlm.engine.sampling import SamplingParams, TokenLogprob
+from swarmlm.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample_row, token_logprob
 from swarmlm.engine.scheduler import SchedState
 
 
@@ -56,6 +56,19 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def sample_token(self, raw_logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """Draw the next token from the model's logits for this sequence (penalties, then its own sampler
+        and generator), append it, and return it with its logprob when the request asked for them."""
+        logits = raw_logits.clone()
+        apply_penalties(logits, self.params, self.prompt_ids, self.output_ids)
+        token = sample_row(logits, self.params, self.generator)
+        self.output_ids.append(token)
+        if self.params.logprobs is None:
+            return token, None
+        lp = token_logprob(raw_logits, token, self.params.logprobs)
+        self.logprobs.append(lp)
+        return token, lp
 
     def token_slice(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_ids)

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from swarmlm.engine.executor import StepResult
 from swarmlm.engine.sequence import Sequence
-from swarmlm.swarm.client import InferenceSession, RemoteModel
+from swarmlm.swarm.client import RemoteModel
+from swarmlm.swarm.inference_session import InferenceSession
 
 
 class SwarmExecutor:
