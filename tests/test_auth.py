@@ -86,6 +86,8 @@ def test_keys_guard_every_v1_endpoint(guarded: ServerProcess, keys: dict[str, st
     no_key = httpx.get(f"{guarded.base}/v1/models")
     assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "missing_api_key"
     assert no_key.headers["www-authenticate"] == "Bearer"
+    invalid_body = httpx.post(f"{guarded.base}/v1/chat/completions", json={"messages": "hello"})
+    assert invalid_body.status_code == 401  # the key is checked before the body is validated
     with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
         _client(guarded, "sk-swarmlm-wrong").models.list()
     model_id = _client(guarded, keys["bob"]).models.list().data[0].id

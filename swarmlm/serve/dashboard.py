@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
+
+from swarmlm.serve.access import require_key_if_protected
 
 StateFn = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -132,10 +134,12 @@ poll();
 
 
 def add_dashboard(app: FastAPI, state: StateFn) -> None:
-    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    guarded = [Depends(require_key_if_protected)]  # --protect-metrics covers the dashboard too
+
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False, dependencies=guarded)
     async def dashboard() -> HTMLResponse:
         return HTMLResponse(_PAGE)
 
-    @app.get("/dashboard/state", include_in_schema=False)
+    @app.get("/dashboard/state", include_in_schema=False, dependencies=guarded)
     async def dashboard_state() -> JSONResponse:
         return JSONResponse(await state())

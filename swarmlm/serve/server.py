@@ -19,6 +19,7 @@ from swarmlm.model.loading import LoadedModel, load_model
 from swarmlm.serve.api import create_app
 from swarmlm.serve.auth import KeyChecker, load_keys
 from swarmlm.serve.metrics import ServingMetrics
+from swarmlm.serve.serving import OpenAIServing
 
 log = logging.getLogger("swarmlm.serve")
 
@@ -89,7 +90,7 @@ def build_app(
         on_output=metrics.observe_output,
         on_step=metrics.observe_step,
     )
-    app = create_app(async_engine, model.model_id, metrics, keys, cfg.protect_metrics)
+    app = create_app(OpenAIServing(async_engine, model.model_id, metrics, keys, cfg.protect_metrics))
     return app, async_engine, metrics
 
 

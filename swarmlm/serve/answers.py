@@ -1,0 +1,214 @@
+"""One assembly of a generating request's answer, shared by /v1/completions and /v1/chat/completions:
+the n choices of each prompt merged into SSE chunks or into one JSON body. What differs between the two
+endpoints (text vs message/delta, their logprobs shapes) is a `ChoiceFormat`."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from swarmlm.engine.async_engine import AsyncEngine, RequestHandle
+from swarmlm.engine.sequence import Sequence, StepOutput
+from swarmlm.model.tokenizer import Tokenizer
+from swarmlm.serve.protocol import ChatCompletionResponse, CompletionResponse, Usage
+from swarmlm.serve.streaming import merged, sse_response, unless_disconnected
+
+
+class ChoiceFormat(ABC):
+    """How one endpoint writes a choice: in stream chunks and in the final body."""
+
+    chunk_object: ClassVar[str]
+    response: ClassVar[type[BaseModel]]
+
+    def __init__(self, tokenizer: Tokenizer, logprobs: bool) -> None:
+        self.tokenizer, self.logprobs = tokenizer, logprobs
+
+    def opening(self, prompt: int) -> dict[str, Any] | None:
+        """Fields of a choice's first chunk, sent before any token; None: no such chunk."""
+        return None
+
+    @abstractmethod
+    def delta(self, text: str) -> dict[str, Any]:
+        """Fields of a stream chunk carrying `text`."""
+
+    @abstractmethod
+    def token_logprobs(self, out: StepOutput) -> dict[str, Any] | None:
+        """One token's logprobs in this endpoint's shape (None without them)."""
+
+    @abstractmethod
+    def choice(self, prompt: int, seq: Sequence, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Fields of a finished choice in the body, given its tokens' `token_logprobs`."""
+
+
+class TextChoices(ChoiceFormat):
+    chunk_object = "text_completion"
+    response = CompletionResponse
+
+    def __init__(self, tokenizer: Tokenizer, logprobs: bool, echo: list[str] | None) -> None:
+        super().__init__(tokenizer, logprobs)
+        self.echo = echo  # with `echo`: each prompt's text, which its choices start with
+
+    def opening(self, prompt: int) -> dict[str, Any] | None:
+        return {"text": self.echo[prompt]} if self.echo is not None else None
+
+    def delta(self, text: str) -> dict[str, Any]:
+        return {"text": text}
+
+    def token_logprobs(self, out: StepOutput) -> dict[str, Any] | None:
+        if out.logprob is None:
+            return None
+        decode = self.tokenizer.decode
+        return {
+            "tokens": [decode([out.logprob.token_id])],
+            "token_logprobs": [out.logprob.logprob],
+            "top_logprobs": [{decode([t]): lp for t, lp in out.logprob.top}],
+            "text_offset": [out.seq.emitted - len(out.text_delta)],
+        }
+
+    def choice(self, prompt: int, seq: Sequence, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+        prefix = self.echo[prompt] if self.echo is not None else ""
+        merged_lps = None
+        if self.logprobs:
+            merged_lps = {
+                k: [x for lp in logprobs for x in lp[k]] for k in ("tokens", "token_logprobs", "top_logprobs")
+            }
+            merged_lps["text_offset"] = _offsets(merged_lps["tokens"], len(prefix))
+        return {"text": prefix + seq.text, "logprobs": merged_lps}
+
+
+class ChatChoices(ChoiceFormat):
+    chunk_object = "chat.completion.chunk"
+    response = ChatCompletionResponse
+
+    def opening(self, prompt: int) -> dict[str, Any] | None:
+        return {"delta": {"role": "assistant", "content": ""}}
+
+    def delta(self, text: str) -> dict[str, Any]:
+        return {"delta": {"content": text} if text else {}}
+
+    def token_logprobs(self, out: StepOutput) -> dict[str, Any] | None:
+        if out.logprob is None:
+            return None
+
+        def entry(token_id: int, lp: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([token_id])
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        lp = out.logprob
+        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}]}
+
+    def choice(self, prompt: int, seq: Sequence, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+        content = [x for lp in logprobs for x in lp["content"]]
+        return {"message": {"content": seq.text}, "logprobs": {"content": content} if self.logprobs else None}
+
+
+class Answer:
+    """The answer to one submitted request: `n` choices for each prompt, choice `i * n + j` being prompt
+    i's j-th. Whichever way it ends, the engine requests are aborted so their KV is freed at once."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        handles: list[RequestHandle],
+        prompts: list[list[int]],
+        n: int,
+        fmt: ChoiceFormat,
+        answer_id: str,
+        model_id: str,
+    ) -> None:
+        self.engine, self.handles, self.prompts, self.n, self.fmt = engine, handles, prompts, n, fmt
+        self.answer_id, self.model_id, self.created = answer_id, model_id, int(time.time())
+
+    def streaming(self, include_usage: bool) -> StreamingResponse:
+        return sse_response(self._chunks(include_usage), self._release)
+
+    async def body(self, request: Request) -> BaseModel:
+        """The whole answer once every choice finished (cancelled if the client leaves: ClientGone)."""
+        pieces: dict[int, list[dict[str, Any]]] = {}
+
+        async def collect() -> None:
+            async for i, out in merged(self.handles):
+                if (lp := self.fmt.token_logprobs(out)) is not None:
+                    pieces.setdefault(i * self.n + out.seq.index, []).append(lp)
+
+        try:
+            await unless_disconnected(request, collect())
+        finally:
+            self._release()
+        choices = [
+            {
+                "index": i * self.n + seq.index,
+                **self.fmt.choice(i, seq, pieces.get(i * self.n + seq.index, [])),
+                "finish_reason": seq.finish_reason.value if seq.finish_reason else None,
+            }
+            for i, h in enumerate(self.handles)
+            for seq in h.seqs
+        ]
+        total = sum(len(s.output_ids) for h in self.handles for s in h.seqs)
+        return self.fmt.response(
+            id=self.answer_id,
+            created=self.created,
+            model=self.model_id,
+            choices=sorted(choices, key=lambda c: c["index"]),
+            usage=self._usage(total),
+        )
+
+    async def _chunks(self, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        openings = [
+            {"index": i * self.n + j, **fields, "logprobs": None, "finish_reason": None}
+            for i in range(len(self.prompts))
+            if (fields := self.fmt.opening(i)) is not None
+            for j in range(self.n)
+        ]
+        if openings:
+            yield self._chunk(openings)
+        produced = 0
+        async for i, out in merged(self.handles):
+            produced += out.token_id is not None
+            seq = out.seq
+            finish = seq.finish_reason.value if seq.finish_reason else None
+            if out.text_delta or finish or out.logprob is not None:
+                choice = {
+                    "index": i * self.n + seq.index,
+                    **self.fmt.delta(out.text_delta),
+                    "logprobs": self.fmt.token_logprobs(out),
+                    "finish_reason": finish,
+                }
+                yield self._chunk([choice])
+        if include_usage:
+            yield {**self._chunk([]), "usage": self._usage(produced).model_dump()}
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.answer_id,
+            "object": self.fmt.chunk_object,
+            "created": self.created,
+            "model": self.model_id,
+            "choices": choices,
+        }
+
+    def _usage(self, completion_tokens: int) -> Usage:
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+    def _release(self) -> None:
+        for h in self.handles:
+            self.engine.abort(h.request_id)
+
+
+def _offsets(tokens: list[str], start: int) -> list[int]:
+    offsets, pos = [], start
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return offsets

@@ -1,0 +1,159 @@
+"""`OpenAIServing`: what the OpenAI API of one peer serves with (its engine, tokenizer, model id, limits,
+keys and metrics), turning validated requests into answers. The routers only hand requests to it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from swarmlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestHandle
+from swarmlm.engine.sampling import SamplingParams
+from swarmlm.serve.answers import Answer, ChatChoices, ChoiceFormat, TextChoices
+from swarmlm.serve.auth import ApiKey, KeyChecker
+from swarmlm.serve.errors import APIError, error_response
+from swarmlm.serve.metrics import ServingMetrics
+from swarmlm.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+
+class OpenAIServing:
+    """With `keys`, every /v1 call needs a known bearer key within its rate limit (and, with
+    `protect_metrics`, so do /metrics and /dashboard); /health stays open for load balancers."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_id: str,
+        metrics: ServingMetrics,
+        keys: KeyChecker | None = None,
+        protect_metrics: bool = False,
+    ) -> None:
+        self.engine, self.model_id, self.metrics = engine, model_id, metrics
+        self.keys, self.protect_metrics = keys, protect_metrics
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+        self.created = int(time.time())
+
+    # ----- open and operator endpoints -------------------------------------------------------------
+    def health(self) -> JSONResponse:
+        if self.engine.error is not None:
+            return error_response(503, f"engine failed: {self.engine.error!r}", "server_error")
+        return JSONResponse({"status": "ok", "model": self.model_id})
+
+    def prometheus(self) -> Response:
+        self.metrics.waiting.set(self.engine.num_queued)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_id, created=self.created, max_model_len=self.max_model_len)])
+
+    # ----- generation -------------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, request: Request) -> Any:
+        self._check_model(req.model, request)
+        if isinstance(req.prompt, str):
+            prompts = [await self._encode(req.prompt)]
+        elif req.prompt and isinstance(req.prompt[0], int):
+            prompts = [list(req.prompt)]  # type: ignore[arg-type]
+        elif req.prompt and isinstance(req.prompt[0], str):
+            prompts = [await self._encode(p) for p in req.prompt]  # type: ignore[arg-type]
+        else:
+            prompts = [list(p) for p in req.prompt]  # type: ignore[union-attr]
+        if not prompts or any(not p for p in prompts):
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        params = req.sampling(req.max_tokens or 16, req.logprobs)
+        handles = self._submit(prompts, params, req.n, _user_of(request, req.user))
+        echo = [self.tokenizer.decode(p) for p in prompts] if req.echo else None
+        fmt = TextChoices(self.tokenizer, req.logprobs is not None, echo)
+        return await self._answer(request, req, handles, prompts, fmt, handles[0].request_id)
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
+        self._check_model(req.model, request)
+        if not self.tokenizer.has_chat_template:
+            raise APIError(400, f"model {self.model_id!r} has no chat template; use /v1/completions")
+        try:
+            text = self.tokenizer.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+        except Exception as e:  # jinja templates raise for unsupported role orders
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from e
+        prompt = await self._encode(text)
+        room = self.max_model_len - len(prompt)
+        if room < 1:
+            raise APIError(
+                400,
+                f"the messages take {len(prompt)} tokens; the context holds {self.max_model_len}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        max_tokens = req.max_completion_tokens or req.max_tokens or room
+        params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        handles = self._submit([prompt], params, req.n, _user_of(request, req.user))
+        fmt = ChatChoices(self.tokenizer, bool(req.logprobs))
+        return await self._answer(request, req, handles, [prompt], fmt, "chat" + handles[0].request_id)
+
+    async def _answer(
+        self,
+        request: Request,
+        req: CompletionRequest | ChatCompletionRequest,
+        handles: list[RequestHandle],
+        prompts: list[list[int]],
+        fmt: ChoiceFormat,
+        answer_id: str,
+    ) -> Any:
+        answer = Answer(self.engine, handles, prompts, req.n, fmt, answer_id, self.model_id)
+        if req.stream:
+            return answer.streaming(bool(req.stream_options and req.stream_options.include_usage))
+        return await answer.body(request)
+
+    def _check_model(self, name: str, request: Request) -> None:
+        key: ApiKey | None = getattr(request.state, "api_key", None)
+        if key is not None and not key.allows(name):
+            raise APIError(
+                403, f"key {key.name!r} may not use model {name!r}", "permission_error", "model", "model_not_allowed"
+            )
+        if name != self.model_id:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {self.model_id!r}",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
+
+    def _submit(self, prompts: list[list[int]], params: SamplingParams, n: int, user: str) -> list[RequestHandle]:
+        """One engine request per prompt, all or none: a refusal aborts those already queued."""
+        handles: list[RequestHandle] = []
+        try:
+            for ids in prompts:
+                handles.append(self.engine.submit(ids, params, n, user))
+        except (ValueError, QueueFullError, EngineDeadError) as e:
+            for h in handles:
+                self.engine.abort(h.request_id)
+            if isinstance(e, QueueFullError):
+                self.metrics.rejected.inc()
+            if isinstance(e, QueueFullError | EngineDeadError):
+                raise  # 429 with Retry-After, 503: serve/errors.py
+            raise APIError(400, str(e), "invalid_request_error", code="invalid_prompt") from e  # context, KV, vocab
+        return handles
+
+    async def _encode(self, text: str) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, text)
+
+
+def _user_of(request: Request, body_user: str | None) -> str:
+    """Whose request, for per-user fairness: the API key's name, else a hash of any bearer token."""
+    if (key := getattr(request.state, "api_key", None)) is not None:
+        return "key:" + key.name
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer ") and len(auth) > 7:
+        return "key:" + hashlib.sha256(auth[7:].encode()).hexdigest()[:16]
+    return body_user or "anonymous"
+
+
+def serving_of(request: Request) -> OpenAIServing:
+    """The serving object of the app that received `request` (set by `create_app`)."""
+    serving: OpenAIServing = request.app.state.serving
+    return serving
