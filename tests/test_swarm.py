@@ -36,8 +36,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[dict[str, PeerProcess]]:
-    """Layers 0..10 and 20..30 fixed; a late `auto` peer must fill the hole 10..20; a fourth peer serves
-    10..20 again, so the middle span has a spare for failover."""
+    """Layers 0:10 and 20:30 fixed; a late `auto` peer must fill the hole 10:20; a fourth peer serves
+    10:20 again, so the middle span has a spare for failover."""
     peers: dict[str, PeerProcess] = {}
     try:
         peers["a"] = PeerProcess("--layers", "0:10").wait_ready()
@@ -136,8 +136,8 @@ def test_a_peer_serving_other_weights_is_never_routed_through(
         honest = {swarm["b"].peer_id, swarm["d"].peer_id}
         assert (
             find_route(client.records(), 0, 30, banned=honest)[1].record.peer_id == liar.peer_id
-        )  # it does claim 10..20
-        with pytest.raises(NoRouteError, match="layers 10-19 have no live peer"):
+        )  # it does claim 10:20
+        with pytest.raises(NoRouteError, match="layers 10:20 have no live peer"):
             find_route(client.routable_records(), 0, 30, banned=honest)
         assert client.stats.refused_weights == 1
         assert "differ from the ledger's version" in liar.log.read_text()
@@ -156,7 +156,7 @@ def test_seeded_sampling_is_reproducible(client: RemoteModel, model: LoadedModel
 
 
 def test_uncovered_layers_give_a_clear_error(client: RemoteModel, swarm: dict[str, PeerProcess]) -> None:
-    with pytest.raises(NoRouteError, match="layers 10-19 have no live peer"):
+    with pytest.raises(NoRouteError, match="layers 10:20 have no live peer"):
         find_route(client.records(), 0, 30, banned={swarm["b"].peer_id, swarm["d"].peer_id})
 
 
@@ -210,7 +210,7 @@ def test_status_exit_code_when_layers_are_uncovered(swarm: dict[str, PeerProcess
         assert wait_gone(tree), "a peer that left cleanly kept processes running"
     result = swarmlm_status(swarm["a"].maddr)
     assert result.returncode == 1
-    assert "layers without a live peer: 10, 11" in result.stdout
+    assert "layers without a live peer: 10:12" in result.stdout
 
 
 @pytest.fixture
@@ -266,7 +266,7 @@ def test_two_peers_on_separate_hosts(two_hosts: list[tuple[str, str]], model: Lo
 
 
 def test_spans_that_do_not_line_up(model: LoadedModel) -> None:
-    """Peers 0..20 and 12..30 overlap: the chain must use part of one of them."""
+    """Peers 0:20 and 12:30 overlap: the chain must use part of one of them."""
     peers = start_swarm(["0:20", "12:30"])
     try:
         with RemoteModel(initial_peers=[peers[0].maddr]) as remote:
@@ -285,7 +285,7 @@ def test_spans_that_do_not_line_up(model: LoadedModel) -> None:
 
 
 def test_auto_peers_rebalance_to_a_hole() -> None:
-    """Three `auto` peers of 15 layers: 0..15, 15..30, and a third on whichever of the two is served
+    """Three `auto` peers of 15 layers: 0:15, 15:30, and a third on whichever of the two is served
     slower. When the peer alone on its span crashes, one of the other two moves into the hole (and only
     one: the first claims it before the other checks)."""
     auto = ("--layers", "auto", "--num-layers", "15", "--rebalance-period", "2")
