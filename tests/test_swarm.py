@@ -210,7 +210,7 @@ def test_status_exit_code_when_layers_are_uncovered(swarm: dict[str, PeerProcess
         assert wait_gone(tree), "a peer that left cleanly kept processes running"
     result = swarmlm_status(swarm["a"].maddr)
     assert result.returncode == 1
-    assert "layers without a live peer: 10:12" in result.stdout
+    assert "layers without a live peer: 10:20" in result.stdout
 
 
 @pytest.fixture
