@@ -81,7 +81,7 @@ def config_options(**configs: type) -> Callable[[F], F]:
     options; the command receives each built config under its parameter's name."""
 
     def decorate(command: F) -> F:
-        own = inspect.signature(command).parameters
+        own = inspect.signature(command, eval_str=True).parameters
         params: list[inspect.Parameter] = []
         owner: dict[str, str] = {}  # option name -> the config parameter it belongs to
         for config_name, cls in configs.items():
