@@ -111,3 +111,9 @@ def test_a_field_without_a_declaration_is_refused() -> None:
 
     with pytest.raises(TypeError, match="declare plain with setting"):
         cli_fields(Undeclared)
+
+
+def test_a_commands_own_options_sit_beside_the_generated_ones() -> None:
+    train = get_command(app).commands["train"]  # type: ignore[attr-defined]
+    helps = {opt: p.help for p in train.params for opt in p.opts}  # type: ignore[attr-defined]
+    assert "export the best round" in (helps["--export"] or "") and "threads" in (helps["--threads"] or "")
