@@ -23,7 +23,7 @@ from swarmlm.ledger.store import ledger_path, read_lines, verify_file
 from swarmlm.model.loading import DEFAULT_MODEL_ID, LoadedModel, default_model_path
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.records import SpanRecord
-from swarmlm.swarm.routing import NoRouteError, better_span, choose_span, find_route
+from swarmlm.swarm.routing import NoRouteError, better_span, choose_span, find_route, format_layers
 
 pytestmark = pytest.mark.slow
 
@@ -329,5 +329,7 @@ def test_routing_rules() -> None:
     assert chain[0].start == 0 and chain[-1].end == 30
     assert all(h.record.start <= h.start < h.end <= h.record.end for h in chain)
     assert all(x.end == y.start for x, y in itertools.pairwise(chain))
-    with pytest.raises(NoRouteError, match="3-4"):
+    with pytest.raises(NoRouteError, match="layers 3:5 have no live peer"):
         find_route([rec("a", 0, 3), rec("b", 5, 30)], 0, 30)
+    # Ranges print as --layers takes them: START:END, END excluded.
+    assert format_layers([3, 4, 5, 9, 11, 12]) == "3:6, 9, 11:13"
