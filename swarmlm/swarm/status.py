@@ -44,7 +44,7 @@ def print_status(records: list[SpanRecord], model_id: str, num_layers: int, ttl:
     online = [r for r in records if r.state == "online"]
     console.print(peer_table(records, ttl))
     per_layer = coverage(online, num_layers)
-    console.print(f"{model_id}: {len(online)} live peers; peers per layer of layers 0:{num_layers}:")
+    console.print(f"{model_id}: {len(online)} live peers; peers per layer (layers 0:{num_layers}):")
     console.print("  " + coverage_line(online, num_layers))
     console.print(f"  slowest layer serves {min(per_layer):.1f} tok/s in total ({time.strftime('%H:%M:%S')})")
     missing = uncovered_layers(online, 0, num_layers)
