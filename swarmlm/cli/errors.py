@@ -20,7 +20,6 @@ ClickException: type[Exception] = _click_errors.ClickException
 UsageError: type[Exception] = _click_errors.UsageError
 NoArgsIsHelpError: type[Exception] = _click_errors.NoArgsIsHelpError
 
-EXIT_UNCOVERED = 1  # `status`: some layer has no live peer
 EXIT_USAGE = 2  # a bad flag value or input file: the command did not start
 EXIT_UNREACHABLE = 3  # none of --initial-peers answered
 
@@ -30,8 +29,8 @@ EXIT_CODES_HELP = """Exit codes:
 
 1 `status`: some layer has no live peer; `ledger verify`: a bad or missing entry; a server's engine failed
 
-2 bad input: an unknown option or value; a bad multiaddr, port, --layers or --device; a busy port; a model
-or key file that cannot be read
+2 bad input: an unknown option or value; a bad multiaddr, port, --layers or --device; a busy port; \
+a model or key file that cannot be read
 
 3 the swarm is unreachable: no --initial-peers answered (`train`: also no group for --patience rounds)"""
 
