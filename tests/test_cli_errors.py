@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,9 +58,26 @@ def test_a_multiaddr_without_a_peer_id() -> None:
     assert_error(swarmlm("status", "--initial-peers", "/ip4/127.0.0.1/tcp/1"), USAGE, "/p2p/PEER_ID")
 
 
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli-data")
+    (folder / "a.txt").write_text("".join(f"a tiny corpus, line {i}\n" for i in range(200)))
+    out = folder / "prepared"
+    done = swarmlm("data", "prepare", str(folder / "a.txt"), "--out", str(out), "--train-tokenizer", "300")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
 @pytest.mark.parametrize("command", [("status",), ("peer", "--layers", "0:1")], ids=lambda c: c[0])
 def test_an_unreachable_swarm_is_exit_code_3(command: tuple[str, ...]) -> None:
     done = swarmlm(*command, "--initial-peers", unreachable_peer(), timeout=60)
+    assert_error(done, UNREACHABLE, "could not reach any of --initial-peers")
+
+
+def test_a_trainer_that_reaches_no_peer_is_exit_code_3(tiny_data: Path, tmp_path: Path) -> None:
+    done = swarmlm(
+        "train", "--data", str(tiny_data), "--run-dir", str(tmp_path), "--initial-peers", unreachable_peer(), timeout=60
+    )
     assert_error(done, UNREACHABLE, "could not reach any of --initial-peers")
 
 
