@@ -43,7 +43,7 @@ class Swarm:
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[Swarm]:
-    """Layers 0..15 once and 15..30 twice (a spare for failover), and a gateway serving no layers."""
+    """Layers 0:15 once and 15:30 twice (a spare for failover), and a gateway serving no layers."""
     s = Swarm()
     try:
         s.peers = start_swarm(["0:15", "15:30", "15:30"])

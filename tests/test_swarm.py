@@ -24,7 +24,7 @@ from swarmlm.ledger.store import ledger_path, read_lines, verify_file
 from swarmlm.model.loading import DEFAULT_MODEL_ID, LoadedModel, default_model_path
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.records import SpanRecord
-from swarmlm.swarm.routing import NoRouteError, better_span, choose_span, find_route
+from swarmlm.swarm.routing import NoRouteError, better_span, choose_span, find_route, format_layers
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +37,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[dict[str, PeerProcess]]:
-    """Layers 0..10 and 20..30 fixed; a late `auto` peer must fill the hole 10..20; a fourth peer serves
-    10..20 again, so the middle span has a spare for failover."""
+    """Layers 0:10 and 20:30 fixed; a late `auto` peer must fill the hole 10:20; a fourth peer serves
+    10:20 again, so the middle span has a spare for failover."""
     peers: dict[str, PeerProcess] = {}
     try:
         peers["a"] = PeerProcess("--layers", "0:10").wait_ready()
@@ -152,8 +152,8 @@ def test_a_peer_serving_other_weights_is_never_routed_through(
         honest = {swarm["b"].peer_id, swarm["d"].peer_id}
         assert (
             find_route(client.records(), 0, 30, banned=honest)[1].record.peer_id == liar.peer_id
-        )  # it does claim 10..20
-        with pytest.raises(NoRouteError, match="layers 10-19 have no live peer"):
+        )  # it does claim 10:20
+        with pytest.raises(NoRouteError, match="layers 10:20 have no live peer"):
             find_route(client.routable_records(), 0, 30, banned=honest)
         assert client.stats.refused_weights == 1
         assert "differ from the ledger's version" in liar.log.read_text()
@@ -201,7 +201,7 @@ def test_the_client_keeps_the_engines_context_limit(client: RemoteModel, model: 
 
 
 def test_uncovered_layers_give_a_clear_error(client: RemoteModel, swarm: dict[str, PeerProcess]) -> None:
-    with pytest.raises(NoRouteError, match="layers 10-19 have no live peer"):
+    with pytest.raises(NoRouteError, match="layers 10:20 have no live peer"):
         find_route(client.records(), 0, 30, banned={swarm["b"].peer_id, swarm["d"].peer_id})
 
 
@@ -255,7 +255,7 @@ def test_status_exit_code_when_layers_are_uncovered(swarm: dict[str, PeerProcess
         assert wait_gone(tree), "a peer that left cleanly kept processes running"
     result = swarmlm_status(swarm["a"].maddr)
     assert result.returncode == 1
-    assert "layers without a live peer: 10, 11" in result.stdout
+    assert "layers without a live peer: 10:20" in result.stdout
 
 
 @pytest.fixture
@@ -311,7 +311,7 @@ def test_two_peers_on_separate_hosts(two_hosts: list[tuple[str, str]], model: Lo
 
 
 def test_spans_that_do_not_line_up(model: LoadedModel) -> None:
-    """Peers 0..20 and 12..30 overlap: the chain must use part of one of them."""
+    """Peers 0:20 and 12:30 overlap: the chain must use part of one of them."""
     peers = start_swarm(["0:20", "12:30"])
     try:
         with RemoteModel(initial_peers=[peers[0].maddr]) as remote:
@@ -330,7 +330,7 @@ def test_spans_that_do_not_line_up(model: LoadedModel) -> None:
 
 
 def test_auto_peers_rebalance_to_a_hole() -> None:
-    """Three `auto` peers of 15 layers: 0..15, 15..30, and a third on whichever of the two is served
+    """Three `auto` peers of 15 layers: 0:15, 15:30, and a third on whichever of the two is served
     slower. When the peer alone on its span crashes, one of the other two moves into the hole (and only
     one: the first claims it before the other checks)."""
     auto = ("--layers", "auto", "--num-layers", "15", "--rebalance-period", "2")
@@ -374,5 +374,7 @@ def test_routing_rules() -> None:
     assert chain[0].start == 0 and chain[-1].end == 30
     assert all(h.record.start <= h.start < h.end <= h.record.end for h in chain)
     assert all(x.end == y.start for x, y in itertools.pairwise(chain))
-    with pytest.raises(NoRouteError, match="3-4"):
+    with pytest.raises(NoRouteError, match="layers 3:5 have no live peer"):
         find_route([rec("a", 0, 3), rec("b", 5, 30)], 0, 30)
+    # Ranges print as --layers takes them: START:END, END excluded.
+    assert format_layers([3, 4, 5, 9, 11, 12]) == "3:6, 9, 11:13"

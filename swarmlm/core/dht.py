@@ -14,6 +14,13 @@ if TYPE_CHECKING:
 
 DAEMON_START_TIMEOUT = 60.0  # hivemind's 15 s default is too tight for a loaded 2-core machine
 DHT_TIMEOUT = 10.0  # every DHT call has a deadline: a dead DHT process must not hang its caller
+# How hivemind says that none of the initial peers answered: its libp2p daemon could not connect to any,
+# or it connected but no DHT node there answered a ping.
+UNREACHABLE_SIGNS = ("failed to connect to bootstrap peers", "none of the initial_peers responded")
+
+
+class SwarmUnreachableError(RuntimeError):
+    """None of the initial peers answered: wrong addresses, or those peers are down."""
 
 
 def start_dht(
@@ -33,13 +40,21 @@ def start_dht(
     identity = identity or Identity.generate()
     validators = [MembershipValidator(cert, identity)] if cert is not None else []
     with identity.key_file() as key:
-        return DHT(
-            record_validators=validators,
-            initial_peers=initial_peers or None,
-            host_maddrs=host_maddrs,
-            identity_path=str(key),
-            check_if_identity_free=False,
-            client_mode=client,
-            startup_timeout=DAEMON_START_TIMEOUT,
-            start=True,
-        )
+        try:
+            return DHT(
+                record_validators=validators,
+                initial_peers=initial_peers or None,
+                host_maddrs=host_maddrs,
+                identity_path=str(key),
+                check_if_identity_free=False,
+                client_mode=client,
+                startup_timeout=DAEMON_START_TIMEOUT,
+                start=True,
+            )
+        except Exception as e:  # P2PDaemonError or RuntimeError, raised in hivemind's DHT process
+            if any(sign in str(e) for sign in UNREACHABLE_SIGNS):
+                raise SwarmUnreachableError(
+                    f"could not reach any of --initial-peers {' '.join(initial_peers)}: "
+                    "check the addresses and that those peers are running"
+                ) from None
+            raise

@@ -60,7 +60,7 @@ class LocalExecutor:
 
     def __init__(self, span: LlamaSpan, kv_budget_bytes: int | None, prefix_block: int = 16) -> None:
         if not span.is_whole:
-            raise ValueError("a local executor needs the whole model (layers 0..N)")
+            raise ValueError("a local executor needs the whole model (layers 0:N)")
         self.runner = ModelRunner(span)
         cfg = span.cfg
         layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.runner.dtype, self.runner.device)

@@ -121,7 +121,7 @@ class SpanEngine:
         elif not 0 <= start <= session.length or start + hidden.shape[0] > session.max_length:
             future.set_exception(
                 SessionError(
-                    f"positions {start}..{start + hidden.shape[0]} do not follow the session's "
+                    f"positions {start}:{start + hidden.shape[0]} do not follow the session's "
                     f"{session.length} cached tokens within its {session.max_length}"
                 )
             )

@@ -1,6 +1,6 @@
 """`make demo`: a local swarm serving the embedded model, used through the official openai client.
 
-Three peer processes split SmolLM2's 30 layers (0..15 once, 15..30 twice, so one range survives a peer's
+Three peer processes split SmolLM2's 30 layers (0:15 once, 15:30 twice, so one range survives a peer's
 loss), and a fourth serves no layers but runs the gateway: the OpenAI API and the dashboard.
 """
 
@@ -78,5 +78,5 @@ def _swarm_table(procs: list[PeerProcess]) -> Table:
         table.add_column(col)
     for p in procs:
         start, end = p.span()
-        table.add_row(p.peer_id, f"{start}..{end}" if end > start else "none", p.api or "-")
+        table.add_row(p.peer_id, f"{start}:{end}" if end > start else "none", p.api or "-")
     return table

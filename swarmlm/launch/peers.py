@@ -73,7 +73,7 @@ class PeerProcess:
         raise TimeoutError(f"peer not ready after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
 
     def span(self) -> tuple[int, int]:
-        m = re.search(r"swarmlm peer ready: \S+ layers (\d+)\.\.(\d+)", self.log.read_text())
+        m = re.search(r"swarmlm peer ready: \S+ layers (\d+):(\d+)", self.log.read_text())
         if m is None:
             raise RuntimeError("peer is not ready")
         return int(m.group(1)), int(m.group(2))

@@ -50,9 +50,16 @@ def resolve_model(model: str | None) -> tuple[str, Path]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' -> the device; raises ValueError for one this machine lacks."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: choose auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu (or auto)")
+    return resolved
 
 
 def tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str:
@@ -170,13 +177,14 @@ def load_model(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, not {quant!r}")
+    target = resolve_device(device)  # before reading: a missing device must not cost a load
     model_id, path = resolve_model(model)
     ckpt = open_checkpoint(path)
     cfg = ckpt.config
     start, end = layers if layers is not None else (0, cfg.num_layers)
     span = _read_span(ckpt, path, start, end, edges)
     parts = part_digests(span)
-    span = span.to(device=resolve_device(device), dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    span = span.to(device=target, dtype=DTYPES[dtype]).eval().requires_grad_(False)
     if quant != "none":
         if next(span.parameters()).device.type != "cpu":
             raise ValueError("int8/int4 weights use PyTorch's CPU kernels; on an accelerator use --dtype bf16")

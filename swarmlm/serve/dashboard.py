@@ -91,7 +91,7 @@ function draw(s) {
     const span = document.createElement("td"); span.className = "span"; span.append(track);
     const seen = cell(p.last_seen.toFixed(0) + " s ago");
     if (p.last_seen > s.ttl) seen.className = "stale";
-    tr.append(cell(p.peer_id.slice(0, 16) + "…"), cell(p.end > p.start ? p.start + ".." + p.end : "none"), span,
+    tr.append(cell(p.peer_id.slice(0, 16) + "…"), cell(p.end > p.start ? p.start + ":" + p.end : "none"), span,
               cell(p.state), cell(p.throughput.toFixed(1)), cell(p.sessions), cell(p.queue), cell(p.gateway_sessions),
               cell(p.free_kv_tokens),
               seen, cell(p.api || "-"));

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from hivemind import DHT
@@ -23,7 +22,8 @@ from swarmlm.core.keys import TRAINING_KEY
 from swarmlm.engine.async_engine import AsyncEngine
 from swarmlm.serve.auth import load_keys
 from swarmlm.serve.dashboard import add_dashboard
-from swarmlm.serve.server import ApiServer, ServeConfig, build_app
+from swarmlm.serve.server import ApiServer, build_app
+from swarmlm.serve.server_config import GatewayConfig, ServeConfig, parse_address
 from swarmlm.swarm.client import RemoteModel
 from swarmlm.swarm.peer import PeerConfig, run_peer
 from swarmlm.swarm.records import SpanRecord, fetch_records
@@ -35,25 +35,9 @@ log = logging.getLogger("swarmlm.gateway")
 RATE_WINDOW = 10.0  # seconds of history behind the dashboard's tokens/s
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """'host:port' -> (host, port). Raises ValueError with a message for the user."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--api must be HOST:PORT (e.g. 127.0.0.1:8000), not {address!r}")
-    return host, int(port)
-
-
-@dataclass
-class GatewayConfig:
-    api: str  # HOST:PORT of the OpenAI API and dashboard
-    max_batch_seqs: int = 32  # sequences the gateway runs at once
-    api_keys: str | None = None  # key file: every /v1 call needs one of its keys
-    protect_metrics: bool = False  # /metrics and /dashboard need a key too
-
-
 def run_peer_with_gateway(peer: PeerConfig, gateway: GatewayConfig | None) -> int:
     """`swarmlm peer`: with `gateway`, the OpenAI API over the swarm runs beside the peer."""
-    if gateway is None:
+    if gateway is None or gateway.api is None:
         return run_peer(peer)
     host, port = parse_address(gateway.api)
     if gateway.api_keys is not None:

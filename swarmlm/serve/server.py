@@ -6,7 +6,6 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
@@ -19,31 +18,10 @@ from swarmlm.model.loading import LoadedModel, load_model
 from swarmlm.serve.api import create_app
 from swarmlm.serve.auth import KeyChecker, load_keys
 from swarmlm.serve.metrics import ServingMetrics
+from swarmlm.serve.server_config import ServeConfig
 from swarmlm.serve.serving import OpenAIServing
 
 log = logging.getLogger("swarmlm.serve")
-
-
-@dataclass
-class ServeConfig:
-    model: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    scheduler: str = "mlfq"
-    fair: bool = False
-    kv_budget: int | None = None
-    dtype: str = "fp32"
-    quant: str = "none"
-    device: str = "auto"
-    max_batch_seqs: int = 32
-    max_step_tokens: int = 256
-    max_model_len: int | None = None
-    max_queued_requests: int = 256
-    max_queued_tokens: int = 262144
-    mlfq_quantum: float = 0.25
-    starvation: float = 10.0
-    api_keys: str | None = None  # key file: every /v1 call needs one of its keys
-    protect_metrics: bool = False  # /metrics and /dashboard need a key too
 
 
 def build_app(

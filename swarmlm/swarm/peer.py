@@ -18,7 +18,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -36,45 +35,13 @@ from swarmlm.ledger.store import Ledger, ledger_path
 from swarmlm.ledger.sync import LedgerSync
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import checkpoint_digests, load_model, resolve_model
-from swarmlm.swarm.records import DEFAULT_TTL, SpanRecord, announce, fetch_records, withdraw
+from swarmlm.swarm.peer_config import PeerConfig, parse_layers
+from swarmlm.swarm.records import SpanRecord, announce, fetch_records, withdraw
 from swarmlm.swarm.routing import better_span, choose_span
 from swarmlm.swarm.servicer import SpanServicer
 from swarmlm.swarm.versions import expected_digest, model_version, version_body
 
 log = logging.getLogger("swarmlm.peer")
-
-
-@dataclass
-class PeerConfig:
-    model: str | None = None
-    initial_peers: list[str] = field(default_factory=list)
-    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
-    identity: str | None = None
-    layers: str = "auto"  # "auto", "a:b" or "none"
-    num_layers: int | None = None  # span size for "auto" (default: the whole model)
-    dtype: str = "fp32"
-    quant: str = "none"
-    kv_budget: int = 1 << 30
-    scheduler: str = "mlfq"
-    ttl: float = DEFAULT_TTL
-    rebalance_period: float = 60.0  # seconds between balance checks of an `auto` peer; 0: never move
-    threads: int | None = None  # torch intra-op threads; None: PyTorch's default (all cores)
-    ledger: str | None = None  # this peer's copy of the ledger (default: ledger_path(peer id))
-    swarm_cert: str | None = None  # membership certificate: join a private swarm
-    perturb_outputs: float = 0.0  # fault injection for attack tests: a lying peer (see SpanServicer)
-
-
-def parse_layers(layers: str, total: int) -> tuple[int, int] | None:
-    """'a:b' -> (a, b); 'none' -> None. Raises ValueError with a message for the user."""
-    if layers == "none":
-        return None
-    try:
-        a, b = (int(x) for x in layers.split(":"))
-    except ValueError:
-        raise ValueError(f"--layers must be auto, none or START:END, not {layers!r}") from None
-    if not 0 <= a < b <= total:
-        raise ValueError(f"--layers {layers}: the model has layers 0..{total}")
-    return a, b
 
 
 class Sidecar(Protocol):
@@ -164,7 +131,7 @@ class Peer:
         if span is None:  # serves no layers: a bootstrap or gateway node
             self._heartbeat()
             threading.Thread(target=self._heartbeats, daemon=True).start()
-            print(f"swarmlm peer ready: {self.model_id} layers 0..0 (no layers)", flush=True)
+            print(f"swarmlm peer ready: {self.model_id} layers 0:0 (no layers)", flush=True)
             if self.make_sidecar is None:
                 self.stop.wait()
                 return 0
@@ -177,7 +144,7 @@ class Peer:
                 break
             self._heartbeat()  # announce the (new) span before saying we are ready
             print(
-                f"swarmlm peer ready: {self.model_id} layers {span[0]}..{span[1]} ({self.record.throughput:.1f} tok/s)",
+                f"swarmlm peer ready: {self.model_id} layers {span[0]}:{span[1]} ({self.record.throughput:.1f} tok/s)",
                 flush=True,
             )
             assert self.engine is not None
@@ -265,7 +232,7 @@ class Peer:
         r = self.record
         if expected_digest(version, r.start, r.end) != r.digest:
             log.warning(
-                "our weights for layers %d..%d differ from the ledger's version of %s: clients will not use us",
+                "our weights for layers %d:%d differ from the ledger's version of %s: clients will not use us",
                 r.start,
                 r.end,
                 self.model_id,
@@ -290,7 +257,7 @@ class Peer:
         records = [r for r in fetch_records(self.dht, self.model_id, online_only=False) if r.state != "offline"]
         target = better_span(records, self.record, self.num_layers, self._span_layers)
         if target is not None:
-            log.info("moving from layers %d..%d to %d..%d", self.record.start, self.record.end, *target)
+            log.info("moving from layers %d:%d to %d:%d", self.record.start, self.record.end, *target)
             # Claim the target at once ("moving": counted for balance, skipped by routing) so that other
             # peers checking meanwhile do not all rush to the same hole.
             self.record.start, self.record.end, self.record.state = *target, "moving"

@@ -16,10 +16,9 @@ from hivemind.utils import get_dht_time
 
 from swarmlm.core.dht import DHT_TIMEOUT
 from swarmlm.core.keys import model_key
+from swarmlm.swarm.peer_config import DEFAULT_TTL
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TTL = 15.0
 
 
 @dataclass

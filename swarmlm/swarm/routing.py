@@ -114,7 +114,7 @@ def find_route(
                     heapq.heappush(heap, (total, stop))
     if end not in came_from and start != end:
         missing = uncovered_layers(usable, start, end)
-        raise NoRouteError(f"no route through layers {start}..{end}: layers {format_layers(missing)} have no live peer")
+        raise NoRouteError(f"no route through layers {start}:{end}: layers {format_layers(missing)} have no live peer")
     chain: list[RouteHop] = []
     at = end
     while at != start:
@@ -125,11 +125,11 @@ def find_route(
 
 
 def format_layers(layers: list[int]) -> str:
-    """[3, 4, 5, 9] -> '3-5, 9'."""
-    out: list[str] = []
+    """[3, 4, 5, 9] -> '3:6, 9': runs as START:END with END excluded, like --layers."""
+    runs: list[list[int]] = []
     for layer in layers:
-        if out and int(out[-1].split("-")[-1]) == layer - 1:
-            out[-1] = f"{out[-1].split('-')[0]}-{layer}"
+        if runs and runs[-1][1] == layer:
+            runs[-1][1] = layer + 1
         else:
-            out.append(str(layer))
-    return ", ".join(out)
+            runs.append([layer, layer + 1])
+    return ", ".join(f"{a}:{b}" if b - a > 1 else str(a) for a, b in runs)

@@ -168,7 +168,7 @@ class RemoteSequenceManager:
                 self._refused.add(r.peer_id)
                 self.stats.refused_weights += 1
                 log.warning(
-                    "not routing through %s: its weights for layers %d..%d are not the ledger's version of %s",
+                    "not routing through %s: its weights for layers %d:%d are not the ledger's version of %s",
                     r.peer_id,
                     r.start,
                     r.end,
@@ -251,7 +251,7 @@ class RemoteSequenceManager:
         if len(checks) < 2:
             if checks:
                 log.warning(
-                    "peer %s and %s disagree on layers %d..%d; no third peer to decide",
+                    "peer %s and %s disagree on layers %d:%d; no third peer to decide",
                     suspect,
                     *checks[0][:1],
                     start,
@@ -264,7 +264,7 @@ class RemoteSequenceManager:
         self._banned[liar] = math.inf
         self.stats.accusations += 1
         log.warning(
-            "peer %s returned wrong activations for layers %d..%d (relative error %.3g): banned",
+            "peer %s returned wrong activations for layers %d:%d (relative error %.3g): banned",
             liar,
             start,
             end,

@@ -58,8 +58,8 @@ class SpanServicer(ServicerBase):
         ours = h.get("model_id") == r.model_id and isinstance(start, int) and isinstance(end, int)
         if not ours or not r.start <= start < end <= r.end:
             raise SessionError(
-                f"this peer serves {r.model_id} layers {r.start}..{r.end}, "
-                f"not {h.get('model_id')} layers {start}..{end}"
+                f"this peer serves {r.model_id} layers {r.start}:{r.end}, "
+                f"not {h.get('model_id')} layers {start}:{end}"
             )
         if not isinstance(h.get("max_length"), int) or not isinstance(h.get("session_id"), str):
             raise SessionError("the session header needs session_id and max_length")

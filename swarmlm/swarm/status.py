@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from swarmlm.swarm.records import SpanRecord
-from swarmlm.swarm.routing import coverage, peers_per_layer, uncovered_layers
+from swarmlm.swarm.routing import coverage, format_layers, peers_per_layer, uncovered_layers
 
 
 def peer_table(records: list[SpanRecord], ttl: float) -> Table:
@@ -21,7 +21,7 @@ def peer_table(records: list[SpanRecord], ttl: float) -> Table:
         seen = now - (r.expires - ttl)  # a record is stored with expiry = refresh time + ttl
         table.add_row(
             r.peer_id[:16] + "…",
-            f"{r.start}..{r.end}" if r.num_layers else "none",
+            f"{r.start}:{r.end}" if r.num_layers else "none",
             f"{r.throughput:.1f}",
             str(r.sessions),
             str(r.queue),
@@ -44,11 +44,11 @@ def print_status(records: list[SpanRecord], model_id: str, num_layers: int, ttl:
     online = [r for r in records if r.state == "online"]
     console.print(peer_table(records, ttl))
     per_layer = coverage(online, num_layers)
-    console.print(f"{model_id}: {len(online)} live peers; peers per layer 0..{num_layers - 1}:")
+    console.print(f"{model_id}: {len(online)} live peers; peers per layer (layers 0:{num_layers}):")
     console.print("  " + coverage_line(online, num_layers))
     console.print(f"  slowest layer serves {min(per_layer):.1f} tok/s in total ({time.strftime('%H:%M:%S')})")
     missing = uncovered_layers(online, 0, num_layers)
     if missing:
-        console.print(f"[red]layers without a live peer: {', '.join(map(str, missing))}[/red]")
+        console.print(f"[red]layers without a live peer: {format_layers(missing)}[/red]")
         return 1
     return 0

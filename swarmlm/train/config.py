@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from swarmlm.core.settings import LOCALHOST_MADDRS, setting
 from swarmlm.model.config import ModelConfig
 
 WIRE_FORMATS = ("fp16", "fp32", "int8")  # how pseudo-gradients / gradients travel (codecs: allreduce.py)
@@ -39,56 +40,69 @@ def preset_config(name: str, vocab_size: int, context: int, eos_token_id: int | 
     )
 
 
+def parse_part(value: str) -> tuple[int, int]:
+    """'RANK/WORLD' -> (rank, world). Raises ValueError with a message for the user."""
+    try:
+        rank, world = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise ValueError(f"--data-part {value!r}: give RANK/WORLD, e.g. 0/3") from None
+    return rank, world
+
+
 @dataclass
 class TrainConfig:
-    data: Path  # a folder written by `swarmlm data prepare` (this peer's own data: it never leaves the peer)
-    run_dir: Path  # checkpoints, the round log and exports of this peer
-    run_id: str = "swarmlm-train"  # peers with the same run id train together
+    data: Path = setting(help="A folder written by `swarmlm data prepare` (this peer's own: it never leaves it)")
+    run_dir: Path = setting(help="This peer's checkpoints, round log and exports (resumed if present)")
+    run_id: str = setting("swarmlm-train", help="Peers with the same run id train together")
     # Model: a preset size trained from scratch, or a checkpoint (GGUF / HF directory) to fine-tune.
-    size: str = "tiny"
-    model: str | None = None
-    lora_rank: int = 0  # > 0: train LoRA adapters only (peft); only they travel
-    seed: int = 0  # initial weights of a from-scratch model: every peer of a run must use the same
+    size: str = setting("tiny", help="Model size from scratch", choices=tuple(PRESETS))
+    model: str | None = setting(None, help="Fine-tune this .gguf / HF directory instead")
+    lora_rank: int = setting(0, help="> 0: train LoRA adapters of this rank only (peft); only they travel")
+    seed: int = setting(0, help="Initial weights' seed (the same on every peer of a run)")
     # Data
-    data_part: tuple[int, int] | None = None  # (rank, world): train on every world-th block from rank
-    batch_size: int = 8
+    data_part: tuple[int, int] | None = setting(
+        None, help="RANK/WORLD: train on every WORLD-th block from RANK only", parse=parse_part, metavar="RANK/WORLD"
+    )
+    batch_size: int = setting(8, help="Sequences per inner step")
     # DiLoCo
-    mode: str = "diloco"  # diloco | ddp (synchronous data-parallel: gradients averaged every step)
-    inner_steps: int = 50  # H
-    inner_lr: float = 1e-3
-    warmup_steps: int = 20
-    # Cosine decay of the inner learning rate over the run (`rounds * inner_steps` steps) down to this
-    # fraction of it; 1.0 keeps it constant. Measured by the global round, so a latecomer decays in step.
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    rounds: int = 10  # stop after this global round (ddp: rounds of `inner_steps` steps)
+    mode: str = setting("diloco", help="diloco, or ddp (average gradients every step: the baseline)")
+    inner_steps: int = setting(50, help="H: local AdamW steps per round")
+    inner_lr: float = setting(1e-3, help="Inner (AdamW) learning rate")
+    warmup_steps: int = setting(20, help="Inner steps of linear learning-rate warmup")
+    # Measured by the global round, so a latecomer decays in step.
+    min_lr_ratio: float = setting(
+        0.1, help="Cosine-decay the inner learning rate over the run to this fraction (1: constant)"
+    )
+    weight_decay: float = setting(0.1, help="Inner AdamW weight decay")
+    outer_lr: float = setting(0.7, help="Outer (Nesterov SGD) learning rate on the averaged pseudo-gradient")
+    outer_momentum: float = setting(0.9, help="Outer Nesterov momentum")
+    rounds: int = setting(10, help="Stop when the swarm reaches this round (ddp: rounds of --inner-steps steps)")
     # Averaging
-    initial_peers: list[str] = field(default_factory=list)
-    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
-    identity: str | None = None
-    swarm_cert: str | None = None  # membership certificate: train in a private swarm
-    target_group_size: int = 4
-    min_group_size: int = 1  # a round completes with whoever is there, alone included
-    aggregation: str = "mean"  # mean | trimmed_mean | centered_clip
-    # fp16 | fp32 | int8 on the wire; None: fp16 for DiLoCo's pseudo-gradients, fp32 for DDP's per-step
-    # gradients (fp16 without loss scaling rounds their small entries away: bench/RESULTS.md, train).
-    wire: str | None = None
-    matchmaking_time: float = 2.0  # seconds a round waits for peers to join its group (less if it fills)
-    averaging_timeout: float = 60.0  # give up on a round's averaging after this long (progress is kept)
-    patience: int = 5  # rounds in a row without a group before the peer gives up (exit code 3)
+    initial_peers: list[str] = setting(help="Multiaddr of any peer already in the run (repeatable)", factory=list)
+    host_maddrs: list[str] = setting(help="Where to listen (repeatable)", factory=lambda: list(LOCALHOST_MADDRS))
+    identity: str | None = setting(None, help="Private key file: a stable peer id")
+    swarm_cert: str | None = setting(
+        None, help="Membership certificate (`swarmlm swarm invite`): train in a private swarm"
+    )
+    target_group_size: int = setting(4, help="Peers expected in a round's group")
+    min_group_size: int = setting(1, help="Fewest peers a round averages with (1: alone too)")
+    aggregation: str = setting("mean", help="mean, trimmed_mean or centered_clip")
+    # fp16 without loss scaling rounds DDP's small per-step gradients away (bench/RESULTS.md, train).
+    wire: str | None = setting(None, help="fp16, fp32 or int8 on the wire (default: fp16 for diloco, fp32 for ddp)")
+    matchmaking_time: float = setting(2.0, help="Seconds a round waits for its group to fill (less if it fills)")
+    averaging_timeout: float = setting(60.0, help="Give up a round's averaging after this (progress is kept)")
+    patience: int = setting(5, help="Rounds in a row without a group before giving up (exit 3)")
     # Differential privacy (off unless dp_noise is set)
-    dp_clip: float = 1.0
-    dp_noise: float | None = None
-    dp_delta: float | None = None
+    dp_clip: float = setting(1.0, help="DP: clip each round's update to this L2 norm")
+    dp_noise: float | None = setting(None, help="DP: Gaussian noise multiplier (turns DP on)")
+    dp_delta: float | None = setting(None, help="DP: delta of the (epsilon, delta) reported")
     # Evaluation and bookkeeping
-    eval_blocks: int = 64
-    keep_checkpoints: int = 3
-    metrics_port: int | None = None
-    # Fault injection for tests and benchmarks: this peer sends a poisoned update ("sign_flip" or "noise").
-    byzantine: str | None = None
-    byzantine_scale: float = 10.0
+    eval_blocks: int = setting(64, help="Validation blocks evaluated after each round")
+    keep_checkpoints: int = setting(3, help="Newest round checkpoints kept (the best one is kept too)")
+    metrics_port: int | None = setting(None, help="Serve Prometheus metrics on this port")
+    # Fault injection for tests and benchmarks: this peer sends a poisoned update.
+    byzantine: str | None = setting(None, help="Fault injection for tests: send poisoned updates (sign_flip or noise)")
+    byzantine_scale: float = setting(10.0, help="Fault injection: the size of the poisoned updates")
 
     def __post_init__(self) -> None:
         if self.mode not in ("diloco", "ddp"):
@@ -111,3 +125,21 @@ class TrainConfig:
             raise ValueError(f"byzantine must be sign_flip or noise, not {self.byzantine!r}")
         if self.data_part is not None and not 0 <= self.data_part[0] < self.data_part[1]:
             raise ValueError(f"--data-part {self.data_part[0]}/{self.data_part[1]}: need 0 <= rank < world")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`swarmlm data prepare`'s settings (train/data/pipeline.py)."""
+
+    tokenizer: str | None = setting(None, help="Tokenize with this model's tokenizer (default: embedded SmolLM2)")
+    train_tokenizer: int | None = setting(
+        None, help="Train a byte-level BPE of this vocabulary size on the corpus instead"
+    )
+    block_size: int = setting(256, help="Tokens per block (training sequence)")
+    val_fraction: float = setting(0.05, help="Share of blocks held out for validation")
+    shard_blocks: int = setting(4096, help="Most blocks per shard file")
+    seed: int = setting(0, help="Seed of the train/validation split")
+    strict: bool = setting(
+        False, help="Stop (exit code 2) at a file that is not text instead of skipping it and listing it"
+    )
+    encoding: str | None = setting(None, help="Decode every file with this encoding (default: detect each file's)")

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from swarmlm.core.files import atomic_write, fsync_dir
+from swarmlm.train.config import PrepareConfig
 from swarmlm.train.data.charsets import codec_name
 from swarmlm.train.data.cleaning import clean_chunks
 from swarmlm.train.data.manifest import MANIFEST, SPLITS, TOKENIZER_DIR, DataError, Manifest, PrepareStats, SourceFile
@@ -36,20 +37,6 @@ from swarmlm.train.data.tokenization import (
     token_batches,
     train_bpe,
 )
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    tokenizer: str | None = None  # tokenize with this model's tokenizer (default: embedded SmolLM2)
-    train_tokenizer: int | None = None  # train a byte-level BPE of this vocabulary size on the corpus instead
-    block_size: int = 256  # tokens per block (training sequence)
-    val_fraction: float = 0.05  # share of blocks held out for validation
-    shard_blocks: int = 4096  # most blocks per shard file
-    seed: int = 0  # seed of the train/validation split
-    # Stop (exit code 2) at the first file that is not text (empty, binary, undecodable) instead of
-    # skipping it and listing it in the summary and manifest.json.
-    strict: bool = False
-    encoding: str | None = None  # decode every file with this encoding (default: detect each file's)
 
 
 def _check(cfg: PrepareConfig) -> None:

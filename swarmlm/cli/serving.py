@@ -1,0 +1,77 @@
+"""`swarmlm serve`, `swarmlm peer` and `swarmlm status`: serving a model, alone or with a swarm."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from swarmlm.cli.checks import check_multiaddrs, check_port_free
+from swarmlm.cli.errors import exit_with, fail
+from swarmlm.cli.options import config_options
+from swarmlm.serve.server_config import GatewayConfig, ServeConfig, parse_address
+from swarmlm.swarm.peer_config import PeerConfig
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@config_options(cfg=ServeConfig)
+def serve(cfg: ServeConfig) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API."""
+    check_port_free(cfg.host, cfg.port, "--port")
+    from swarmlm.serve.server import run_server
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    exit_with(run_server, cfg)
+
+
+@config_options(cfg=PeerConfig, gateway=GatewayConfig)
+def peer(cfg: PeerConfig, gateway: GatewayConfig) -> None:
+    """Join (or start) a swarm and serve a span of the model's layers to its clients."""
+    check_multiaddrs(cfg.initial_peers, "--initial-peers", need_peer_id=True)
+    check_multiaddrs(cfg.host_maddrs, "--host-maddrs")
+    if gateway.api is not None:
+        try:
+            host, port = parse_address(gateway.api)
+        except ValueError as e:
+            fail(str(e))
+        check_port_free(host, port, "--api")
+    from swarmlm.serve.gateway import run_peer_with_gateway
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    exit_with(run_peer_with_gateway, cfg, gateway)
+
+
+def status(
+    initial_peers: Annotated[list[str], typer.Option("--initial-peers", help="Multiaddr of any peer in the swarm")],
+    model: Annotated[str | None, typer.Option(help="The model whose swarm to show (default: the embedded one)")] = None,
+    identity: Annotated[str | None, typer.Option(help="Key file (with --swarm-cert: the member's key)")] = None,
+    swarm_cert: Annotated[
+        str | None, typer.Option(help="Membership certificate (`swarmlm swarm invite`): look into a private swarm")
+    ] = None,
+) -> None:
+    """Show the swarm's peers and per-layer coverage; exit code 1 if some layer has no live peer."""
+    check_multiaddrs(initial_peers, "--initial-peers", need_peer_id=True)
+
+    def run() -> int:
+        from swarmlm.core.dht import start_dht
+        from swarmlm.core.identity import Identity
+        from swarmlm.core.membership import load_membership
+        from swarmlm.core.settings import LOCALHOST_MADDRS
+        from swarmlm.model.checkpoint import open_checkpoint
+        from swarmlm.model.loading import resolve_model
+        from swarmlm.swarm.records import DEFAULT_TTL, fetch_records
+        from swarmlm.swarm.status import print_status
+
+        model_id, path = resolve_model(model)
+        num_layers = open_checkpoint(path).config.num_layers
+        me = Identity.from_option(identity)
+        cert = load_membership(swarm_cert, me) if swarm_cert else None
+        dht = start_dht(initial_peers, list(LOCALHOST_MADDRS), me, client=True, cert=cert)
+        try:
+            return print_status(fetch_records(dht, model_id, online_only=False), model_id, num_layers, DEFAULT_TTL)
+        finally:
+            dht.shutdown()
+
+    exit_with(run)

@@ -1,0 +1,55 @@
+"""The settings of an API server: `swarmlm serve` (`ServeConfig`) and a peer's gateway (`GatewayConfig`).
+
+Kept apart from server.py and gateway.py, which load the engine and the HTTP stack: the command line
+reads these dataclasses to build its options, and `swarmlm -h` must not wait for PyTorch to import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarmlm.core.settings import setting
+
+MODEL_HELP = "A .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)"
+API_KEYS_HELP = "API key file (`swarmlm keys create`): every /v1 call needs one of its keys"
+PROTECT_METRICS_HELP = "With --api-keys: /metrics and /dashboard need a key too"
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = setting(None, help=MODEL_HELP)
+    host: str = setting("127.0.0.1", help="Address to listen on")
+    port: int = setting(8000, help="Port to listen on (1-65535)")
+    scheduler: str = setting("mlfq", help="mlfq (FastServe skip-join MLFQ) or fcfs", choices=("mlfq", "fcfs"))
+    fair: bool = setting(False, help="Per-user fairness (virtual token counters) over the scheduler")
+    kv_budget: int | None = setting(None, help="KV cache budget in bytes (default: from free memory)")
+    dtype: str = setting("fp32", help="fp32, bf16 or fp16")
+    quant: str = setting("none", help="Weight-only quantization on CPU: none, int8 or int4")
+    device: str = setting("auto", help="auto, cpu or cuda")
+    max_batch_seqs: int = setting(32, help="Most sequences in one step")
+    max_step_tokens: int = setting(256, help="Most tokens in one step (prefill chunk budget)")
+    max_model_len: int | None = setting(None, help="Context limit (default: the model's)")
+    max_queued_requests: int = setting(256, help="Queue bound; beyond it requests get 429")
+    max_queued_tokens: int = setting(262144, help="Prompt tokens the queue may hold; beyond them requests get 429")
+    mlfq_quantum: float = setting(0.25, help="MLFQ base quantum in seconds (doubles per level)")
+    starvation: float = setting(10.0, help="MLFQ: seconds of waiting before promotion to the top")
+    api_keys: str | None = setting(None, help=API_KEYS_HELP)
+    protect_metrics: bool = setting(False, help=PROTECT_METRICS_HELP)
+
+
+@dataclass
+class GatewayConfig:
+    api: str | None = setting(
+        None, help="HOST:PORT: also serve the OpenAI API and /dashboard, backed by the swarm", metavar="HOST:PORT"
+    )
+    max_batch_seqs: int = setting(32, help="With --api: sequences the gateway runs at once")
+    api_keys: str | None = setting(None, help=API_KEYS_HELP)
+    protect_metrics: bool = setting(False, help=PROTECT_METRICS_HELP)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'host:port' -> (host, port). Raises ValueError with a message for the user."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--api must be HOST:PORT with a port in 1-65535 (e.g. 127.0.0.1:8000), not {address!r}")
+    return host, int(port)

@@ -1,0 +1,54 @@
+"""The settings of `swarmlm peer`, apart from peer.py (which imports PyTorch and hivemind): the command
+line reads them to build its options, and `swarmlm -h` must stay quick."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarmlm.core.settings import LOCALHOST_MADDRS, internal, setting
+
+DEFAULT_TTL = 15.0  # seconds a peer's DHT record lives unless refreshed (every ttl / 3)
+
+
+@dataclass
+class PeerConfig:
+    model: str | None = setting(None, help="A .gguf file or HF model directory (default: embedded SmolLM2)")
+    initial_peers: list[str] = setting(
+        help="Multiaddr of any peer already in the swarm (repeatable; none: start a new swarm)", factory=list
+    )
+    host_maddrs: list[str] = setting(help="Where to listen (repeatable)", factory=lambda: list(LOCALHOST_MADDRS))
+    identity: str | None = setting(None, help="Private key file: a stable peer id (created if missing)")
+    layers: str = setting("auto", help="auto (least-served range), START:END (END excluded), or none")
+    num_layers: int | None = setting(None, help="Span size for --layers auto (default: all)")
+    dtype: str = setting("fp32", help="fp32, bf16 or fp16")
+    quant: str = setting("none", help="Weight-only quantization on CPU: none, int8 or int4")
+    kv_budget: int = setting(1 << 30, help="KV cache budget in bytes")
+    scheduler: str = setting("mlfq", help="mlfq or fcfs: the order sessions' steps run in", choices=("mlfq", "fcfs"))
+    ttl: float = internal(DEFAULT_TTL, why="the record lifetime every peer and client of a swarm assumes")
+    rebalance_period: float = setting(
+        60.0, help="With --layers auto: seconds between checks whether another span needs us more (0: never move)"
+    )
+    threads: int | None = setting(
+        None, help="CPU threads for compute (default: all cores; 1 when peers share a machine)"
+    )
+    ledger: str | None = setting(None, help="This peer's copy of the ledger (default: ~/.swarmlm/ledger/PEER_ID.jsonl)")
+    swarm_cert: str | None = setting(None, help="Membership certificate (`swarmlm swarm invite`): join a private swarm")
+    perturb_outputs: float = setting(
+        0.0, help="Fault injection for attack tests: add noise of this relative size to outputs"
+    )
+
+
+def parse_layers(layers: str, total: int) -> tuple[int, int] | None:
+    """'a:b' -> (a, b), END excluded; 'none' -> None. Raises ValueError with a message for the user."""
+    if layers == "none":
+        return None
+    try:
+        a, b = (int(x) for x in layers.split(":"))
+    except ValueError:
+        raise ValueError(f"--layers must be auto, none or START:END (e.g. 0:{total}), not {layers!r}") from None
+    model = f"the model has layers 0:{total} ({total} layers)"
+    if a >= b:
+        raise ValueError(f"--layers {layers}: START must be below END; {model}")
+    if a < 0 or b > total:
+        raise ValueError(f"--layers {layers}: outside the model; {model}")
+    return a, b
