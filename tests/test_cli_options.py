@@ -18,14 +18,21 @@ from swarmlm.cli.options import cli_fields, config_options, field_default, flag
 from swarmlm.core.settings import INTERNAL, internal, setting
 from swarmlm.serve.server_config import GatewayConfig, ServeConfig
 from swarmlm.swarm.peer_config import PeerConfig
-from swarmlm.train.config import TrainConfig
+from swarmlm.train.config import PrepareConfig, TrainConfig
 
-COMMANDS = {"serve": [ServeConfig], "peer": [PeerConfig, GatewayConfig], "train": [TrainConfig]}
+COMMANDS = {
+    "serve": [ServeConfig],
+    "peer": [PeerConfig, GatewayConfig],
+    "train": [TrainConfig],
+    "data prepare": [PrepareConfig],
+}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_config_field_is_a_flag_with_the_fields_default(name: str) -> None:
-    command = get_command(app).commands[name]  # type: ignore[attr-defined]
+    command = get_command(app)
+    for word in name.split():
+        command = command.commands[word]  # type: ignore[attr-defined]
     options = {opt: p for p in command.params for opt in p.opts}
     for cls in COMMANDS[name]:
         for f in dataclasses.fields(cls):
@@ -46,7 +53,7 @@ def test_every_config_field_is_a_flag_with_the_fields_default(name: str) -> None
 def test_only_the_record_lifetime_is_internal() -> None:
     internal_fields = {
         f.name
-        for cls in (ServeConfig, PeerConfig, GatewayConfig, TrainConfig)
+        for cls in (ServeConfig, PeerConfig, GatewayConfig, TrainConfig, PrepareConfig)
         for f in dataclasses.fields(cls)
         if INTERNAL in f.metadata
     }
