@@ -259,6 +259,8 @@ def train(
     outer_momentum: float = 0.9,
     rounds: Annotated[int, typer.Option(help="Stop when the swarm reaches this round")] = 10,
     target_group_size: Annotated[int, typer.Option(help="Peers expected in a round's group")] = 4,
+    min_peers: Annotated[int, typer.Option(help="A fresh run waits for this many peers before round 1")] = 2,
+    start_wait: Annotated[float, typer.Option(help="Most seconds to wait for --min-peers; then train")] = 60.0,
     min_group_size: Annotated[int, typer.Option(help="Fewest peers a round averages with (1: alone too)")] = 1,
     aggregation: Annotated[str, typer.Option(help="mean, trimmed_mean or centered_clip")] = "mean",
     wire: Annotated[
@@ -279,7 +281,7 @@ def train(
 ) -> None:
     """Train with the swarm: DiLoCo rounds on this peer's own data, averaged with the peers present."""
     from swarmlm.train.config import TrainConfig
-    from swarmlm.train.diloco import run_training
+    from swarmlm.train.training_run import run_training
 
     # force: opacus configures the root logger when imported
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -312,6 +314,8 @@ def train(
             outer_momentum=outer_momentum,
             rounds=rounds,
             target_group_size=target_group_size,
+            min_peers=min_peers,
+            start_wait=start_wait,
             min_group_size=min_group_size,
             aggregation=aggregation,
             wire=wire,

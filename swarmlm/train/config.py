@@ -70,6 +70,11 @@ class TrainConfig:
     identity: str | None = None
     swarm_cert: str | None = None  # membership certificate: train in a private swarm
     target_group_size: int = 4
+    # A fresh run (round 0) waits at its first round until this many peers (itself included) are in it,
+    # for at most `start_wait` seconds: peers started by hand, a minute apart, then average from round 1
+    # instead of the first training alone. 1: start at once.
+    min_peers: int = 2
+    start_wait: float = 60.0
     min_group_size: int = 1  # a round completes with whoever is there, alone included
     aggregation: str = "mean"  # mean | trimmed_mean | centered_clip
     # fp16 | fp32 | int8 on the wire; None: fp16 for DiLoCo's pseudo-gradients, fp32 for DDP's per-step
@@ -105,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"--wire must be one of {', '.join(WIRE_FORMATS)}, not {self.wire!r}")
         if self.min_group_size < 1:
             raise ValueError("--min-group-size must be at least 1")
+        if self.min_peers < 1 or self.start_wait < 0:
+            raise ValueError("--min-peers must be at least 1 and --start-wait not negative")
         if self.dp_noise is not None and self.dp_delta is None:
             raise ValueError("differential privacy needs --dp-delta: epsilon is meaningless without it")
         if self.byzantine not in (None, "sign_flip", "noise"):

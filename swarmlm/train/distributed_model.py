@@ -7,7 +7,7 @@
     model.save("exported/")                                # what `swarmlm serve --model exported/` loads
     model.close()
 
-It composes the pieces `swarmlm train` is made of, in this process: a `Trainer` (diloco.py) built from a
+It composes the pieces `swarmlm train` is made of, in this process: a `Trainer` (trainer.py) built from a
 `TrainConfig`, connected to the swarm once and kept connected between `fit` calls (so the other peers can
 keep finding it and download its state), and the inference `Engine` that `swarmlm serve` runs.
 
@@ -29,7 +29,8 @@ from typing import Any
 
 from swarmlm.model.loading import LoadedModel
 from swarmlm.train.config import PRESETS, TrainConfig
-from swarmlm.train.diloco import RoundReport, Trainer
+from swarmlm.train.round_report import RoundReport
+from swarmlm.train.trainer import Trainer
 
 # What a connected peer may change between two fits: read afresh by every round of `Trainer.run`.
 # Everything else (data, model, optimizers' shape, the averager's settings) is fixed once the peer
