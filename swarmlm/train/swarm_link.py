@@ -24,7 +24,7 @@ from hivemind.utils import get_dht_time
 from torch import Tensor
 
 from swarmlm.core.identity import Identity
-from swarmlm.core.keys import TRAINING_KEY
+from swarmlm.core.keys import TRAINING_KEY, training_start_key
 from swarmlm.core.loop import LoopThread
 from swarmlm.core.membership import Membership, load_membership
 from swarmlm.ledger.store import Ledger
@@ -167,12 +167,15 @@ class SwarmLink:
         return max(self.shared_rounds(), default=-1.0)
 
     def wait_for_peers(self, count: int, wait: float) -> int:
-        """Before a fresh run's first round: wait up to `wait` seconds until `count` peers (this one
-        included) are in the run, so that peers started by hand a few seconds or a minute apart average
-        from round 1 instead of the first training alone. Returns how many there are."""
-        present = len(self.shared_rounds())
-        if present >= count:
-            return present
+        """Before a fresh run's first round: say we are ready, then wait up to `wait` seconds until `count`
+        peers (this one included) are, so that peers started by hand a minute apart average from round 1
+        instead of the first training alone, and start it within a moment of each other. Returns how many
+        are ready."""
+        key = training_start_key(self.cfg.run_id)
+        self.dht.store(key, True, get_dht_time() + wait + TRAINING_TTL, subkey=str(self.peer_id))
+        ready = self._ready_peers(key)
+        if ready >= count:
+            return ready
         logger.info(
             "waiting up to %.0f s for %d peers of run %s before round 1 (start them with --initial-peers "
             "and this peer's address; --min-peers 1 trains alone at once)",
@@ -181,14 +184,18 @@ class SwarmLink:
             self.cfg.run_id,
         )
         deadline = time.monotonic() + wait
-        while present < count and time.monotonic() < deadline:
+        while ready < count and time.monotonic() < deadline:
             time.sleep(0.5)
-            present = len(self.shared_rounds())
-        if present < count:
-            logger.info("%d peer(s) in run %s after %.0f s: training with those there", present, self.cfg.run_id, wait)
+            ready = self._ready_peers(key)
+        if ready < count:
+            logger.info("%d peer(s) of run %s ready after %.0f s: training with those", ready, self.cfg.run_id, wait)
         else:
-            logger.info("%d peers in run %s: starting round 1", present, self.cfg.run_id)
-        return present
+            logger.info("%d peers of run %s ready: starting round 1", ready, self.cfg.run_id)
+        return ready
+
+    def _ready_peers(self, key: str) -> int:
+        found = self.dht.get(key, latest=True)
+        return len(found.value) if found is not None and isinstance(found.value, dict) else 0
 
     # ---- averaging ---------------------------------------------------------------------------------
 
@@ -196,8 +203,16 @@ class SwarmLink:
         """Match only with peers averaging from the same round: the round goes into the matchmaking key
         (hivemind's group bits). A straggler retrying round r would otherwise join the others' group for
         round r + 1 and mix a pseudo-gradient from stale weights into it. Set before every matchmaking:
-        hivemind rewrites the bits each time a group assembles."""
-        self._averager().set_group_bits(format(round_ % 2**ROUND_KEY_BITS, f"0{ROUND_KEY_BITS}b"))
+        hivemind rewrites the bits each time a group assembles.
+
+        With `--min-group-size 1` (the default) the group must also wait for the peers at our round: hivemind
+        lets a peer that may average alone start alone as soon as it declares itself, before it has seen
+        who else is looking, so two peers finishing a round together would each average alone."""
+        averager = self._averager()
+        averager.set_group_bits(format(round_ % 2**ROUND_KEY_BITS, f"0{ROUND_KEY_BITS}b"))
+        if self.cfg.min_group_size == 1:
+            here = sum(1 for r in self.shared_rounds() if r == round_)
+            averager.set_min_group_size(max(1, min(here, self.cfg.target_group_size)))
 
     def _attempt_window(self) -> float:
         """How long one matchmaking attempt may wait before we look whether the others moved on: short,

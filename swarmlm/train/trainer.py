@@ -297,7 +297,7 @@ class Trainer:
         if self.round == 0:
             reports.append(self._report([], 0.0, 0, time.perf_counter(), 0, progress))
             if self.link is not None:
-                self.link.wait_for_peers(cfg.min_peers, cfg.start_wait)
+                self.link.wait_for_peers(max(cfg.min_peers, cfg.min_group_size), cfg.start_wait)
         if progress is not None:
             progress.start_run(self.round, cfg.rounds)
         while self.round < cfg.rounds:
