@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
 import numpy as np
 import torch
+from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
@@ -195,11 +196,11 @@ class RobustAverager(DecentralizedAverager):
     def __init__(
         self,
         tensors: Sequence[Tensor],
-        dht: Any,
+        dht: DHT,
         *,
         aggregation: str = "mean",
         wire: str = "fp16",
-        state_fn: Any = None,
+        state_fn: Callable[[], tuple[Mapping[str, object], Sequence[Tensor]]] | None = None,
         membership: Membership | None = None,
         **kwargs: Any,
     ) -> None:

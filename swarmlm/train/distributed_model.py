@@ -29,6 +29,7 @@ from typing import Any
 
 from swarmlm.model.loading import LoadedModel
 from swarmlm.train.config import PRESETS, TrainConfig
+from swarmlm.train.progress import TrainMetrics, TrainProgress
 from swarmlm.train.round_report import RoundReport
 from swarmlm.train.trainer import Trainer
 
@@ -92,7 +93,7 @@ class DistributedModel:
         self._trainer: Trainer | None = None
         self._connected = False
         self._closed = False
-        self._metrics: Any = None
+        self._metrics: TrainMetrics | None = None
         if data is not None:
             self._connect(self._trainer_for(self._config(_data_dir(data), {})))
 
@@ -149,8 +150,6 @@ class DistributedModel:
         trainer = self._trainer_for(cfg)
         self._options = {**self._options, **overrides}  # they stay, like the dataset: fit() again continues
         self._connect(trainer)
-        from swarmlm.train.progress import TrainMetrics, TrainProgress
-
         if self._metrics is None:  # one registry (and metrics port) for the peer's whole life
             self._metrics = TrainMetrics(cfg.metrics_port)
         tokens_per_step = cfg.batch_size * (trainer.shards.block_size - 1)
