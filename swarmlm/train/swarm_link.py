@@ -127,7 +127,7 @@ class SwarmLink:
         self.dht.shutdown()
 
     def _averager(self) -> RobustAverager:
-        assert self.averager is not None, "the link is closed"
+        assert self.averager is not None, "the averager did not start"
         return self.averager
 
     def offer(self, round_: int) -> None:
@@ -286,7 +286,7 @@ class SwarmLink:
     def wind_down(self, group: list[str], round_: int) -> None:
         """The end of a run: collect the last round's ledger entries while its signers linger, linger for
         stragglers ourselves, then collect what the other members signed meanwhile."""
-        assert self.ledger is not None, "the link is closed"
+        assert self.ledger is not None, "the ledger service did not start"
         self.ledger.pull(group, round_, wait=4 * self.cfg.matchmaking_time + 2)
         self.linger(round_)
         self.ledger.pull(group, round_)
