@@ -218,7 +218,7 @@ def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str
     """A peer that downloads another's state then takes the same step with the same batch lands on the
     same weights: in DDP mode that needs the AdamW moments too, not just the weights."""
     from swarmlm.train.data import default_corpus_files, prepare
-    from swarmlm.train.diloco import Trainer
+    from swarmlm.train.trainer import Trainer
 
     prepare(default_corpus_files()[:1], tmp_path / "data", train_tokenizer=300, block_size=32)
     cfg = TrainConfig(data=tmp_path / "data", run_dir=tmp_path / "a", mode=mode, batch_size=2, inner_steps=3)
@@ -235,9 +235,9 @@ def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str
             g.grad = torch.ones_like(g)
         ahead.outer_opt.step()
     ahead.round = 1
-    ahead._publish()
-    meta, tensors = ahead._shared()
-    behind._load_shared(meta, tensors)
+    ahead.publish()
+    meta, tensors = ahead.shared()
+    behind.load_shared(meta, tensors)
     assert behind.digest() == ahead.digest()
     if mode == "diloco":  # the outer momentum travels; inner AdamW state is each peer's own
         for a, b in zip(ahead.global_params, behind.global_params, strict=True):

@@ -25,7 +25,7 @@ def train(
     """Train with the swarm: DiLoCo rounds on this peer's own data, averaged with the peers present."""
     check_multiaddrs(cfg.initial_peers, "--initial-peers", need_peer_id=True)
     check_multiaddrs(cfg.host_maddrs, "--host-maddrs")
-    from swarmlm.train.diloco import run_training
+    from swarmlm.train.training_run import run_training
 
     # force: opacus configures the root logger when imported
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)

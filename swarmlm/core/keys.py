@@ -5,6 +5,11 @@ from __future__ import annotations
 TRAINING_KEY = "swarmlm.training"  # one subkey per training run (its round and loss curve), read by the dashboard
 
 
+def training_start_key(run_id: str) -> str:
+    """The peers of a training run that are ready for its first round, one subkey per peer id."""
+    return f"swarmlm:train:{run_id}:start"
+
+
 def model_key(model_id: str) -> str:
     """Serving peers' span records for `model_id`, one subkey per peer id."""
     return f"swarmlm:{model_id}:spans"

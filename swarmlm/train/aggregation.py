@@ -10,7 +10,8 @@ CenteredClip (Karimireddy et al., 2021) starts from the coordinate-wise median a
 toward the contributions, each clipped to radius `tau` around the current centre, so an attacker shifts
 the result by at most `tau / n` per iteration; one that ends far outside that radius is dropped (within a
 budget) and the clipping redone without it. Median and Krum are left out on purpose: they fail
-without any attacker when peers' data differ (see docs/architecture.md).
+without any attacker when peers' data differ (see docs/architecture.md). `poison_` is the attack they
+are tested against.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
@@ -94,3 +96,12 @@ def get_aggregator(name: str) -> Aggregator:
     if name not in rules:
         raise ValueError(f"unknown aggregation {name!r}: choose one of {', '.join(AGGREGATIONS)}")
     return rules[name]
+
+
+def poison_(update: list[Tensor], attack: str, scale: float) -> None:
+    """Fault injection (tests, benchmarks): what a Byzantine peer would send ("sign_flip" or "noise")."""
+    for t in update:
+        if attack == "sign_flip":
+            t.mul_(-scale)
+        else:
+            t.add_(torch.randn_like(t) * scale * t.abs().mean().clamp_min(1e-3))

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
 import numpy as np
 import torch
+from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
@@ -45,6 +46,7 @@ from hivemind.compression import (
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import amap_in_executor, get_dht_time
+from hivemind.utils.mpfuture import MPFuture
 from torch import Tensor
 
 from swarmlm.core import process_guard
@@ -195,11 +197,11 @@ class RobustAverager(DecentralizedAverager):
     def __init__(
         self,
         tensors: Sequence[Tensor],
-        dht: Any,
+        dht: DHT,
         *,
         aggregation: str = "mean",
         wire: str = "fp16",
-        state_fn: Any = None,
+        state_fn: Callable[[], tuple[Mapping[str, object], Sequence[Tensor]]] | None = None,
         membership: Membership | None = None,
         **kwargs: Any,
     ) -> None:
@@ -211,6 +213,16 @@ class RobustAverager(DecentralizedAverager):
         self._state_fn = state_fn
         self.membership = membership  # private swarm: only members may join our groups or download state
         super().__init__(tensors, dht, compression=WIRE_CODECS[wire], **kwargs)
+
+    def set_min_group_size(self, size: int) -> None:
+        """The fewest members a group may start with, from now on (hivemind fixes it at construction)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_min_group_size", [], dict(size=size, future=future)))
+        future.result()
+
+    async def _set_min_group_size(self, size: int, future: MPFuture) -> None:
+        self._matchmaking.min_group_size = size
+        future.set_result(None)
 
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs: Any

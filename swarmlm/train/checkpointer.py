@@ -1,9 +1,11 @@
 """Training checkpoints: written atomically every round, verified by checksum on resume.
 
-A checkpoint is two files in the run's `checkpoints/` folder:
+`Checkpointer` persists anything `Stateful` (as torchtitan's checkpointer does its trainer): the tensors
+of its `state_dict()` go to one file, the rest to another, and `load_state_dict()` gets both back as one
+dict. A checkpoint is two files in the run's `checkpoints/` folder:
 
-- `round-000012.safetensors`: every tensor of the training state (global and local weights, the inner
-  and outer optimizers' buffers), named by their place in `TrainState`;
+- `round-000012.safetensors`: every tensor of the training state (for a `Trainer`: global and local
+  weights, the inner and outer optimizers' buffers);
 - `round-000012.json`: everything else (round, data position, RNG states, optimizer hyper-parameters,
   metrics) plus the sha256 of the tensor file. It is written last, so it marks the checkpoint complete.
 
@@ -18,8 +20,9 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -100,3 +103,74 @@ def latest_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]] 
         except CheckpointCorrupt as e:
             logger.warning("skipping corrupt checkpoint: %s", e)
     return None
+
+
+def flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """An optimizer's buffers as named tensors (`prefix.index.key`), for a checkpoint's tensor file."""
+    return {
+        f"{prefix}.{index}.{key}": value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+        for index, state in opt.state_dict()["state"].items()
+        for key, value in state.items()
+    }
+
+
+def restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, Any]) -> None:
+    """The reverse of `flatten_optimizer`: the buffers named `prefix.*` in `tensors` back into `opt`."""
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+class Stateful(Protocol):
+    """What a checkpoint holds: tensors and JSON values, under names the object chooses."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """The checkpoints of one run folder: saves a `Stateful` after each round, restores the newest intact
+    one, and keeps track of the best validation loss (`best.json`), which pruning spares."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.best_val = float("inf")
+        self.last: tuple[int, float, Path] | None = None  # (round, val loss, record) of the newest one
+
+    def save(self, state: Stateful, round_: int, val_loss: float, keep: int) -> Path:
+        items = state.state_dict()
+        tensors = {k: v for k, v in items.items() if isinstance(v, Tensor)}
+        meta = {k: v for k, v in items.items() if not isinstance(v, Tensor)} | {"val_loss": val_loss}
+        marker = save_checkpoint(self.folder, round_, tensors, meta, keep=keep)
+        self.last = (round_, val_loss, marker)
+        if val_loss < self.best_val:
+            self.best_val = val_loss
+            mark_best(self.folder, round_, val_loss)
+        return marker
+
+    def holds(self, round_: int) -> bool:
+        return round_ in saved_rounds(self.folder)
+
+    def best(self) -> tuple[int, float] | None:
+        return best_round(self.folder)
+
+    def restore(self, state: Stateful) -> int | None:
+        """Load the newest intact checkpoint (a corrupt one is skipped) into `state`; its round, or None."""
+        found = latest_checkpoint(self.folder)
+        if found is None:
+            return None
+        tensors, meta = found
+        try:
+            state.load_state_dict({**meta, **tensors})
+        except ValueError as e:
+            raise ValueError(f"{self.folder}: {e}") from e
+        if (best := best_round(self.folder)) is not None:
+            self.best_val = best[1]
+        round_ = int(meta["round"])
+        self.last = (round_, float(meta.get("val_loss", float("nan"))), self.folder / f"round-{round_:06d}.json")
+        logger.info("resumed from %s at round %d", self.folder, round_)
+        return round_

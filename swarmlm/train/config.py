@@ -85,6 +85,11 @@ class TrainConfig:
         None, help="Membership certificate (`swarmlm swarm invite`): train in a private swarm"
     )
     target_group_size: int = setting(4, help="Peers expected in a round's group")
+    # Peers started by hand, a minute apart, then average from round 1 instead of the first training alone.
+    min_peers: int = setting(
+        2, help="A fresh run waits at round 1 for this many peers, itself included (1: start at once)"
+    )
+    start_wait: float = setting(60.0, help="Most seconds a fresh run waits for --min-peers; then it trains")
     min_group_size: int = setting(1, help="Fewest peers a round averages with (1: alone too)")
     aggregation: str = setting("mean", help="mean, trimmed_mean or centered_clip")
     # fp16 without loss scaling rounds DDP's small per-step gradients away (bench/RESULTS.md, train).
@@ -119,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"--wire must be one of {', '.join(WIRE_FORMATS)}, not {self.wire!r}")
         if self.min_group_size < 1:
             raise ValueError("--min-group-size must be at least 1")
+        if self.min_peers < 1 or self.start_wait < 0:
+            raise ValueError("--min-peers must be at least 1 and --start-wait not negative")
         if self.dp_noise is not None and self.dp_delta is None:
             raise ValueError("differential privacy needs --dp-delta: epsilon is meaningless without it")
         if self.byzantine not in (None, "sign_flip", "noise"):

@@ -7,7 +7,7 @@
     model.save("exported/")                                # what `swarmlm serve --model exported/` loads
     model.close()
 
-It composes the pieces `swarmlm train` is made of, in this process: a `Trainer` (diloco.py) built from a
+It composes the pieces `swarmlm train` is made of, in this process: a `Trainer` (trainer.py) built from a
 `TrainConfig`, connected to the swarm once and kept connected between `fit` calls (so the other peers can
 keep finding it and download its state), and the inference `Engine` that `swarmlm serve` runs.
 
@@ -29,7 +29,9 @@ from typing import Any
 
 from swarmlm.model.loading import LoadedModel
 from swarmlm.train.config import PRESETS, TrainConfig
-from swarmlm.train.diloco import RoundReport, Trainer
+from swarmlm.train.progress import TrainMetrics, TrainProgress
+from swarmlm.train.round_report import RoundReport
+from swarmlm.train.trainer import Trainer
 
 # What a connected peer may change between two fits: read afresh by every round of `Trainer.run`.
 # Everything else (data, model, optimizers' shape, the averager's settings) is fixed once the peer
@@ -91,7 +93,7 @@ class DistributedModel:
         self._trainer: Trainer | None = None
         self._connected = False
         self._closed = False
-        self._metrics: Any = None
+        self._metrics: TrainMetrics | None = None
         if data is not None:
             self._connect(self._trainer_for(self._config(_data_dir(data), {})))
 
@@ -148,8 +150,6 @@ class DistributedModel:
         trainer = self._trainer_for(cfg)
         self._options = {**self._options, **overrides}  # they stay, like the dataset: fit() again continues
         self._connect(trainer)
-        from swarmlm.train.progress import TrainMetrics, TrainProgress
-
         if self._metrics is None:  # one registry (and metrics port) for the peer's whole life
             self._metrics = TrainMetrics(cfg.metrics_port)
         tokens_per_step = cfg.batch_size * (trainer.shards.block_size - 1)

@@ -36,6 +36,18 @@ def evaluate(model: TrainableModel, blocks: Tensor, batch_size: int = 16) -> flo
     return total / max(count, 1)
 
 
+def run_identity(cfg: TrainConfig, model: TrainableModel) -> dict[str, Any]:
+    """What a checkpoint records for `load_run_model` to rebuild its model."""
+    return {
+        "size": cfg.size,
+        "base_model": cfg.model,
+        "lora_rank": cfg.lora_rank,
+        "seed": cfg.seed,
+        "config": model.config.to_hf(),
+        "data": str(cfg.data),
+    }
+
+
 def _round_file(checkpoint: Path) -> Path:
     folder = checkpoint / "checkpoints" if (checkpoint / "checkpoints").is_dir() else checkpoint
     if not folder.is_dir():

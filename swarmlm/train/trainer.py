@@ -1,0 +1,393 @@
+"""One training peer: DiLoCo rounds (or synchronous data-parallel steps) averaged over the swarm.
+
+A DiLoCo round on each peer (Douillard et al., 2023):
+
+1. `H` inner AdamW steps on the peer's own data, starting from the swarm's global weights;
+2. pseudo-gradient = global weights - local weights (optionally poisoned, for attack tests; optionally
+   clipped and noised for differential privacy);
+3. robust all-reduce of the pseudo-gradients with whoever is in the group (`allreduce.py`);
+4. outer Nesterov SGD step on the global weights with the averaged pseudo-gradient; local = global.
+
+Every member of a group receives bit-identical averages and applies the same outer step to the same
+global weights, so after a round all members hold weights with the same digest. Each member also sends
+its round and digest along (hivemind's gather): a member whose starting point differed from the group's
+majority downloads the state from a peer afterwards. A round whose averaging fails (no group in time,
+or a reducer died) keeps the local progress: the next round's pseudo-gradient then covers it too.
+
+The `Trainer` owns the training state and the round loop; `swarm_link.py` its place in the swarm
+(catch-up, averaging retries, announcements), `outer.py` the state peers hold in common, `checkpointer.py`
+the files: the trainer is `Stateful`, and its `state_dict()` is what a checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from hivemind.averaging.control import StepControl
+from torch import Tensor
+
+from swarmlm.core.identity import Identity
+from swarmlm.model.loading import tensors_digest
+from swarmlm.train.aggregation import poison_
+from swarmlm.train.checkpointer import Checkpointer
+from swarmlm.train.config import TrainConfig
+from swarmlm.train.data import TokenShards, load_data_tokenizer
+from swarmlm.train.evaluation import evaluate, run_identity
+from swarmlm.train.inner import InnerOptimizer
+from swarmlm.train.model import TrainableModel, build_model
+from swarmlm.train.outer import OuterOptimizer, copy_into
+from swarmlm.train.privacy import PeerPrivacy
+from swarmlm.train.progress import TrainProgress
+from swarmlm.train.round_report import RoundReport
+from swarmlm.train.swarm_link import Gathered, SharedState, StateMeta, SwarmLink, group_base
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, float], None]  # (inner steps done this round, last loss)
+Batches = Iterator[tuple[int, Tensor]]  # (data position after the batch, the batch)
+
+
+class NoPeersError(RuntimeError):
+    """The run cannot go on: not enough peers to average with."""
+
+
+class Trainer:
+    """A peer's training state and round loop; `Stateful`: its `state_dict()` is what a checkpoint holds."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        train = TokenShards.open(cfg.data, "train")
+        val = TokenShards.open(cfg.data, "val")
+        self.tokenizer = load_data_tokenizer(cfg.data)
+        self.shards = train.part(*cfg.data_part) if cfg.data_part else train
+        if len(self.shards) == 0:
+            raise ValueError(f"{cfg.data}: no training blocks for this peer")
+        self.val_blocks = val.blocks(range(min(cfg.eval_blocks, len(val))))
+        eos = self.tokenizer.eos_token_ids[0] if self.tokenizer.eos_token_ids else None
+        self.model: TrainableModel = build_model(cfg, train.vocab_size, train.block_size, eos)
+        params = self.model.params
+        self.outer = OuterOptimizer(params, cfg.outer_lr, cfg.outer_momentum)
+        self.inner = InnerOptimizer(params, cfg)
+        self.privacy = PeerPrivacy(cfg.dp_clip, cfg.dp_noise, cfg.dp_delta) if cfg.dp_noise is not None else None
+        self.round = 0
+        self.position = 0  # batches drawn from this peer's data so far
+        self.checkpointer = Checkpointer(cfg.run_dir / "checkpoints")
+        self.log_path = cfg.run_dir / "rounds.jsonl"
+        self._state_lock = threading.Lock()
+        self._shared_state: SharedState = self._snapshot()
+        self._sent_base: tuple[int, str] = (0, "")
+        self.failures = 0  # averaging attempts failed in a row
+        self.curve: list[tuple[int, float]] = []  # (round, validation loss)
+        self._step_seconds = 0.0  # the last round's mean inner step time
+        self.identity = Identity.from_option(cfg.identity)  # signs this peer's ledger entries
+        self.link: SwarmLink | None = None
+        self.group: list[str] = []  # peer ids of the last round's group, sorted
+        self.update_digest: str | None = None  # of the last round's averaged pseudo-gradient (DiLoCo)
+
+    @property
+    def global_params(self) -> list[Tensor]:
+        """The swarm's agreed weights: what every round starts from and what the outer optimizer moves."""
+        return self.outer.params
+
+    @property
+    def outer_opt(self) -> torch.optim.SGD:
+        return self.outer.sgd
+
+    # ---- the swarm ---------------------------------------------------------------------------------
+
+    def connect(self) -> SwarmLink:
+        self.link = SwarmLink(self.cfg, self.identity, self, self.global_params, self.model.names)
+        return self.link
+
+    def visible_maddrs(self) -> list[str]:
+        assert self.link is not None, "not connected"
+        return self.link.visible_maddrs()
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+    def digest(self) -> str:
+        return tensors_digest(zip(self.model.names, self.global_params, strict=True))
+
+    def _snapshot(self) -> SharedState:
+        """The global weights and the optimizer state peers hold in common: DiLoCo's outer momentum, or in
+        DDP mode the AdamW moments (every peer takes the same steps)."""
+        meta: StateMeta = {"round": self.round, "digest": self.digest(), "names": self.model.names}
+        common = self.inner.moments() if self.cfg.mode == "ddp" else self.outer.momentum()
+        return meta, [g.detach().clone() for g in self.global_params] + common
+
+    def shared(self) -> SharedState:
+        """The state a newcomer downloads from us (called from the averager's thread)."""
+        with self._state_lock:
+            return self._shared_state
+
+    def load_shared(self, meta: StateMeta, tensors: list[Tensor]) -> None:
+        n = len(self.global_params)
+        with torch.no_grad():
+            copy_into(self.global_params, tensors[:n])
+            if self.cfg.mode == "ddp":
+                self.inner.load_moments(tensors[n:])
+            else:
+                self.outer.load_momentum(tensors[n:])
+            copy_into(self.model.params, self.global_params)
+        self.round = int(meta["round"])
+        if self.digest() != meta.get("digest"):
+            raise RuntimeError("downloaded state does not match its digest")
+        logger.info("caught up: downloaded round %d from a peer", self.round)
+        self.publish()
+
+    def publish(self) -> None:
+        snapshot = self._snapshot()
+        with self._state_lock:
+            self._shared_state = snapshot
+        if self.link is not None:
+            self.link.offer(self.round)
+
+    def _average(self, tensors: list[Tensor], early: StepControl | None = None) -> tuple[list[Tensor], Gathered] | None:
+        assert self.link is not None
+        if early is None:
+            self._sent_base = (self.round, self.digest())
+        return self.link.average(tensors, self._sent_base, early)
+
+    def _begin_average(self) -> StepControl:
+        assert self.link is not None
+        self._sent_base = (self.round, self.digest())
+        return self.link.begin_average(self._sent_base)
+
+    # ---- training ----------------------------------------------------------------------------------
+
+    def _inner_step(self, batch: Tensor, step_in_round: int) -> float:
+        self.inner.schedule(self.cfg, self.round, step_in_round)
+        loss = self.model.loss(batch)
+        loss.backward()
+        return loss.item()
+
+    def _clip_and_step(self) -> None:
+        self.inner.step()
+
+    def _diloco_round(self, batches: Batches, on_step: StepCallback) -> tuple[list[float], float, int]:
+        compute, losses, early = 0.0, [], None
+        h = self.cfg.inner_steps
+        # Steps left when matchmaking starts: about the matchmaking time's worth (from the last round's pace).
+        lead = math.ceil(self.cfg.matchmaking_time / self._step_seconds) if self._step_seconds else 0
+        for i in range(h):
+            if lead and i == max(0, h - lead) and self.link is not None:
+                early = self._begin_average()
+            self.position, batch = next(batches)
+            t0 = time.perf_counter()
+            losses.append(self._inner_step(batch, i))
+            self._clip_and_step()
+            compute += time.perf_counter() - t0
+            on_step(i + 1, losses[-1])
+        self._step_seconds = compute / h
+        t0 = time.perf_counter()
+        update = self.outer.pseudo_gradient(self.model.params)
+        with torch.no_grad():
+            if self.cfg.byzantine:
+                poison_(update, self.cfg.byzantine, self.cfg.byzantine_scale)
+            if self.privacy is not None:
+                self.privacy.privatize_(update)
+        compute += time.perf_counter() - t0
+        result = self._average(update, early)
+        if result is None:  # keep local progress: the next round's pseudo-gradient includes it
+            self._averaging_failed()
+            return losses, compute, 0
+        self.failures = 0
+        averaged, gathered = result
+        self.group = sorted(str(peer) for peer in gathered)
+        self.update_digest = tensors_digest(zip(self.model.names, averaged, strict=True))
+        base = group_base(gathered, self._sent_base)
+        if base != self._sent_base:  # we started elsewhere: our outer step would be wrong
+            self._resync(base)
+            return losses, compute, len(gathered)
+        t0 = time.perf_counter()
+        self.outer.step(averaged)
+        copy_into(self.model.params, self.global_params)
+        self.round = base[0] + 1
+        self.publish()
+        compute += time.perf_counter() - t0
+        return losses, compute, len(gathered)
+
+    def _ddp_round(self, batches: Batches, on_step: StepCallback) -> tuple[list[float], float, int]:
+        """The baseline: every step's gradients are averaged before the optimizer step.
+
+        A one-sided failure (the others applied a step, we did not) leaves us off the group's state. Only
+        the last step decides who is in step at the round's end: the peers whose last step applied the
+        average from the group's own starting state publish the next round, the others download it. A
+        sticky "strayed once this round" flag would not do: with a few failures per round every peer
+        strays at some step, nobody publishes, and the run never advances."""
+        compute, losses, group, in_step = 0.0, [], 0, False
+        for i in range(self.cfg.inner_steps):
+            self.position, batch = next(batches)
+            t0 = time.perf_counter()
+            losses.append(self._inner_step(batch, i))
+            grads = [p.grad.detach() for p in self.model.params]
+            if self.cfg.byzantine:
+                poison_(grads, self.cfg.byzantine, self.cfg.byzantine_scale)
+            compute += time.perf_counter() - t0
+            result = self._average(grads)
+            t0 = time.perf_counter()
+            if result is None:  # apply nothing rather than our own gradient: the others applied the average
+                self._averaging_failed()
+                self.inner.zero_grad()
+                on_step(i + 1, losses[-1])
+                if self.round > self._sent_base[0]:  # caught up meanwhile: the others finished this round
+                    return losses, compute, 0
+                in_step = False
+                continue
+            self.failures = 0
+            averaged, gathered = result
+            self.group = sorted(str(peer) for peer in gathered)
+            for p, a in zip(self.model.params, averaged, strict=True):
+                p.grad = a
+            group = len(gathered)
+            in_step = group_base(gathered, self._sent_base) == self._sent_base
+            self._clip_and_step()
+            copy_into(self.global_params, self.model.params)
+            compute += time.perf_counter() - t0
+            on_step(i + 1, losses[-1])
+        if in_step:
+            self.round += 1
+            self.publish()
+        elif group:
+            self._resync(self._sent_base)
+        return losses, compute, group
+
+    def _averaging_failed(self) -> None:
+        """A round that found no group, or whose all-reduce broke (`_average` already took the others'
+        state if they moved on): give up after `patience` such rounds in a row."""
+        if self.round > self._sent_base[0]:  # caught up with the others meanwhile
+            self.failures = 0
+            return
+        self.failures += 1
+        if self.failures >= self.cfg.patience:
+            raise NoPeersError(
+                f"no group of {self.cfg.min_group_size} peers for {self.failures} rounds in a row: "
+                "the other peers have left (lower --min-group-size to train with fewer)"
+            )
+
+    def _resync(self, base: tuple[int, str]) -> None:
+        """We averaged from another starting point than the group's: take the group's result from a
+        member instead of applying ours (it publishes round base + 1 right after its outer step)."""
+        assert self.link is not None
+        logger.warning("round %d: this peer started from another state than its group: re-syncing", base[0] + 1)
+        if not self.link.catch_up(at_least=base[0] + 1, wait=30.0):
+            logger.warning("re-sync failed: no peer shares round %d yet; trying again next round", base[0] + 1)
+
+    # ---- the round loop ----------------------------------------------------------------------------
+
+    def run(self, progress: TrainProgress | None = None) -> list[RoundReport]:
+        """Train until the global round reaches `cfg.rounds`. Returns this run's round reports (the
+        first one is round 0, the starting weights' validation loss, when the run starts from scratch)."""
+        cfg = self.cfg
+        self.restore()
+        if self.link is not None:
+            self.link.catch_up()
+        self.publish()
+        batches = self.shards.batches(cfg.batch_size, seed=cfg.seed, start=self.position)
+        reports: list[RoundReport] = []
+        if self.round == 0:
+            reports.append(self._report([], 0.0, 0, time.perf_counter(), 0, progress))
+            if self.link is not None:
+                self.link.wait_for_peers(max(cfg.min_peers, cfg.min_group_size), cfg.start_wait)
+        if progress is not None:
+            progress.start_run(self.round, cfg.rounds)
+        while self.round < cfg.rounds:
+            wall0, sent0 = time.perf_counter(), self._bytes_sent()
+            on_step = progress.step if progress is not None else (lambda i, loss: None)
+            if progress is not None:
+                progress.start_round(self.round, cfg.rounds)
+            if self.link is not None:
+                self.link.publish_membership()
+            run_round = self._diloco_round if cfg.mode == "diloco" else self._ddp_round
+            losses, compute, group = run_round(batches, on_step)
+            reports.append(self._report(losses, compute, group, wall0, self._bytes_sent() - sent0, progress))
+            if group:
+                self.save(reports[-1].val_loss)
+                if self.link is not None and self.link.ledger is not None:
+                    self.link.ledger.record(reports[-1], self.group, self.update_digest)
+        if not self.checkpointer.holds(self.round):  # the round we hold was taken by download
+            self.save(evaluate(self.model, self.val_blocks))
+        return reports
+
+    def _report(
+        self, losses: list[float], compute: float, group: int, wall0: float, sent: int, progress: TrainProgress | None
+    ) -> RoundReport:
+        """Evaluate (after an averaged round, or at the start), log to rounds.jsonl and the progress."""
+        val_loss = evaluate(self.model, self.val_blocks) if group or not losses else float("nan")
+        report = RoundReport(
+            round=self.round,
+            train_loss=sum(losses) / len(losses) if losses else float("nan"),
+            val_loss=val_loss,
+            group_size=group,
+            digest=self.digest(),
+            tokens=self.cfg.batch_size * (self.shards.block_size - 1) * len(losses),
+            compute_s=compute,
+            wall_s=time.perf_counter() - wall0,
+            bytes_sent=sent,
+            epsilon=self.privacy.epsilon if self.privacy is not None else None,
+            averaged=bool(group),
+        )
+        with self.log_path.open("a") as f:
+            f.write(report.to_json() + "\n")
+        if progress is not None and losses:
+            progress.end_round(report)
+        if not math.isnan(report.val_loss):
+            self.curve.append((report.round, round(report.val_loss, 4)))
+            if self.link is not None:
+                self.link.announce(report.round, report.group_size, self.curve)
+        return report
+
+    def _bytes_sent(self) -> int:
+        return self.link.bytes_sent() if self.link is not None else 0
+
+    def finish(self) -> None:
+        """After the last round: linger for stragglers and collect the last round's ledger entries."""
+        if self.link is not None:
+            self.link.wind_down(self.group, self.round)
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restarted peer needs to go on where it stopped (and `eval`/`export` to rebuild the
+        model): weights, both optimizers, round, data position, RNG, privacy spent."""
+        state: dict[str, Any] = self.outer.state_dict() | {f"local.{i}": p for i, p in enumerate(self.model.params)}
+        return (
+            state
+            | self.inner.state_dict()
+            | {
+                "round": self.round,
+                "position": self.position,
+                "names": self.model.names,
+                "digest": self.digest(),
+                "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                "dp_history": self.privacy.accountant.history if self.privacy is not None else None,
+                "model": run_identity(self.cfg, self.model),
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("names") != self.model.names:
+            raise ValueError("checkpoint is of a different model than --size/--model")
+        self.outer.load_state_dict(state)
+        copy_into(self.model.params, [state[f"local.{i}"] for i in range(len(self.model.params))])
+        self.inner.load_state_dict(state)
+        self.round, self.position = int(state["round"]), int(state["position"])
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
+        if self.privacy is not None and state.get("dp_history"):
+            self.privacy.accountant.history = [tuple(h) for h in state["dp_history"]]
+
+    def save(self, val_loss: float) -> None:
+        self.checkpointer.save(self, self.round, val_loss, keep=self.cfg.keep_checkpoints)
+
+    def restore(self) -> bool:
+        """Resume from this peer's newest intact checkpoint (a corrupt one is skipped). False if none."""
+        return self.checkpointer.restore(self) is not None
