@@ -18,7 +18,7 @@ from swarmlm.cli.options import cli_fields, config_options, field_default, flag
 from swarmlm.core.settings import INTERNAL, internal, setting
 from swarmlm.serve.server_config import GatewayConfig, ServeConfig
 from swarmlm.swarm.peer_config import PeerConfig
-from swarmlm.train.config import PrepareConfig, TrainConfig
+from swarmlm.train.train_config import PrepareConfig, TrainConfig
 
 COMMANDS = {
     "serve": [ServeConfig],

@@ -20,8 +20,8 @@ from swarmlm.train.checkpointer import (
     mark_best,
     save_checkpoint,
 )
-from swarmlm.train.config import TrainConfig
 from swarmlm.train.privacy import PeerPrivacy
+from swarmlm.train.train_config import TrainConfig
 
 
 def honest_and_attacker(n_honest: int, attack: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,11 +10,11 @@ from typing import Annotated
 
 import typer
 
-from swarmlm.cli.admin import keys_app, ledger_app, swarm_app
-from swarmlm.cli.demos import demo_app
-from swarmlm.cli.errors import EXIT_CODES_HELP, OneLineErrors
-from swarmlm.cli.serving import peer, serve, status
-from swarmlm.cli.training import data_app, evaluate, export_model, train
+from swarmlm.cli.admin_commands import keys_app, ledger_app, swarm_app
+from swarmlm.cli.demo_commands import demo_app
+from swarmlm.cli.exits import EXIT_CODES_HELP, OneLineErrors
+from swarmlm.cli.serve_commands import peer, serve, status
+from swarmlm.cli.train_commands import data_app, evaluate, export_model, train
 
 app = OneLineErrors(
     help="Serve and train language models on a swarm of ordinary machines.",

@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from swarmlm.cli.errors import UsageError
+from swarmlm.cli.exits import UsageError
 from swarmlm.core.settings import CHOICES, FLAGS, HELP, INTERNAL, METAVAR, PARSE
 
 F = TypeVar("F", bound=Callable[..., Any])

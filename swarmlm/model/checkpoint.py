@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from swarmlm.core.files import atomic_directory
-from swarmlm.model.config import ModelConfig
+from swarmlm.model.model_config import ModelConfig
 
 
 class CheckpointError(ValueError):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from swarmlm.model.config import ModelConfig
+from swarmlm.model.model_config import ModelConfig
 
 
 class AttentionBackend(Protocol):

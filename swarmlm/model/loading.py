@@ -20,8 +20,8 @@ from swarmlm.model.checkpoint import (
     open_checkpoint,
     save_hf_checkpoint,
 )
-from swarmlm.model.config import ModelConfig
 from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.model_config import ModelConfig
 from swarmlm.model.quant import QUANT_MODES, Int4Linear, Int8Linear, quantize_
 from swarmlm.model.tokenizer import Tokenizer, load_tokenizer
 

@@ -52,7 +52,7 @@ from torch import Tensor
 from swarmlm.core import process_guard
 from swarmlm.core.membership import Membership
 from swarmlm.train.aggregation import Aggregator, get_aggregator
-from swarmlm.train.config import WIRE_FORMATS
+from swarmlm.train.train_config import WIRE_FORMATS
 
 
 class Uniform8Bit(Uniform8BitQuantization):

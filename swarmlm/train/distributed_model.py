@@ -28,9 +28,9 @@ from types import TracebackType
 from typing import Any
 
 from swarmlm.model.loading import LoadedModel
-from swarmlm.train.config import PRESETS, TrainConfig
 from swarmlm.train.progress import TrainMetrics, TrainProgress
 from swarmlm.train.round_report import RoundReport
+from swarmlm.train.train_config import PRESETS, TrainConfig
 from swarmlm.train.trainer import Trainer
 
 # What a connected peer may change between two fits: read afresh by every round of `Trainer.run`.

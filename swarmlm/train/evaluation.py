@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from swarmlm.train.checkpointer import best_round, load_checkpoint
-from swarmlm.train.config import TrainConfig
 from swarmlm.train.data import TokenShards, load_data_tokenizer
 from swarmlm.train.model import TrainableModel, build_model
+from swarmlm.train.train_config import TrainConfig
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from swarmlm.train.checkpointer import flatten_optimizer, restore_optimizer
-from swarmlm.train.config import TrainConfig
+from swarmlm.train.train_config import TrainConfig
 
 
 class InnerOptimizer:

@@ -8,8 +8,8 @@ import math
 import time
 
 from swarmlm.ledger.sync import LedgerSync
-from swarmlm.train.config import TrainConfig
 from swarmlm.train.round_report import RoundReport
+from swarmlm.train.train_config import TrainConfig
 
 
 class RoundLedger:

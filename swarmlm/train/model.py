@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from swarmlm.model.checkpoint import save_hf_checkpoint
-from swarmlm.model.config import ModelConfig
 from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.model_config import ModelConfig
 from swarmlm.model.tokenizer import Tokenizer
-from swarmlm.train.config import TrainConfig, preset_config
+from swarmlm.train.train_config import TrainConfig, preset_config
 
 LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 

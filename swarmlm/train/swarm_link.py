@@ -30,8 +30,8 @@ from swarmlm.core.membership import Membership, load_membership
 from swarmlm.ledger.store import Ledger
 from swarmlm.ledger.sync import LedgerSync
 from swarmlm.train.allreduce import RobustAverager
-from swarmlm.train.config import TrainConfig
 from swarmlm.train.ledger_rounds import RoundLedger
+from swarmlm.train.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,6 @@ from swarmlm.core.identity import Identity
 from swarmlm.model.loading import tensors_digest
 from swarmlm.train.aggregation import poison_
 from swarmlm.train.checkpointer import Checkpointer
-from swarmlm.train.config import TrainConfig
 from swarmlm.train.data import TokenShards, load_data_tokenizer
 from swarmlm.train.evaluation import evaluate, run_identity
 from swarmlm.train.inner import InnerOptimizer
@@ -47,6 +46,7 @@ from swarmlm.train.privacy import PeerPrivacy
 from swarmlm.train.progress import TrainProgress
 from swarmlm.train.round_report import RoundReport
 from swarmlm.train.swarm_link import Gathered, SharedState, StateMeta, SwarmLink, group_base
+from swarmlm.train.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import logging
 import signal
 from pathlib import Path
 
-from swarmlm.train.config import TrainConfig
 from swarmlm.train.evaluation import export_checkpoint
 from swarmlm.train.progress import TrainMetrics, TrainProgress, run_summary
+from swarmlm.train.train_config import TrainConfig
 from swarmlm.train.trainer import NoPeersError, Trainer
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from swarmlm.core.files import atomic_write, fsync_dir
-from swarmlm.train.config import PrepareConfig
 from swarmlm.train.data.charsets import codec_name
 from swarmlm.train.data.cleaning import clean_chunks
 from swarmlm.train.data.manifest import MANIFEST, SPLITS, TOKENIZER_DIR, DataError, Manifest, PrepareStats, SourceFile
@@ -37,6 +36,7 @@ from swarmlm.train.data.tokenization import (
     token_batches,
     train_bpe,
 )
+from swarmlm.train.train_config import PrepareConfig
 
 
 def _check(cfg: PrepareConfig) -> None:

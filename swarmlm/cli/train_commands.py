@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
-from swarmlm.cli.checks import check_multiaddrs
-from swarmlm.cli.errors import exit_with
+from swarmlm.cli.exits import exit_with
+from swarmlm.cli.input_checks import check_multiaddrs
 from swarmlm.cli.options import config_options
-from swarmlm.train.config import PrepareConfig, TrainConfig
+from swarmlm.train.train_config import PrepareConfig, TrainConfig
 
 CheckpointArgument = Annotated[Path, typer.Argument(help="A training run folder (its best round) or a round-*.json")]
 

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from swarmlm.cli.checks import check_multiaddrs, check_port_free
-from swarmlm.cli.errors import exit_with, fail
+from swarmlm.cli.exits import exit_with, fail
+from swarmlm.cli.input_checks import check_multiaddrs, check_port_free
 from swarmlm.cli.options import config_options
 from swarmlm.serve.server_config import GatewayConfig, ServeConfig, parse_address
 from swarmlm.swarm.peer_config import PeerConfig

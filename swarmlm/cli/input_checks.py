@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from swarmlm.cli.errors import fail
+from swarmlm.cli.exits import fail
 
 
 def check_multiaddrs(addresses: list[str], option: str, need_peer_id: bool = False) -> None:

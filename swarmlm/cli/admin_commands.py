@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from swarmlm.cli.errors import exit_with, fail
+from swarmlm.cli.exits import exit_with, fail
 
 swarm_app = typer.Typer(help="Private swarms: an owner key and membership certificates.", no_args_is_help=True)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

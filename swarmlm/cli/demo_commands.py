@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from swarmlm.cli.errors import exit_with
+from swarmlm.cli.exits import exit_with
 
 demo_app = typer.Typer(
     help="Demos on the embedded model and corpus (without a subcommand: serve a local swarm).",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swarmlm.core.settings import LOCALHOST_MADDRS, setting
-from swarmlm.model.config import ModelConfig
+from swarmlm.model.model_config import ModelConfig
 
 WIRE_FORMATS = ("fp16", "fp32", "int8")  # how pseudo-gradients / gradients travel (codecs: allreduce.py)
 
