@@ -17,26 +17,33 @@ from swarmlm.model.loading import LoadedModel, default_model_path, load_model
 os.environ.setdefault("SWARMLM_HOME", tempfile.mkdtemp(prefix="swarmlm-test-home-"))
 
 
+# Every process this test session starts inherits this tag (p2pd too: hivemind copies the environment), so
+# the orphan check below counts only our own, not those of a parallel worker (pytest-xdist) or another run.
+SESSION_TAG = f"SWARMLM_TEST_SESSION={os.getpid()}-{time.monotonic_ns()}"
+os.environ["SWARMLM_TEST_SESSION"] = SESSION_TAG.split("=", 1)[1]
+
+
 def swarm_processes() -> set[int]:
-    """Running peers, servers and libp2p daemons of swarmlm on this machine."""
+    """Running peers, servers and libp2p daemons that this test session started."""
     found = set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            argv = cmdline.read_bytes().split(b"\0")
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if not (any(a.endswith(b"p2pd") for a in argv[:1]) or b"swarmlm.cli" in argv):
+                continue
+            if SESSION_TAG.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.add(int(proc.name))
         except OSError:
             continue
-        if any(a.endswith(b"p2pd") for a in argv[:1]) or b"swarmlm.cli" in argv:
-            found.add(int(cmdline.parent.name))
     return found
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_orphans() -> Iterator[None]:
     """The suite leaves no peer, server or p2pd daemon behind."""
-    before = swarm_processes()
     yield
     deadline = time.monotonic() + 15
-    while (left := swarm_processes() - before) and time.monotonic() < deadline:
+    while (left := swarm_processes()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left running after the suite: {sorted(left)}"
 
