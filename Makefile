@@ -33,8 +33,10 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 	echo "chromium unavailable: the dashboard's browser test will be skipped"
 
+# Two workers, each taking whole modules (their fixtures' swarms are started once), longest modules first
+# (tests/conftest.py orders them; xdist would otherwise reorder by test count).
 test: install lint browser
-	$(VENV)/bin/pytest -q --durations=25
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 bench-serve: install
 	$(PY) bench/serve_bench.py

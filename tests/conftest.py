@@ -1,4 +1,5 @@
-"""Shared fixtures: the real embedded model, loaded once per test session."""
+"""Shared fixtures (the real embedded model, loaded once per test session; a server; the training data of
+tests/training_runs.py), the orphan check, and how the suite runs on two pytest-xdist workers."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from swarmlm.launch.servers import ServerProcess
 from swarmlm.model.loading import LoadedModel, default_model_path, load_model
+
+pytest_plugins = ("tests.training_runs",)
 
 # Peers keep their ledger copies under $SWARMLM_HOME: the suite's go to a temporary folder, not ~/.swarmlm.
 os.environ.setdefault("SWARMLM_HOME", tempfile.mkdtemp(prefix="swarmlm-test-home-"))
@@ -21,6 +25,41 @@ os.environ.setdefault("SWARMLM_HOME", tempfile.mkdtemp(prefix="swarmlm-test-home
 # the orphan check below counts only our own, not those of a parallel worker (pytest-xdist) or another run.
 SESSION_TAG = f"SWARMLM_TEST_SESSION={os.getpid()}-{time.monotonic_ns()}"
 os.environ["SWARMLM_TEST_SESSION"] = SESSION_TAG.split("=", 1)[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Two workers share the machine's cores with the processes they start. Each worker computes on one
+    thread (torch would start one per core), and the servers and peers they start let an idle OpenMP thread
+    give its core up after a short spin (GOMP_SPINCOUNT, as bench/swarm_bench.py's peers): with libgomp's
+    default spin, a server whose threads waited on each other while the other worker computed answered a
+    test's few dozen tokens in 68 s (under 19 s with the machine to itself)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+
+# `make test` runs two pytest-xdist workers, each handed whole modules in collection order (--dist loadfile).
+# The longest modules (minutes each on 2 cores) go first, so that no worker is left with one at the end
+# while the other idles; the rest keep their order.
+LONGEST_FIRST = (
+    "test_train_elastic",
+    "test_train",
+    "test_swarm",
+    "test_demo",
+    "test_engine",
+    "test_gateway",
+    "test_model",
+    "test_api",
+    "test_private_swarm",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.stem
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
 
 
 def swarm_processes() -> set[int]:

@@ -17,7 +17,7 @@ from openai import OpenAI
 from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
-from swarmlm.launch.peers import PeerProcess, free_port, start_swarm
+from swarmlm.launch.peers import PeerProcess, free_port, start_swarm, stop_all
 from swarmlm.model.loading import LoadedModel
 
 pytestmark = pytest.mark.slow
@@ -37,8 +37,7 @@ class Swarm:
         return f"http://{self.gateway.api}"
 
     def stop(self) -> None:
-        for p in [*self.peers, *([self.gateway] if self.gateway else [])]:
-            p.stop()
+        stop_all([*self.peers, *([self.gateway] if self.gateway else [])])
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from swarmlm.core.keys import members_key, model_key
 from swarmlm.core.loop import LoopThread
 from swarmlm.core.membership import Certificate, MembershipError, load_membership
 from swarmlm.engine.sampling import SamplingParams
-from swarmlm.launch.peers import PeerProcess
+from swarmlm.launch.peers import PeerProcess, stop_all
 from swarmlm.launch.trainers import start_run
 from swarmlm.ledger.sync import LedgerServicer
 from swarmlm.swarm.client import ClientConfig, RemoteModel
@@ -67,15 +67,16 @@ def members(keys: dict[str, Path]) -> Iterator[list[PeerProcess]]:
     peers: list[PeerProcess] = []
     try:
         a = PeerProcess("--layers", "0:15", "--identity", str(keys["a"]), "--swarm-cert", str(keys["a.cert"]))
-        peers.append(a.wait_ready())
+        peers.append(a.wait_address())
         b = PeerProcess(
             "--layers", "15:30", "--identity", str(keys["b"]), "--swarm-cert", str(keys["b.cert"]), initial=a.maddr
         )
-        peers.append(b.wait_ready())
+        peers.append(b)
+        for p in peers:
+            p.wait_ready()
         yield peers
     finally:
-        for p in peers:
-            p.stop()
+        stop_all(peers)
 
 
 def test_members_serve_a_member_client(members: list[PeerProcess], keys: dict[str, Path]) -> None:
@@ -192,5 +193,4 @@ def test_members_train_together_and_an_outsider_cannot_join_or_download(keys: di
     finally:
         loop.stop()
         outsider.shutdown()
-        for p in peers:
-            p.stop()
+        stop_all(peers)

@@ -18,7 +18,7 @@ from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.engine.sequence import FinishReason, Sequence
-from swarmlm.launch.peers import PeerProcess, alive, start_swarm
+from swarmlm.launch.peers import PeerProcess, alive, start_swarm, stop_all
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import ledger_path, read_lines, verify_file
 from swarmlm.model.loading import DEFAULT_MODEL_ID, LoadedModel, default_model_path
@@ -41,16 +41,16 @@ def swarm() -> Iterator[dict[str, PeerProcess]]:
     10:20 again, so the middle span has a spare for failover."""
     peers: dict[str, PeerProcess] = {}
     try:
-        peers["a"] = PeerProcess("--layers", "0:10").wait_ready()
+        peers["a"] = PeerProcess("--layers", "0:10").wait_address()
         boot = peers["a"].maddr
         peers["c"] = PeerProcess("--layers", "20:30", initial=boot)
+        peers["a"].wait_ready()
         peers["c"].wait_ready()
         peers["b"] = PeerProcess("--layers", "auto", "--num-layers", "10", initial=boot).wait_ready()
         peers["d"] = PeerProcess("--layers", "10:20", initial=boot).wait_ready()
         yield peers
     finally:
-        for p in peers.values():
-            p.stop()
+        stop_all(list(peers.values()))
 
 
 CONTEXT = 64  # the client's max_model_len, and the engine's it is compared with
@@ -291,7 +291,9 @@ def test_two_peers_on_separate_hosts(two_hosts: list[tuple[str, str]], model: Lo
         for (ns, ip), layers in zip(two_hosts, ("0:15", "15:30"), strict=True):
             initial = peers[0].maddr if peers else None
             args = ("--layers", layers, "--host-maddrs", f"/ip4/{ip}/tcp/0")
-            peers.append(PeerProcess(*args, initial=initial, prefix=("ip", "netns", "exec", ns)).wait_ready())
+            peers.append(PeerProcess(*args, initial=initial, prefix=("ip", "netns", "exec", ns)).wait_address())
+        for p in peers:
+            p.wait_ready()
         assert f"/ip4/{ip_a}/" in peers[0].maddr and f"/ip4/{ip_b}/" in peers[1].maddr
         ids = model.tokenizer.encode(PROMPTS[0])
         # The client runs on host A and reaches host B's peer over the veth link.
@@ -306,8 +308,7 @@ def test_two_peers_on_separate_hosts(two_hosts: list[tuple[str, str]], model: Lo
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads(result.stdout.strip().splitlines()[-1]) == local_greedy(model, ids, 12)
     finally:
-        for p in peers:
-            p.stop()
+        stop_all(peers)
 
 
 def test_spans_that_do_not_line_up(model: LoadedModel) -> None:
@@ -325,8 +326,7 @@ def test_spans_that_do_not_line_up(model: LoadedModel) -> None:
             assert got == local_greedy(model, ids, 12)
             assert [(h.start, h.end) for h in hops] in ([(0, 12), (12, 30)], [(0, 20), (20, 30)])
     finally:
-        for p in peers:
-            p.stop()
+        stop_all(peers)
 
 
 def test_auto_peers_rebalance_to_a_hole() -> None:
@@ -350,8 +350,7 @@ def test_auto_peers_rebalance_to_a_hole() -> None:
                 assert time.monotonic() < deadline, f"no peer moved to the hole: {spans}"
                 time.sleep(1)
     finally:
-        for p in peers:
-            p.stop()
+        stop_all(peers)
 
 
 def test_routing_rules() -> None:

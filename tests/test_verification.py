@@ -10,7 +10,7 @@ import pytest
 
 from swarmlm.core.dht import start_dht
 from swarmlm.engine.sampling import SamplingParams
-from swarmlm.launch.peers import PeerProcess, start_peers
+from swarmlm.launch.peers import PeerProcess, start_peers, stop_all
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import ledger_path, read_lines
 from swarmlm.model.loading import LoadedModel
@@ -36,8 +36,7 @@ def peers() -> Iterator[dict[str, PeerProcess]]:
     try:
         yield dict(zip(names, started, strict=True))
     finally:
-        for p in started:
-            p.stop()
+        stop_all(started)
 
 
 def client_of(peers: dict[str, PeerProcess], **config: object) -> RemoteModel:

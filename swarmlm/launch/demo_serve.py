@@ -12,7 +12,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from swarmlm.launch.peers import PeerProcess, start_swarm
+from swarmlm.launch.peers import PeerProcess, start_swarm, stop_all
 
 console = Console(soft_wrap=True)  # long URLs stay on one line, ready to copy
 
@@ -63,8 +63,7 @@ def run_demo(port: int, prompt: str, once: bool) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for p in reversed(procs):  # gateway first, then the peers: each withdraws its record and exits
-            p.stop()
+        stop_all(procs)  # each withdraws its record and exits
         console.print("stopped.")
 
 

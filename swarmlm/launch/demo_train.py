@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from swarmlm.launch.peers import PeerProcess, start_swarm
+from swarmlm.launch.peers import PeerProcess, start_swarm, stop_all
 from swarmlm.launch.trainers import TrainerProcess, start_run
 
 console = Console(soft_wrap=True)
@@ -78,8 +78,7 @@ def run_train_demo(work: Path, rounds: int, inner_steps: int, port: int, prompt:
     except KeyboardInterrupt:
         return 130
     finally:
-        for p in reversed(procs):
-            p.stop()
+        stop_all(procs)
         console.print("stopped.")
 
 

@@ -54,23 +54,33 @@ class PeerProcess:
     def _ready(self, text: str) -> re.Match[str] | None:
         """(peer id, multiaddr) once the log says the process is ready."""
         if "swarmlm peer ready" in text and (self.api is None or "swarmlm gateway:" in text):
-            m = re.search(r"swarmlm peer (\S+): others join with --initial-peers (\S+)", text)
+            m = self._address(text)
             if m is None:
                 raise RuntimeError(f"peer printed no multiaddr:\n{text[-3000:]}")
             return m
         return None
 
+    def _address(self, text: str) -> re.Match[str] | None:
+        """(peer id, multiaddr) once the peer's DHT node is up: others can join it while it still loads."""
+        return re.search(r"swarmlm peer (\S+): others join with --initial-peers (\S+)", text)
+
     def wait_ready(self, timeout: float = 180) -> PeerProcess:
+        return self._wait_for(self._ready, "ready", timeout)
+
+    def wait_address(self, timeout: float = 180) -> PeerProcess:
+        return self._wait_for(self._address, "reachable", timeout)
+
+    def _wait_for(self, found: Callable[[str], re.Match[str] | None], what: str, timeout: float) -> PeerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_text()
-            if m := self._ready(text):
+            if m := found(text):
                 self.peer_id, self.maddr = m.group(1), m.group(2)
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"peer exited ({self.proc.returncode}):\n{text[-3000:]}")
             time.sleep(0.25)
-        raise TimeoutError(f"peer not ready after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+        raise TimeoutError(f"peer not {what} after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
 
     def span(self) -> tuple[int, int]:
         m = re.search(r"swarmlm peer ready: \S+ layers (\d+):(\d+)", self.log.read_text())
@@ -112,11 +122,7 @@ class PeerProcess:
 
     def stop(self) -> None:
         """Leave, and kill anything of the peer's that is still running after that."""
-        tree = self.pids()
-        self.leave()
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_all([self])
 
 
 P = TypeVar("P", bound=PeerProcess)
@@ -135,19 +141,36 @@ def alive(pids: set[int]) -> set[int]:
     return running
 
 
+def stop_all(procs: list[P], timeout: float = 30) -> None:
+    """Stop peers together: SIGTERM to each (each withdraws its record and shuts down, in parallel), wait
+    for them, then kill anything of theirs still running (a peer's DHT or p2pd child, one that hung)."""
+    trees = [p.pids() for p in procs]
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.crash()
+    for pid in set().union(*trees):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def start_peers(n: int, make: Callable[[int, str | None], P]) -> list[P]:
-    """`n` peers of one swarm: `make(0, None)` as the bootstrap, then, once it is ready, `make(rank, its
-    multiaddr)` for all the others at once (each needs only the bootstrap, and their loading overlaps). Returns
-    them ready; if one fails to start, the ones already started are stopped."""
+    """`n` peers of one swarm: `make(0, None)` as the bootstrap, then, once its DHT node is up, `make(rank,
+    its multiaddr)` for all the others at once (each needs only the bootstrap, and their loading overlaps).
+    Returns them ready; if one fails to start, the ones already started are stopped."""
     peers: list[P] = []
     try:
         for rank in range(n):
-            peers.append(make(rank, peers[0].wait_ready().maddr if peers else None))
+            peers.append(make(rank, peers[0].wait_address().maddr if peers else None))
         for peer in peers:
             peer.wait_ready()
     except BaseException:
-        for p in peers:
-            p.stop()
+        stop_all(peers)
         raise
     return peers
 

@@ -28,6 +28,8 @@ class TrainerProcess(PeerProcess):
     def _ready(self, text: str) -> re.Match[str] | None:
         return re.search(r"swarmlm train: peer (\S+) at (\S+)", text)
 
+    _address = _ready  # a trainer prints its address once it has joined the run's swarm
+
     def rounds(self) -> list[dict[str, Any]]:
         """This peer's round reports so far (its `rounds.jsonl`), across restarts."""
         path = self.run_dir / "rounds.jsonl"

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from opacus.accountants import RDPAccountant
 from torch import Tensor
 
 
@@ -22,6 +21,10 @@ class PeerPrivacy:
             raise ValueError("differential privacy needs --dp-delta in (0, 1): epsilon is meaningless without it")
         if clip <= 0 or noise_multiplier < 0:
             raise ValueError("--dp-clip must be > 0 and --dp-noise >= 0")
+        # Imported here: opacus pulls in torch.distributed.tensor and scipy.stats, seconds of every trainer's
+        # start that only a run with differential privacy needs.
+        from opacus.accountants import RDPAccountant
+
         self.clip, self.noise_multiplier, self.delta = clip, noise_multiplier, delta
         self.accountant = RDPAccountant()
         self.generator = torch.Generator()
