@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from swarmlm.engine.kv_cache import SequenceKV
-from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.llama import AttentionSpec, LlamaSpan, attention
 
 
 @dataclass
@@ -30,35 +29,26 @@ class BatchAttention:
     def __init__(self, segments: list[Segment]) -> None:
         self.segments = segments
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Tensor:
         if len(self.segments) == 1:  # a lone sequence (single-stream decoding): no scatter into a batch
-            return self._attend_one(self.segments[0], layer, q, k, v)
+            return self._attend_one(self.segments[0], layer, q, k, v, spec)
         out = torch.empty_like(q)
         row = 0
         for seg in self.segments:
             rows = slice(row, row + seg.length)
-            out[rows] = self._attend_one(seg, layer, q[rows], k[rows], v[rows])
+            out[rows] = self._attend_one(seg, layer, q[rows], k[rows], v[rows], spec)
             row += seg.length
         return out
 
     @staticmethod
-    def _attend_one(seg: Segment, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _attend_one(seg: Segment, layer: int, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Tensor:
         """One sequence's new tokens: store their K/V, attend over the cache. Returns [length, heads, D]."""
         end = seg.start + seg.length
         seg.kv.k[layer, :, seg.start : end] = k.transpose(0, 1)
         seg.kv.v[layer, :, seg.start : end] = v.transpose(0, 1)
         keys = seg.kv.k[layer, :, :end].unsqueeze(0)
         values = seg.kv.v[layer, :, :end].unsqueeze(0)
-        if seg.length == 1:
-            mask, causal = None, False
-        elif seg.start == 0:
-            mask, causal = None, True
-        else:  # a later prefill chunk: causal within the chunk, full view of the cached prefix
-            pos = torch.arange(end, device=q.device)
-            mask, causal = pos[None, :] <= pos[seg.start :, None], False
-        query = q.transpose(0, 1).unsqueeze(0)
-        att = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        return att[0].transpose(0, 1)
+        return attention(q.transpose(0, 1).unsqueeze(0), keys, values, seg.start, spec)[0].transpose(0, 1)
 
 
 class ModelRunner:

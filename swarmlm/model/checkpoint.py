@@ -145,6 +145,8 @@ class HFCheckpoint:
             self.config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{path}: unreadable config.json ({e})") from e
+        except ValueError as e:  # a family or feature swarmlm does not run
+            raise CheckpointError(f"{path}: {e}") from e
         self.files = sorted(path.glob("*.safetensors"))
         if not self.files:
             raise CheckpointError(f"{path}: no *.safetensors weights found")
@@ -177,38 +179,54 @@ class HFCheckpoint:
         return None
 
 
-# Checkpoints store q/k/v and gate/up separately; `LlamaSpan` holds each group as one fused matrix.
+# Checkpoints store q/k/v and gate/up separately; `LlamaSpan` holds each group as one fused matrix (Phi-3
+# checkpoints already do), and a mixture of experts' weights stacked over experts.
 _FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
+# Mixtral's checkpoint names (w1: gate, w3: up, w2: down) -> the stacked `Experts` parameters.
+_EXPERT = re.compile(r"(layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 
 
 def fuse_projections(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Checkpoint names (q_proj, k_proj, ...) to the model's fused ones (qkv_proj, gate_up_proj)."""
+    """Checkpoint names (q_proj, k_proj, ..., experts.N.w1) to the model's fused ones (qkv_proj, gate_up_proj,
+    experts.gate_up_proj)."""
     out = dict(state)
     for layer in sorted({k.split(".")[1] for k in state if k.startswith("layers.")}, key=int):
         for fused, parts in _FUSED.items():
-            names = [f"layers.{layer}.{p}.weight" for p in parts]
-            if all(n in out for n in names):
-                out[f"layers.{layer}.{fused}.weight"] = torch.cat([out.pop(n) for n in names])
+            for kind in ("weight", "bias"):
+                names = [f"layers.{layer}.{p}.{kind}" for p in parts]
+                if all(n in out for n in names):
+                    out[f"layers.{layer}.{fused}.{kind}"] = torch.cat([out.pop(n) for n in names])
+    experts: dict[str, dict[int, dict[str, Tensor]]] = {}
+    for name in [n for n in out if _EXPERT.fullmatch(n)]:
+        m = _EXPERT.fullmatch(name)
+        assert m is not None
+        experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = out.pop(name)
+    for layer, by_index in experts.items():
+        ordered = [by_index[i] for i in sorted(by_index)]
+        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat((e["w1"], e["w3"])) for e in ordered])
+        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([e["w2"] for e in ordered])
+    for name in [n for n in out if ".block_sparse_moe.gate." in n]:
+        out[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = out.pop(name)
     return out
 
 
 def split_projections(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """The inverse of `fuse_projections`, for writing checkpoints in the standard layout."""
+    """The inverse of `fuse_projections` for a Llama model, for writing checkpoints in the standard layout."""
     sizes = {
         "self_attn.qkv_proj": [cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2],
         "mlp.gate_up_proj": [cfg.intermediate_size] * 2,
     }
     out = {}
     for name, tensor in state.items():
-        m = re.fullmatch(r"(layers\.\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight", name)
+        m = re.fullmatch(r"(layers\.\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.(weight|bias)", name)
         if m is None:
             out[name] = tensor
             continue
         for part, piece in zip(_FUSED[m.group(2)], tensor.split(sizes[m.group(2)]), strict=True):
-            out[f"{m.group(1)}.{part}.weight"] = piece
+            out[f"{m.group(1)}.{part}.{m.group(3)}"] = piece
     return out
 
 

@@ -15,13 +15,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from swarmlm.model.llama import SparseMoE
+
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP = 32
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, weight: Tensor) -> None:
+class QuantizedLinear(nn.Module):
+    """What both kinds share: the optional bias (Qwen2's q/k/v), added in the caller's dtype."""
+
+    bias: Tensor | None
+
+    def __init__(self, bias: Tensor | None) -> None:
         super().__init__()
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def finish(self, y: Tensor, x: Tensor) -> Tensor:
+        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int8Linear(QuantizedLinear):
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__(bias)
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         self.out_features, self.in_features = w.shape
@@ -30,13 +46,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(flat, self.qweight, self.scale)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return self.finish(torch._weight_int8pack_mm(flat, self.qweight, self.scale), x)
 
 
-class Int4Linear(nn.Module):
-    def __init__(self, weight: Tensor, group: int = INT4_GROUP) -> None:
-        super().__init__()
+class Int4Linear(QuantizedLinear):
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, group: int = INT4_GROUP) -> None:
+        super().__init__(bias)
         w = weight.detach().float()
         n, k = w.shape
         if k % group:
@@ -55,24 +70,25 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_zeros)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return self.finish(torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_zeros), x)
 
 
 def quantize_(module: nn.Module, mode: str) -> nn.Module:
     """Replace every nn.Linear inside `module` (in place). The output head, tied to the embedding in
     many checkpoints and the layer most sensitive to error, is always int8 (llama.cpp also keeps it at 8
-    bits); the embedding itself stays dense since a lookup reads only a few rows."""
+    bits); the embedding itself stays dense since a lookup reads only a few rows. In a mixture of experts
+    the router stays dense (as llama.cpp keeps it: a flipped choice of expert is a large error) and so do
+    the stacked experts, which are not nn.Linear layers."""
     if mode == "none":
         return module
     if mode not in QUANT_MODES:
         raise ValueError(f"quantization must be one of {QUANT_MODES}, not {mode!r}")
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            if child.bias is not None:
-                raise ValueError(f"{name}: quantized layers with a bias are not supported")
-            head = name == "lm_head"
-            setattr(module, name, Int8Linear(child.weight) if mode == "int8" or head else Int4Linear(child.weight))
+            if isinstance(module, SparseMoE) and name == "gate":
+                continue
+            kind = Int8Linear if mode == "int8" or name == "lm_head" else Int4Linear
+            setattr(module, name, kind(child.weight, child.bias))
         else:
             quantize_(child, mode)
     return module

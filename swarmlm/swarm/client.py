@@ -111,7 +111,7 @@ class RemoteModel:
         with self.inference_session(len(prompt_ids) + params.max_tokens) as session:
             new = seq.prompt_ids
             while not seq.finished:
-                hidden = session.step(span.embed_tokens(torch.tensor(new)))
+                hidden = session.step(span.embed(torch.tensor(new)))
                 token, logprob = seq.sample_token(span.head(hidden[-1:])[0])
                 seq.finish_reason = self.stopper.check(seq)
                 yield StepOutput(seq, token, self.stopper.take_text(seq), logprob)

@@ -56,7 +56,7 @@ class SwarmExecutor:
         return StepResult(logits, sampled, failed)
 
     def _embed(self, seq: Sequence, n: int) -> Tensor:
-        return self.span.embed_tokens(torch.tensor(seq.token_slice(seq.num_computed, seq.num_computed + n)))
+        return self.span.embed(torch.tensor(seq.token_slice(seq.num_computed, seq.num_computed + n)))
 
     def _step(self, seq: Sequence, hidden: Tensor) -> Tensor | str:
         """The last layer's output for this sequence's new tokens, or why the swarm could not run them."""
