@@ -160,7 +160,9 @@ class HFCheckpoint:
                     for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                         name = self._local_name(key, start, end, embed, head)
                         if name is not None:
-                            yield name, f.get_tensor(key).float()
+                            # A copy in the file's dtype (converted when served): a view would keep the
+                            # file mapped, and every page read through it resident, for the peer's life.
+                            yield name, f.get_tensor(key).clone()
             except SafetensorError as e:
                 raise CheckpointError(f"{file}: corrupt safetensors file ({e})") from e
 
@@ -191,8 +193,9 @@ _EXPERT = re.compile(r"(layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])
 
 def fuse_projections(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Checkpoint names (q_proj, k_proj, ..., experts.N.w1) to the model's fused ones (qkv_proj, gate_up_proj,
-    experts.gate_up_proj)."""
-    out = dict(state)
+    experts.gate_up_proj). In place: each group's parts are freed as it is fused, so reading a span never
+    holds its projections twice."""
+    out = state
     for layer in sorted({k.split(".")[1] for k in state if k.startswith("layers.")}, key=int):
         for fused, parts in _FUSED.items():
             for kind in ("weight", "bias"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import math
@@ -86,8 +88,12 @@ def part_digests(span: LlamaSpan) -> dict[str, str]:
             key = f"layer.{span.start + int(index)}"
         else:
             key = "embed" if head == "embed_tokens" else "head"
-        parts.setdefault(key, []).append((rest if head == "layers" else name, tensor.float()))
-    return {key: tensors_digest(sorted(named, key=lambda x: x[0])) for key, named in parts.items()}
+        parts.setdefault(key, []).append((rest if head == "layers" else name, tensor))
+    # fp32 copies one tensor at a time: a bf16 span's fp32 twin would double the peak memory of a load.
+    return {
+        key: tensors_digest((n, t.float()) for n, t in sorted(named, key=lambda x: x[0]))
+        for key, named in parts.items()
+    }
 
 
 def span_digest(parts: dict[str, str]) -> str:
@@ -130,8 +136,17 @@ class LoadedModel:
         self.tokenizer.hf.save_pretrained(str(out_dir))
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS. glibc keeps the memory a load freed (the checkpoint's
+    unfused projections, other layers read for `checkpoint_digests`): without this a peer's RSS would
+    carry it for its whole life. A no-op where the C library has no malloc_trim."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def _read_span(ckpt: GGUFCheckpoint | HFCheckpoint, path: Path, start: int, end: int, edges: bool) -> LlamaSpan:
-    """Layers [start, end) of an open checkpoint as a CPU `LlamaSpan` in the checkpoint's values."""
+    """Layers [start, end) of an open checkpoint as a CPU `LlamaSpan` in the checkpoint's values and dtype
+    (converted afterwards a tensor at a time, so a load never holds the span in two dtypes)."""
     cfg = ckpt.config
     with torch.device("meta"):
         span = LlamaSpan(cfg, start, end, edges)
@@ -151,14 +166,15 @@ def _read_span(ckpt: GGUFCheckpoint | HFCheckpoint, path: Path, start: int, end:
     return span
 
 
-def checkpoint_digests(model: str | None, chunk: int = 4) -> dict[str, str]:
+def checkpoint_digests(model: str | None, chunk: int = 1) -> dict[str, str]:
     """`part_digests` of every layer of a checkpoint (a model version's fingerprint), read `chunk` layers
-    at a time so that memory holds a few layers, not the model."""
+    at a time so that memory holds a layer, not the model (a peer signs a version beside its own span)."""
     _, path = resolve_model(model)
     ckpt = open_checkpoint(path)
     total, parts = ckpt.config.num_layers, {}
     for start in range(0, total, chunk):
         parts |= part_digests(_read_span(ckpt, path, start, min(start + chunk, total), edges=False))
+    release_freed_memory()
     return parts
 
 
@@ -189,4 +205,5 @@ def load_model(
         if next(span.parameters()).device.type != "cpu":
             raise ValueError("int8/int4 weights use PyTorch's CPU kernels; on an accelerator use --dtype bf16")
         quantize_(span, quant)
+    release_freed_memory()
     return LoadedModel(model_id, path, cfg, span, parts)
