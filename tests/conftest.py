@@ -47,6 +47,7 @@ LONGEST_FIRST = (
     "test_swarm",
     "test_demo",
     "test_engine",
+    "test_model_families",
     "test_gateway",
     "test_model",
     "test_api",

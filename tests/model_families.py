@@ -90,4 +90,12 @@ def write_family(family: str, out: Path, tokenizer: Any, seed: int = 0) -> Path:
                 param.normal_(0.0 if "gemma" in family else 1.0, 0.1)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    # A template of this family's own, so a test can tell that serving used the checkpoint's template.
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE.replace("FAMILY", family))
     return out
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} (FAMILY)\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)

@@ -3,6 +3,7 @@ exit code (2 bad input, 3 swarm unreachable), and never a traceback."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -112,6 +113,14 @@ def test_layers_backwards_says_what_the_model_has() -> None:
 
 def test_an_unknown_model() -> None:
     assert_error(swarmlm("serve", "--model", "no/such/model.gguf"), USAGE, "'no/such/model.gguf' not found")
+
+
+@pytest.mark.parametrize("command", ["serve", "peer"])
+def test_an_unsupported_model_family_lists_the_supported(command: str, tmp_path: Path) -> None:
+    config = {"model_type": "gpt2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8}
+    (tmp_path / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1, "num_attention_heads": 1}))
+    done = swarmlm(command, "--model", str(tmp_path))
+    assert_error(done, USAGE, "model_type 'gpt2' is not supported; swarmlm runs: llama, mistral, mixtral, qwen2")
 
 
 def test_an_unknown_option_is_one_line_too() -> None:

@@ -120,7 +120,9 @@ class Engine:
         for seq, n in batch:
             if seq not in result.failed:
                 seq.num_computed += n
-        for seq, row_logits in zip(result.sampled, result.logits, strict=True):
+        # On an accelerator: one copy of the step's logits to the host, the step's only synchronisation
+        # (each sequence's sampler, penalties and seeded generator then run on the CPU as everywhere).
+        for seq, row_logits in zip(result.sampled, result.logits.cpu(), strict=True):
             outputs.append(self._sample(seq, row_logits, now))
         sampled = set(result.sampled)
         for seq, n in batch:

@@ -168,6 +168,8 @@ class HFCheckpoint:
 
     def _local_name(self, key: str, start: int, end: int, embed: bool, head: bool) -> str | None:
         key = key.removeprefix("model.")
+        if key.endswith("rotary_emb.inv_freq"):  # older Llama checkpoints saved this buffer; it is derived
+            return None
         m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
         if m:
             layer = int(m.group(1))

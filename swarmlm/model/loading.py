@@ -64,6 +64,16 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """'auto' -> bf16 on an accelerator (half the bytes each decoded token reads, and the tensor cores'
+    format), fp32 on a CPU (where fp32 matmuls are the fastest kernels PyTorch has for these shapes)."""
+    if dtype == "auto":
+        return "fp32" if device.type == "cpu" else "bf16"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, not {dtype!r}")
+    return dtype
+
+
 def tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str:
     """sha256 over (name, dtype, shape, bytes) of each tensor, in the order given: equal digests mean
     bit-identical weights (a served span's identity, a training round's agreed state)."""
@@ -181,7 +191,7 @@ def checkpoint_digests(model: str | None, chunk: int = 1) -> dict[str, str]:
 def load_model(
     model: str | None = None,
     layers: tuple[int, int] | None = None,
-    dtype: str = "fp32",
+    dtype: str = "auto",
     device: str = "auto",
     quant: str = "none",
     edges: bool = True,
@@ -189,11 +199,10 @@ def load_model(
     """Load layers [start, end) (all when None) of a GGUF file or HF directory, optionally with weight-only
     int8/int4 linear layers (CPU; see `quant.py`). `edges` as in `LlamaSpan`: False for a swarm peer's
     blocks; `layers=(0, 0)` for a swarm client's embeddings and head alone."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, not {quant!r}")
     target = resolve_device(device)  # before reading: a missing device must not cost a load
+    dtype = resolve_dtype(dtype, target)
     model_id, path = resolve_model(model)
     ckpt = open_checkpoint(path)
     cfg = ckpt.config

@@ -23,7 +23,7 @@ class ServeConfig:
     scheduler: str = setting("mlfq", help="mlfq (FastServe skip-join MLFQ) or fcfs", choices=("mlfq", "fcfs"))
     fair: bool = setting(False, help="Per-user fairness (virtual token counters) over the scheduler")
     kv_budget: int | None = setting(None, help="KV cache budget in bytes (default: from free memory)")
-    dtype: str = setting("fp32", help="fp32, bf16 or fp16")
+    dtype: str = setting("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     quant: str = setting("none", help="Weight-only quantization on CPU: none, int8 or int4")
     device: str = setting("auto", help="auto, cpu or cuda")
     max_batch_seqs: int = setting(32, help="Most sequences in one step")

@@ -112,7 +112,7 @@ class RemoteModel:
             new = seq.prompt_ids
             while not seq.finished:
                 hidden = session.step(span.embed(torch.tensor(new)))
-                token, logprob = seq.sample_token(span.head(hidden[-1:])[0])
+                token, logprob = seq.sample_token(span.head(hidden[-1:])[0].cpu())
                 seq.finish_reason = self.stopper.check(seq)
                 yield StepOutput(seq, token, self.stopper.take_text(seq), logprob)
                 new = [token]
