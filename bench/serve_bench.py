@@ -53,6 +53,7 @@ from rich.table import Table
 from swarmlm.launch.peers import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
+from foreign_cpu import ForeignCpu, busy_jiffies
 from llama_server import BINARY as LLAMA_BINARY
 from llama_server import BuildError, ensure_llama_server, source_version
 from workload import Request, fixed_workload, poisson_workload, request_body
@@ -162,53 +163,6 @@ def running_server(backend: str, cmd: list[str]) -> Iterator[tuple[str, str, int
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-# ----- CPU accounting: was anything else running? ------------------------------------------------------
-def _busy_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU jiffies over all CPUs since boot, from /proc/stat.
-
-    Fields: user nice system idle iowait irq softirq steal (guest time is already inside user). Steal,
-    time the hypervisor gave to other VMs, is not "busy" here: no process on this machine caused it."""
-    user, nice, system, idle, iowait, irq, softirq, steal = (
-        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    )
-    busy = user + nice + system + irq + softirq
-    return busy, busy + idle + iowait + steal
-
-
-def _group_jiffies(pgid: int) -> int:
-    """utime + stime of every live process in a process group (the server and anything it spawned)."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            rest = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)", which may contain spaces
-            if int(rest[2]) == pgid:
-                total += int(rest[11]) + int(rest[12])
-    return total
-
-
-def _self_jiffies() -> int:
-    t = os.times()
-    return round((t.user + t.system) * os.sysconf("SC_CLK_TCK"))
-
-
-class ForeignCpu:
-    """Share of the machine's CPU used by processes other than this benchmark and the server under test.
-
-    Two cores leave no headroom: another job (a test suite, a build) silently halves a backend's numbers,
-    and llama.cpp's spinning worker threads suffer most. Measuring it lets a reader discard tainted runs."""
-
-    def __init__(self, server_pid: int) -> None:
-        self.pid = server_pid
-        self.start = (*_busy_jiffies(), _group_jiffies(server_pid), _self_jiffies())
-
-    def share(self) -> float | None:
-        busy, total, server, me = (b - a for a, b in zip(self.start, self.now(), strict=True))
-        return max(0.0, (busy - server - me) / total) if total > 0 else None
-
-    def now(self) -> tuple[int, int, int, int]:
-        return (*_busy_jiffies(), _group_jiffies(self.pid), _self_jiffies())
 
 
 # ----- client --------------------------------------------------------------------------------------------
@@ -579,9 +533,9 @@ def main() -> None:
     # Client and servers share the machine; anything else running (a test suite, a build) skews every
     # number, worst for llama.cpp whose worker threads spin-wait. Warn rather than refuse; every run also
     # records the CPU share other processes took while it ran (foreign_cpu).
-    before = _busy_jiffies()
+    before = busy_jiffies()
     time.sleep(2)
-    busy, total = (b - a for a, b in zip(before, _busy_jiffies(), strict=True))
+    busy, total = (b - a for a, b in zip(before, busy_jiffies(), strict=True))
     busy_before = busy / total if total else 0.0
     if busy_before > 0.1:
         console.print(f"[yellow]warning: the CPU is {busy_before:.0%} busy before starting; results will be noisy")
