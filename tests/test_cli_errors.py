@@ -111,6 +111,36 @@ def test_layers_backwards_says_what_the_model_has() -> None:
     )
 
 
+def test_a_model_larger_than_max_memory_is_refused_before_loading() -> None:
+    done = swarmlm("serve", "--max-memory", "500MB", "--device", "cpu")  # 135M fp32 weights + 8192 tokens of KV
+    assert_error(
+        done,
+        USAGE,
+        "the model needs 915.5 MB (weights 538.1 MB + KV 377.5 MB), --max-memory is 500.0 MB: short by 415.5 MB; "
+        "run it on a swarm (swarmlm peer --layers auto)",
+    )
+    assert "swarmlm.serve" not in done.stderr  # no log line: nothing was loaded
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--max-memory", "20MB"), "one layer needs 26.7 MB (weights 14.2 MB + KV 12.6 MB), --max-memory is 20.0 MB"),
+        (("--layers", "0:30", "--max-memory", "0.5GB"), "layers 0:30 need 802.3 MB (weights 424.8 MB + KV 377.5 MB)"),
+    ],
+    ids=["auto", "fixed"],
+)
+def test_a_peer_whose_memory_cannot_hold_its_layers(args: tuple[str, ...], words: str) -> None:
+    done = swarmlm("peer", *args)
+    assert_error(done, USAGE, words)
+    assert "others join with" not in done.stdout  # it never joined the DHT
+
+
+@pytest.mark.parametrize("flag", ["--max-memory", "--kv-budget"])
+def test_a_size_that_is_not_one(flag: str) -> None:
+    assert_error(swarmlm("peer", flag, "2XB"), USAGE, f"{flag} '2XB': not a size", "8GiB")
+
+
 def test_an_unknown_model() -> None:
     assert_error(swarmlm("serve", "--model", "no/such/model.gguf"), USAGE, "'no/such/model.gguf' not found")
 

@@ -5,6 +5,7 @@ mid-stream."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,8 @@ from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.launch.peers import PeerProcess, free_port, start_swarm, stop_all
-from swarmlm.model.loading import LoadedModel
+from swarmlm.model.loading import LoadedModel, resolve_device
+from swarmlm.model.memory import device_label
 
 pytestmark = pytest.mark.slow
 
@@ -156,6 +158,9 @@ def test_dashboard_in_headless_chromium(swarm: Swarm, tmp_path: Path) -> None:
         assert read("#coverage .cell") == ["1"] * 15 + ["2"] * 15  # peers per layer
         assert read("#covered") == ["30 / 30"]
         assert read("#gateway-health") == ["ok"]
+        # Each row's device and memory budget (columns 5 and 6), as the peers announce them.
+        assert set(read("tr.peer td:nth-child(5)")) == {device_label(resolve_device("auto"))}
+        assert all(re.fullmatch(r"\d+\.\d (MB|GB|TB)", m) for m in read("tr.peer td:nth-child(6)"))
         shot = tmp_path / "dashboard.png"
         browser.save_screenshot(str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from swarmlm.core.sizes import KV_RESERVE_TOKENS
 from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
@@ -21,7 +22,8 @@ from swarmlm.engine.sequence import FinishReason, Sequence
 from swarmlm.launch.peers import PeerProcess, alive, start_swarm, stop_all
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import ledger_path, read_lines, verify_file
-from swarmlm.model.loading import DEFAULT_MODEL_ID, LoadedModel, default_model_path
+from swarmlm.model.loading import DEFAULT_MODEL_ID, LoadedModel, default_model_path, resolve_device
+from swarmlm.model.memory import device_label
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.records import SpanRecord
 from swarmlm.swarm.routing import NoRouteError, better_span, choose_span, find_route, format_layers
@@ -37,8 +39,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[dict[str, PeerProcess]]:
-    """Layers 0:10 and 20:30 fixed; a late `auto` peer must fill the hole 10:20; a fourth peer serves
-    10:20 again, so the middle span has a spare for failover."""
+    """Layers 0:10 and 20:30 fixed; a late `auto` peer must fill the hole 10:20 with the 10 layers its
+    --max-memory holds; a fourth peer serves 10:20 again, so the middle span has a spare for failover."""
     peers: dict[str, PeerProcess] = {}
     try:
         peers["a"] = PeerProcess("--layers", "0:10").wait_address()
@@ -49,7 +51,7 @@ def swarm() -> Iterator[dict[str, PeerProcess]]:
         # --rebalance-period 0: it stays where it chose to start. Left to rebalance (every 60 s by default),
         # it once moved to 0:10 mid-module, when peer a's measured throughput was low on a busy machine,
         # and took the middle span's spare away. Moving has its own test below.
-        auto = ("--layers", "auto", "--num-layers", "10", "--rebalance-period", "0")
+        auto = ("--layers", "auto", "--max-memory", AUTO_MEMORY, "--rebalance-period", "0")
         peers["b"] = PeerProcess(*auto, initial=boot).wait_ready()
         peers["d"] = PeerProcess("--layers", "10:20", initial=boot).wait_ready()
         yield peers
@@ -57,6 +59,9 @@ def swarm() -> Iterator[dict[str, PeerProcess]]:
         stop_all(list(peers.values()))
 
 
+# A SmolLM2 layer in fp32 is 14.2 MB of weights and reserves 12.6 MB of KV (8192 tokens): 26.7 MB. This
+# budget holds 10.47 of them, so peer b takes 10 layers.
+AUTO_MEMORY = "280MB"
 CONTEXT = 64  # the client's max_model_len, and the engine's it is compared with
 
 
@@ -86,7 +91,7 @@ def outcome(seqs: list[Sequence]) -> list[tuple[list[int], str, FinishReason | N
     return [(s.output_ids, s.text, s.finish_reason) for s in seqs]
 
 
-def test_late_peer_fills_the_least_covered_span(swarm: dict[str, PeerProcess]) -> None:
+def test_late_peer_fills_the_least_covered_span_with_what_its_memory_holds(swarm: dict[str, PeerProcess]) -> None:
     assert swarm["b"].span() == (10, 20)
 
 
@@ -96,6 +101,10 @@ def test_records_describe_every_peer(client: RemoteModel, swarm: dict[str, PeerP
         r = records[swarm[name].peer_id]
         assert (r.start, r.end) == span
         assert r.throughput > 0 and r.digest and r.free_kv_tokens > 0
+        assert r.device == device_label(resolve_device("auto")) and r.memory_budget > 0
+    b = records[swarm["b"].peer_id]
+    assert b.memory_budget == 280_000_000
+    assert b.free_kv_tokens == KV_RESERVE_TOKENS  # its KV budget is the reservation of its 10 layers
 
 
 def test_every_peer_attests_its_span_in_a_ledger_that_syncs(client: RemoteModel, swarm: dict[str, PeerProcess]) -> None:
@@ -225,6 +234,8 @@ def test_status_shows_peers_and_full_coverage(swarm: dict[str, PeerProcess]) -> 
     result = swarmlm_status(swarm["a"].maddr)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 live peers" in result.stdout
+    b = next(line for line in result.stdout.splitlines() if swarm["b"].peer_id[:16] in line)
+    assert "10:20" in b and "280.0 MB" in b and device_label(resolve_device("auto")) in b
     assert "1" * 10 + "2" * 10 + "1" * 10 in result.stdout  # peers per layer: the middle span twice
 
 

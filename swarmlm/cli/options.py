@@ -63,12 +63,16 @@ def _parameter(f: dataclasses.Field[Any], hint: Any) -> inspect.Parameter:
 
 def _build(cls: type, values: dict[str, Any]) -> Any:
     """The config from its options' values; a value its parser or the config itself refuses is a usage
-    error (exit code 2), its message the one the config raised."""
+    error (exit code 2), its message the one the config raised (a parser's after the flag and value, since
+    one parser may serve several flags)."""
     try:
         for f in cli_fields(cls):
             parse = f.metadata.get(PARSE)
             if parse is not None and values[f.name] is not None:
-                values[f.name] = parse(values[f.name])
+                try:
+                    values[f.name] = parse(values[f.name])
+                except ValueError as e:
+                    raise ValueError(f"{flag(f.name)} {values[f.name]!r}: {e}") from None
             elif isinstance(values[f.name], tuple):  # click hands repeatable options over as tuples
                 values[f.name] = list(values[f.name])
         return cls(**values)

@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from swarmlm.core.sizes import parse_size
+
 HELP = "help"  # the flag's help text; absent on internal fields
 INTERNAL = "internal"  # why a field has no flag (set by tests and launchers, not by users)
 CHOICES = "choices"  # the only values the flag accepts
@@ -44,6 +46,11 @@ def setting(
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def size_setting(*, help: str) -> Any:
+    """A flag that takes a size in bytes as `parse_size` reads it (8GiB, 1.5GB, 800MB, 123456); None unless given."""
+    return setting(None, help=help, parse=parse_size, metavar="SIZE")
 
 
 def internal(default: Any, *, why: str) -> Any:

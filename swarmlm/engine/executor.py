@@ -8,17 +8,18 @@ sequence's hidden states through the swarm's peers, who keep its KV cache.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from swarmlm.core.sizes import KV_DEFAULT_MAX
 from swarmlm.engine.kv_cache import KVCacheManager, KVLayout
 from swarmlm.engine.runner import ModelRunner, Segment
 from swarmlm.engine.sequence import Sequence
 from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.memory import MemoryBudget
 
 
 @dataclass
@@ -136,9 +137,6 @@ class LocalExecutor:
 
 
 def default_kv_budget(device: torch.device) -> int:
-    """A quarter of the memory free now (device memory on an accelerator), at most 8 GiB."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(min(free // 4, 8 << 30))
+    """The default memory budget now that the weights are loaded (free memory less headroom), at most
+    KV_DEFAULT_MAX: the rule of `swarmlm serve` (server.py), for an engine built without one."""
+    return min(MemoryBudget.of(None, device).size, KV_DEFAULT_MAX)

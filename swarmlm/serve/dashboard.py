@@ -1,10 +1,10 @@
 """`GET /dashboard`: a live page of the swarm as one gateway sees it.
 
 The page is static HTML with a little script that polls `GET /dashboard/state` (JSON) every second and
-redraws: a coverage bar over the model's layers, one row per peer with its span drawn on the same axis,
-the gateway's own load, and the validation-loss curve of each training run in the same DHT. The state
-comes from a callable the gateway supplies (serve/ does not know the swarm); no JavaScript framework, so
-it works on an air-gapped peer.
+redraws: a coverage bar over the model's layers, one row per peer (its span drawn on the same axis, its
+device, memory budget and measured throughput), the gateway's own load, and the validation-loss curve of
+each training run in the same DHT. The state comes from a callable the gateway supplies (serve/ does not
+know the swarm); no JavaScript framework, so it works on an air-gapped peer.
 """
 
 from __future__ import annotations
@@ -53,13 +53,20 @@ _PAGE = """<!doctype html>
 </div>
 <div>peers per layer</div>
 <div class="bar" id="coverage"></div>
-<table><thead><tr><th>peer</th><th>layers</th><th>span</th><th>state</th><th>tok/s</th><th>sessions</th>
+<table><thead><tr><th>peer</th><th>layers</th><th>span</th><th>state</th><th>device</th><th>memory</th>
+<th>tok/s</th><th>sessions</th>
 <th>queue</th><th>our requests</th><th>free KV tokens</th><th>last seen</th><th>api</th></tr></thead>
 <tbody id="peers"></tbody></table>
 <div id="training"></div>
 <script>
 const $ = (id) => document.getElementById(id);
 function cell(text) { const td = document.createElement("td"); td.textContent = text; return td; }
+function size(bytes) {  // decimal units, as `swarmlm status` prints them
+  if (!bytes) return "-";
+  const units = [["TB", 1e12], ["GB", 1e9], ["MB", 1e6], ["KB", 1e3]];
+  const [unit, scale] = units.find(([, s]) => bytes >= s) || ["B", 1];
+  return scale === 1 ? bytes + " B" : (bytes / scale).toFixed(1) + " " + unit;
+}
 function draw(s) {
   $("model").textContent = s.model;
   $("gateway-health").textContent = s.gateway.health;
@@ -92,9 +99,9 @@ function draw(s) {
     const seen = cell(p.last_seen.toFixed(0) + " s ago");
     if (p.last_seen > s.ttl) seen.className = "stale";
     tr.append(cell(p.peer_id.slice(0, 16) + "…"), cell(p.end > p.start ? p.start + ":" + p.end : "none"), span,
-              cell(p.state), cell(p.throughput.toFixed(1)), cell(p.sessions), cell(p.queue), cell(p.gateway_sessions),
-              cell(p.free_kv_tokens),
-              seen, cell(p.api || "-"));
+              cell(p.state), cell(p.device || "-"), cell(size(p.memory_budget)), cell(p.throughput.toFixed(1)),
+              cell(p.sessions), cell(p.queue), cell(p.gateway_sessions), cell(p.free_kv_tokens), seen,
+              cell(p.api || "-"));
     return tr;
   }));
 }

@@ -10,11 +10,14 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from swarmlm.core.sizes import KV_DEFAULT_MAX
 from swarmlm.engine.async_engine import AsyncEngine
 from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.executor import Executor
 from swarmlm.engine.scheduler import make_scheduler
-from swarmlm.model.loading import LoadedModel, load_model
+from swarmlm.model.checkpoint import open_checkpoint
+from swarmlm.model.loading import LoadedModel, load_model, resolve_device, resolve_dtype, resolve_model
+from swarmlm.model.memory import MemoryBudget, span_need
 from swarmlm.serve.api import create_app
 from swarmlm.serve.auth import KeyChecker, load_keys
 from swarmlm.serve.metrics import ServingMetrics
@@ -32,7 +35,10 @@ def build_app(
     if cfg.protect_metrics and not cfg.api_keys:
         raise ValueError("--protect-metrics needs --api-keys")
     keys = KeyChecker(load_keys(cfg.api_keys)) if cfg.api_keys else None  # a bad key file fails before loading
-    model = model or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
+    kv_budget = cfg.kv_budget
+    if model is None:
+        kv_budget = whole_model_kv_budget(cfg)  # a model too large for the memory budget fails before loading
+        model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
     scheduler = (
         make_scheduler(cfg.scheduler, cfg.fair, base_quantum=cfg.mlfq_quantum, starvation=cfg.starvation)
         if cfg.scheduler == "mlfq"
@@ -42,7 +48,7 @@ def build_app(
         model,
         scheduler,
         EngineConfig(
-            kv_budget_bytes=cfg.kv_budget,
+            kv_budget_bytes=kv_budget,
             max_batch_seqs=cfg.max_batch_seqs,
             max_step_tokens=cfg.max_step_tokens,
             max_model_len=cfg.max_model_len,
@@ -70,6 +76,19 @@ def build_app(
     )
     app = create_app(OpenAIServing(async_engine, model.model_id, metrics, keys, cfg.protect_metrics))
     return app, async_engine, metrics
+
+
+def whole_model_kv_budget(cfg: ServeConfig) -> int:
+    """The KV budget of the whole model under the memory budget: --kv-budget, else what the budget leaves
+    after the weights (at most KV_DEFAULT_MAX). Raises MemoryShortError when the weights and the KV
+    (--kv-budget, else the KV reservation) do not fit."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    config = open_checkpoint(resolve_model(cfg.model)[1]).config
+    need = span_need(config, 0, config.num_layers, True, dtype, cfg.quant, cfg.kv_budget)
+    budget = MemoryBudget.of(cfg.max_memory, device)
+    budget.check("the model needs", need, "run it on a swarm (swarmlm peer --layers auto)")
+    return cfg.kv_budget or min(budget.size - need.weights, KV_DEFAULT_MAX)
 
 
 class ApiServer:

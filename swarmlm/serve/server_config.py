@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swarmlm.core.settings import setting
+from swarmlm.core.settings import setting, size_setting
+from swarmlm.core.sizes import KV_DEFAULT_MAX, KV_RESERVE_TOKENS, MAX_MEMORY_HELP
 
 MODEL_HELP = "A .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)"
 API_KEYS_HELP = "API key file (`swarmlm keys create`): every /v1 call needs one of its keys"
@@ -22,7 +23,11 @@ class ServeConfig:
     port: int = setting(8000, help="Port to listen on (1-65535)")
     scheduler: str = setting("mlfq", help="mlfq (FastServe skip-join MLFQ) or fcfs", choices=("mlfq", "fcfs"))
     fair: bool = setting(False, help="Per-user fairness (virtual token counters) over the scheduler")
-    kv_budget: int | None = setting(None, help="KV cache budget in bytes (default: from free memory)")
+    max_memory: int | None = size_setting(help=MAX_MEMORY_HELP + "; a model that needs more is refused before loading")
+    kv_budget: int | None = size_setting(
+        help=f"KV cache budget, e.g. 2GiB (default: what --max-memory leaves after the weights, at most "
+        f"{KV_DEFAULT_MAX >> 30} GiB; at least {KV_RESERVE_TOKENS} tokens' worth must fit)"
+    )
     dtype: str = setting("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     quant: str = setting("none", help="Weight-only quantization on CPU: none, int8 or int4")
     device: str = setting("auto", help="auto, cpu or cuda")

@@ -28,6 +28,7 @@ from swarmlm.core.dht import DAEMON_START_TIMEOUT, start_dht
 from swarmlm.core.identity import Identity
 from swarmlm.core.loop import LoopThread
 from swarmlm.core.membership import Membership, load_membership
+from swarmlm.core.sizes import format_size
 from swarmlm.core.version import __version__
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.engine.span_engine import SpanEngine
@@ -36,6 +37,7 @@ from swarmlm.ledger.sync import LedgerSync
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import checkpoint_digests, load_model, resolve_model
 from swarmlm.swarm.peer_config import PeerConfig, parse_layers
+from swarmlm.swarm.placement import Placement, place
 from swarmlm.swarm.records import SpanRecord, announce, fetch_records, withdraw
 from swarmlm.swarm.routing import better_span, choose_span
 from swarmlm.swarm.servicer import SpanServicer
@@ -69,8 +71,16 @@ def run_peer(cfg: PeerConfig, sidecar: SidecarFactory | None = None) -> int:
         # between steps steal the cores the next peer in the chain needs.
         torch.set_num_threads(cfg.threads)
     model_id, path = resolve_model(cfg.model)
-    total = open_checkpoint(path).config.num_layers
-    span = None if cfg.layers == "auto" else parse_layers(cfg.layers, total)  # fail early on a bad value
+    model = open_checkpoint(path).config
+    span = None if cfg.layers == "auto" else parse_layers(cfg.layers, model.num_layers)  # fail early on a bad value
+    placement = place(cfg, model, span)  # a budget too small for the span fails here, before joining
+    log.info(
+        "%s, memory budget %s: %d layers of %s",
+        placement.device,
+        format_size(placement.budget.size),
+        placement.span_layers,
+        model_id,
+    )
     identity = Identity.from_option(cfg.identity)
     cert = load_membership(cfg.swarm_cert, identity) if cfg.swarm_cert else None
     if sidecar is not None and cert is not None:
@@ -81,7 +91,7 @@ def run_peer(cfg: PeerConfig, sidecar: SidecarFactory | None = None) -> int:
     except BaseException:
         ledger.close()
         raise
-    peer = Peer(cfg, model_id, total, dht, ledger, Membership(dht, cert), sidecar)
+    peer = Peer(cfg, model_id, model.num_layers, placement, dht, ledger, Membership(dht, cert), sidecar)
     try:
         return peer.serve(span)
     finally:
@@ -96,14 +106,23 @@ class Peer:
         cfg: PeerConfig,
         model_id: str,
         num_layers: int,
+        placement: Placement,
         dht: DHT,
         ledger: Ledger,
         membership: Membership,
         sidecar: SidecarFactory | None = None,
     ) -> None:
         self.cfg, self.model_id, self.num_layers, self.dht, self.ledger = cfg, model_id, num_layers, dht, ledger
-        self.membership = membership
-        self.record = SpanRecord(str(dht.peer_id), model_id, 0, 0, version=__version__)
+        self.membership, self.placement = membership, placement
+        self.record = SpanRecord(
+            str(dht.peer_id),
+            model_id,
+            0,
+            0,
+            version=__version__,
+            device=placement.device,
+            memory_budget=placement.budget.size,
+        )
         self.engine: SpanEngine | None = None
         self.stop = threading.Event()
         self.announcing = threading.Lock()  # a heartbeat in flight must not re-announce us after we withdrew
@@ -121,7 +140,7 @@ class Peer:
             print(f"swarmlm peer {self.dht.peer_id}: others join with --initial-peers {maddr}", flush=True)
         auto = self.cfg.layers == "auto"
         if auto:
-            span = choose_span(fetch_records(self.dht, self.model_id), self.num_layers, self._span_layers)
+            span = choose_span(fetch_records(self.dht, self.model_id), self.num_layers, self.placement.span_layers)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request_exit)
         self.loop = LoopThread("swarmlm-p2p")
@@ -157,14 +176,10 @@ class Peer:
             span, self.move_to = self.move_to, None
         return 0
 
-    @property
-    def _span_layers(self) -> int:
-        return self.cfg.num_layers or self.num_layers
-
     def _load(self, span: tuple[int, int]) -> None:
         cfg = self.cfg
         model = load_model(cfg.model, layers=span, dtype=cfg.dtype, quant=cfg.quant, edges=False)
-        engine = SpanEngine(model.span, make_scheduler(cfg.scheduler), cfg.kv_budget)
+        engine = SpanEngine(model.span, make_scheduler(cfg.scheduler), self.placement.kv_budget)
         r = self.record
         r.start, r.end, r.digest, r.dtype = span[0], span[1], model.digest, cfg.dtype
         r.throughput = engine.measure_throughput()
@@ -255,7 +270,7 @@ class Peer:
         if self.engine is None or self.move_to is not None:
             return
         records = [r for r in fetch_records(self.dht, self.model_id, online_only=False) if r.state != "offline"]
-        target = better_span(records, self.record, self.num_layers, self._span_layers)
+        target = better_span(records, self.record, self.num_layers, self.placement.span_layers)
         if target is not None:
             log.info("moving from layers %d:%d to %d:%d", self.record.start, self.record.end, *target)
             # Claim the target at once ("moving": counted for balance, skipped by routing) so that other

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swarmlm.core.settings import LOCALHOST_MADDRS, internal, setting
+from swarmlm.core.settings import LOCALHOST_MADDRS, internal, setting, size_setting
+from swarmlm.core.sizes import KV_RESERVE_TOKENS, MAX_MEMORY_HELP
 
 DEFAULT_TTL = 15.0  # seconds a peer's DHT record lives unless refreshed (every ttl / 3)
 
@@ -18,11 +19,18 @@ class PeerConfig:
     )
     host_maddrs: list[str] = setting(help="Where to listen (repeatable)", factory=lambda: list(LOCALHOST_MADDRS))
     identity: str | None = setting(None, help="Private key file: a stable peer id (created if missing)")
-    layers: str = setting("auto", help="auto (least-served range), START:END (END excluded), or none")
-    num_layers: int | None = setting(None, help="Span size for --layers auto (default: all)")
+    layers: str = setting(
+        "auto",
+        help="auto (as many layers as --max-memory holds, where least served), START:END (END excluded), or none",
+    )
+    num_layers: int | None = setting(None, help="At most this many layers for --layers auto (default: all that fit)")
+    max_memory: int | None = size_setting(help=MAX_MEMORY_HELP)
     dtype: str = setting("fp32", help="fp32, bf16 or fp16")
     quant: str = setting("none", help="Weight-only quantization on CPU: none, int8 or int4")
-    kv_budget: int = setting(1 << 30, help="KV cache budget in bytes")
+    kv_budget: int | None = size_setting(
+        help=f"KV cache budget, e.g. 1GiB, taken out of --max-memory (default: {KV_RESERVE_TOKENS} tokens through "
+        "each served layer)"
+    )
     scheduler: str = setting("mlfq", help="mlfq or fcfs: the order sessions' steps run in", choices=("mlfq", "fcfs"))
     ttl: float = internal(DEFAULT_TTL, why="the record lifetime every peer and client of a swarm assumes")
     rebalance_period: float = setting(

@@ -8,13 +8,15 @@ from hivemind.utils import get_dht_time
 from rich.console import Console
 from rich.table import Table
 
+from swarmlm.core.sizes import format_size
 from swarmlm.swarm.records import SpanRecord
 from swarmlm.swarm.routing import coverage, format_layers, peers_per_layer, uncovered_layers
 
 
 def peer_table(records: list[SpanRecord], ttl: float) -> Table:
     table = Table(title="peers")
-    for col in ("peer", "layers", "tok/s", "sessions", "queue", "free KV tokens", "state", "last seen", "api"):
+    columns = ("peer", "layers", "device", "memory", "tok/s", "sessions", "queue", "free KV tokens", "state")
+    for col in (*columns, "last seen", "api"):
         table.add_column(col)
     now = get_dht_time()
     for r in records:
@@ -22,6 +24,8 @@ def peer_table(records: list[SpanRecord], ttl: float) -> Table:
         table.add_row(
             r.peer_id[:16] + "…",
             f"{r.start}:{r.end}" if r.num_layers else "none",
+            r.device or "-",
+            format_size(r.memory_budget) if r.memory_budget else "-",
             f"{r.throughput:.1f}",
             str(r.sessions),
             str(r.queue),

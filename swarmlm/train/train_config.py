@@ -45,7 +45,7 @@ def parse_part(value: str) -> tuple[int, int]:
     try:
         rank, world = (int(x) for x in value.split("/"))
     except ValueError:
-        raise ValueError(f"--data-part {value!r}: give RANK/WORLD, e.g. 0/3") from None
+        raise ValueError("give RANK/WORLD, e.g. 0/3") from None
     return rank, world
 
 
