@@ -162,8 +162,9 @@ def single(model: Path, kv_budget: int, tokens: int) -> dict[str, object]:
     return {"text": text, "tok_s": rate, "other_cpu": other_cpu, **mem}
 
 
-def gib(n: float) -> str:
-    return f"{n / (1 << 30):.2f} GiB"
+def gb(n: float) -> str:
+    """Decimal gigabytes, as swarmlm prints sizes (core/sizes.py), with the two decimals a ratio needs."""
+    return f"{n / 1e9:.2f} GB"
 
 
 def cpu(share: object) -> str:
@@ -185,7 +186,7 @@ def main() -> None:
     kv = args.kv_budget_mib * MIB
     # Room for the KV budget and a third of the layers and a half (`--layers auto` takes whole layers).
     cap = kv + max(layer_weight_bytes(cfg, DTYPE, "none")) * (2 * -(-cfg.num_layers // 3) + 1) // 2
-    console.print(f"model {args.model.name}: {gib(whole)} of weights ({DTYPE}); each peer's cap {gib(cap)}")
+    console.print(f"model {args.model.name}: {gb(whole)} of weights ({DTYPE}); each peer's cap {gb(cap)}")
 
     console.rule("refuse: serve under the cap")
     refused = refuse(args.model, cap, kv)
@@ -210,21 +211,21 @@ def main() -> None:
         "texts_identical": swarmed["text"] == alone["text"],
         "swarm_over_single": swarmed["tok_s"] / alone["tok_s"],
     }
-    table = Table(title=f"Big model ({args.model.name}, {DTYPE}, {gib(whole)}; 2 CPU cores)")
+    table = Table(title=f"Big model ({args.model.name}, {DTYPE}, {gb(whole)}; 2 CPU cores)")
     for col in ("measure", "figure", "target"):
         table.add_column(col)
-    table.add_row("serve --max-memory " + gib(cap), f"exit {refused['exit_code']}: {refused['line']}", "one line")
+    table.add_row("serve --max-memory " + gb(cap), f"exit {refused['exit_code']}: {refused['line']}", "one line")
     for name, phase in (("3 capped peers + gateway", swarmed), ("one uncapped serve", alone)):
         table.add_row(f"tok/s: {name}", f"{phase['tok_s']:.2f} (other processes' CPU {cpu(phase['other_cpu'])})", "")
     table.add_row("greedy texts identical", str(result["texts_identical"]), "True")
     for s in swarmed["peers"]:  # type: ignore[union-attr]
-        rss = f"{gib(s['rss_bytes'])} ({gib(s['peak_rss_bytes'])})"
+        rss = f"{gb(s['rss_bytes'])} ({gb(s['peak_rss_bytes'])})"
         table.add_row(
             f"peer {s['layers']} RSS (peak)",
-            f"{rss} = {s['rss_over_weights']:.2f} x weights {gib(s['weight_bytes'])}",
-            f"<= {gib(s['target_bytes'])} (1.3 x weights + KV {gib(s['kv_budget_bytes'])})",
+            f"{rss} = {s['rss_over_weights']:.2f} x weights {gb(s['weight_bytes'])}",
+            f"<= {gb(s['target_bytes'])} (1.3 x weights + KV {gb(s['kv_budget_bytes'])})",
         )
-    table.add_row("single serve RSS (peak)", f"{gib(alone['rss_bytes'])} ({gib(alone['peak_rss_bytes'])})", "")
+    table.add_row("single serve RSS (peak)", f"{gb(alone['rss_bytes'])} ({gb(alone['peak_rss_bytes'])})", "")
     console.print(table)
     if not result["texts_identical"]:
         console.print(f"swarm:  {swarmed['text']!r}\nsingle: {alone['text']!r}")
