@@ -71,7 +71,9 @@ class GGUFCheckpoint:
         shapes = {name: tuple(reversed(t.shape.tolist())) for name, t in self._tensors.items()}
         try:
             self.config = gguf_config(self.arch, self.field, shapes, lambda name: self._array(name).tolist())
-        except (ValueError, KeyError) as e:
+        except CheckpointError:  # a rotary factor tensor that cannot be read: already says where
+            raise
+        except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
 
     def field(self, key: str, default: object = None) -> Any:

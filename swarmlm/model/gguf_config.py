@@ -98,6 +98,8 @@ def gguf_config(arch: str, meta: Metadata, shapes: dict[str, tuple[int, ...]], v
             raise ValueError(f"metadata {arch}.{name} is missing")
         return value
 
+    if "token_embd.weight" not in shapes:
+        raise ValueError("the token embeddings (token_embd.weight) are missing")
     heads, hidden, layers = int(need("attention.head_count")), int(need("embedding_length")), int(need("block_count"))
     head_dim = int(key("attention.key_length") or key("rope.dimension_count") or hidden // heads)
     context = int(key("context_length") or 2048)
