@@ -48,6 +48,7 @@ LONGEST_FIRST = (
     "test_demo",
     "test_engine",
     "test_model_families",
+    "test_model_families_gguf",
     "test_gateway",
     "test_model",
     "test_api",

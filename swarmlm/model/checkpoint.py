@@ -1,4 +1,5 @@
-"""Read weights for a layer span from a GGUF file or a Hugging Face directory (config.json + safetensors).
+"""Read weights for a layer span from a GGUF file (gguf_checkpoint.py) or a Hugging Face directory
+(config.json + safetensors); write a model as an HF directory.
 
 Both readers produce tensors under this project's parameter names (which are those of HF Llama
 checkpoints without the `model.` prefix, layer indices made local to the span), so `LlamaSpan` loads
@@ -7,133 +8,24 @@ either with a plain `load_state_dict`.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from swarmlm.core.files import atomic_directory
 from swarmlm.model.model_config import ModelConfig
 
+if TYPE_CHECKING:
+    from swarmlm.model.gguf_checkpoint import GGUFCheckpoint
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read: missing, corrupt, or of an unsupported kind."""
-
-
-# GGUF tensor name suffix -> parameter name inside one block.
-_GGUF_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_SUPPORTED_GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
-
-
-def _wanted(layer: int | None, start: int, end: int) -> bool:
-    return layer is None or start <= layer < end
-
-
-class GGUFCheckpoint:
-    """A GGUF file of the `llama` architecture (memory-mapped; tensors dequantized on demand)."""
-
-    def __init__(self, path: Path) -> None:
-        import gguf
-
-        self.path = path
-        try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # the gguf package raises bare ValueErrors/asserts on corrupt files
-            raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
-        arch = self.field("general.architecture")
-        if arch != "llama":
-            raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-        self.config = self._config()
-
-    def field(self, key: str, default: object = None) -> object:
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
-
-    def _config(self) -> ModelConfig:
-        g = self.field
-        heads = int(g("llama.attention.head_count"))
-        hidden = int(g("llama.embedding_length"))
-        tensor_names = {t.name for t in self.reader.tensors}
-        vocab = g("llama.vocab_size") or len(g("tokenizer.ggml.tokens") or [])
-        scaling = None
-        if g("llama.rope.scaling.type") == "linear":
-            scaling = {"rope_type": "linear", "factor": float(g("llama.rope.scaling.factor"))}
-        eos = g("tokenizer.ggml.eos_token_id")
-        eot = g("tokenizer.ggml.eot_token_id")
-        return ModelConfig(
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(g("llama.feed_forward_length")),
-            num_layers=int(g("llama.block_count")),
-            num_heads=heads,
-            num_kv_heads=int(g("llama.attention.head_count_kv", heads)),
-            head_dim=int(g("llama.rope.dimension_count", hidden // heads)),
-            rms_norm_eps=float(g("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(g("llama.rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
-            max_position_embeddings=int(g("llama.context_length", 2048)),
-            tie_word_embeddings="output.weight" not in tensor_names,
-            bos_token_id=g("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=tuple(int(t) for t in (eos, eot) if t is not None),
-        )
-
-    def tensors(self, start: int, end: int, embed: bool, head: bool) -> Iterator[tuple[str, Tensor]]:
-        from gguf.quants import dequantize
-
-        cfg = self.config
-        for t in self.reader.tensors:
-            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
-            if m:
-                layer = int(m.group(1))
-                if not _wanted(layer, start, end):
-                    continue
-                name = f"layers.{layer - start}.{_GGUF_BLOCK_NAMES[m.group(2)]}.weight"
-            elif t.name == "token_embd.weight":
-                # A tied head is the embedding matrix, so a head needs it too.
-                if not (embed or (head and cfg.tie_word_embeddings)):
-                    continue
-                name = "embed_tokens.weight" if embed else "lm_head.weight"
-            elif t.name == "output_norm.weight" and head:
-                name = "norm.weight"
-            elif t.name == "output.weight" and head:
-                name = "lm_head.weight"
-            else:
-                continue
-            qtype = t.tensor_type.name
-            if qtype not in _SUPPORTED_GGUF_TYPES:
-                raise CheckpointError(f"{self.path}: tensor {t.name} has unsupported type {qtype}")
-            try:
-                array = dequantize(t.data.view(np.ndarray), t.tensor_type)  # memmap indexing is slow
-            except Exception as e:
-                raise CheckpointError(f"{self.path}: tensor {t.name} is corrupt ({e})") from e
-            shape = tuple(reversed(t.shape.tolist()))
-            weight = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a writable copy
-            # llama.cpp stores q/k rows interleaved for its rope; restore the HF rotate-half layout.
-            if name.endswith("q_proj.weight"):
-                weight = _unpermute_rope(weight, cfg.num_heads)
-            elif name.endswith("k_proj.weight"):
-                weight = _unpermute_rope(weight, cfg.num_kv_heads)
-            yield name, weight
-
-
-def _unpermute_rope(w: Tensor, heads: int) -> Tensor:
-    rows, cols = w.shape
-    return w.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
 
 
 class HFCheckpoint:
@@ -173,7 +65,7 @@ class HFCheckpoint:
         m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
         if m:
             layer = int(m.group(1))
-            return f"layers.{layer - start}.{m.group(2)}" if _wanted(layer, start, end) else None
+            return f"layers.{layer - start}.{m.group(2)}" if start <= layer < end else None
         if key == "embed_tokens.weight":
             if embed:
                 return key
@@ -235,17 +127,11 @@ def split_projections(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, T
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _open_gguf(path: Path, size: int, mtime_ns: int) -> GGUFCheckpoint:
-    """One reader per file version and process: parsing a GGUF header (its 49k-token vocabulary) takes
-    seconds, and a peer starting up opens its checkpoint several times (layer count, span, version)."""
-    return GGUFCheckpoint(path)
-
-
 def open_checkpoint(path: Path) -> GGUFCheckpoint | HFCheckpoint:
     if path.is_file() and path.suffix == ".gguf":
-        st = path.stat()
-        return _open_gguf(path.resolve(), st.st_size, st.st_mtime_ns)
+        from swarmlm.model.gguf_checkpoint import open_gguf  # which imports this module's CheckpointError
+
+        return open_gguf(path)
     if path.is_dir() and (path / "config.json").exists():
         return HFCheckpoint(path)
     if path.is_dir():

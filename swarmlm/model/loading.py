@@ -16,12 +16,12 @@ from torch import Tensor
 
 from swarmlm.model.checkpoint import (
     CheckpointError,
-    GGUFCheckpoint,
     HFCheckpoint,
     fuse_projections,
     open_checkpoint,
     save_hf_checkpoint,
 )
+from swarmlm.model.gguf_checkpoint import GGUFCheckpoint
 from swarmlm.model.llama import LlamaSpan
 from swarmlm.model.model_config import ModelConfig
 from swarmlm.model.quant import QUANT_MODES, Int4Linear, Int8Linear, quantize_

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from swarmlm.model.checkpoint import CheckpointError, GGUFCheckpoint, HFCheckpoint
+from swarmlm.model.checkpoint import CheckpointError, HFCheckpoint
+from swarmlm.model.gguf_checkpoint import GGUFCheckpoint
 
 if TYPE_CHECKING:  # transformers is imported where a tokenizer is built: a peer serving blocks never needs it
     from transformers import PreTrainedTokenizerFast
