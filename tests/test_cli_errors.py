@@ -83,8 +83,11 @@ def test_a_trainer_that_reaches_no_peer_is_exit_code_3(tiny_data: Path, tmp_path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_device_cuda_without_cuda() -> None:
-    assert_error(swarmlm("serve", "--device", "cuda"), USAGE, "--device cuda", "no CUDA")
+@pytest.mark.parametrize("command", ["serve", "peer"])
+def test_device_cuda_without_cuda(command: str) -> None:
+    done = swarmlm(command, "--device", "cuda", timeout=60)
+    assert_error(done, USAGE, "--device cuda", "no CUDA")
+    assert "swarmlm peer" not in done.stdout  # refused before joining a swarm
 
 
 @pytest.mark.parametrize("args", [("serve", "--port", "99999"), ("peer", "--api", "127.0.0.1:99999")])

@@ -223,7 +223,7 @@ class SpanEngine:
         segments = [Segment(s.session.kv, s.start, s.hidden.shape[0]) for s in batch]
         inputs = torch.cat([s.hidden for s in batch]).to(self.runner.dtype)
         try:
-            out = self.runner.forward(segments, inputs, blocks=blocks)
+            out = self.runner.forward(segments, inputs, blocks=blocks).cpu()  # one host copy: replies go on the wire
         except Exception as e:  # a bug or OOM in one step must not kill the peer
             for s in batch:
                 del self._waiting[s.session]

@@ -44,7 +44,8 @@ class RemoteModel:
         config: ClientConfig | None = None,
     ) -> None:
         self.config = config or ClientConfig()
-        self.local = load_model(model, layers=(0, 0))  # embeddings, final norm and head
+        # Embeddings, final norm and head: on the CPU, where the wire's tensors are, whatever the machine has.
+        self.local = load_model(model, layers=(0, 0), device="cpu")
         self.model_id, self.tokenizer, self.config_model = self.local.model_id, self.local.tokenizer, self.local.config
         self.stopper = StopChecker(self.tokenizer, self.config_model.max_position_embeddings, self.config.max_model_len)
         self.manager = RemoteSequenceManager(

@@ -178,15 +178,16 @@ class Peer:
 
     def _load(self, span: tuple[int, int]) -> None:
         cfg = self.cfg
-        model = load_model(cfg.model, layers=span, dtype=cfg.dtype, quant=cfg.quant, edges=False)
+        dtype = self.placement.dtype
+        model = load_model(cfg.model, layers=span, dtype=dtype, device=cfg.device, quant=cfg.quant, edges=False)
         engine = SpanEngine(model.span, make_scheduler(cfg.scheduler), self.placement.kv_budget)
         r = self.record
-        r.start, r.end, r.digest, r.dtype = span[0], span[1], model.digest, cfg.dtype
+        r.start, r.end, r.digest, r.dtype = span[0], span[1], model.digest, dtype
         r.throughput = engine.measure_throughput()
         r.state = "online"
         self.engine = self.servicer.engine = engine
         self.version_checked = False
-        attestation = {"model": self.model_id, "span": list(span), "digest": model.digest, "dtype": cfg.dtype}
+        attestation = {"model": self.model_id, "span": list(span), "digest": model.digest, "dtype": dtype}
         self.ledger.append("attestation", {**attestation, "quant": cfg.quant})
 
     def _start_sidecar(self) -> Sidecar:

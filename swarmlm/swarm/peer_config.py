@@ -25,7 +25,8 @@ class PeerConfig:
     )
     num_layers: int | None = setting(None, help="At most this many layers for --layers auto (default: all that fit)")
     max_memory: int | None = size_setting(help=MAX_MEMORY_HELP)
-    dtype: str = setting("fp32", help="fp32, bf16 or fp16")
+    dtype: str = setting("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
+    device: str = setting("auto", help="auto, cpu or cuda (cuda:N): where the span runs")
     quant: str = setting("none", help="Weight-only quantization on CPU: none, int8 or int4")
     kv_budget: int | None = size_setting(
         help=f"KV cache budget, e.g. 1GiB, taken out of --max-memory (default: {KV_RESERVE_TOKENS} tokens through "

@@ -20,16 +20,17 @@ from swarmlm.swarm.peer_config import PeerConfig
 @dataclass(frozen=True)
 class Placement:
     device: str  # announced: "cpu", "cuda:0 (NVIDIA H200)"
+    dtype: str  # resolved: fp32, bf16 or fp16
     budget: MemoryBudget
     span_layers: int  # the size of its span (an `auto` peer keeps it when it moves); 0 for --layers none
     kv_budget: int  # KV cache bytes for a span of that size
 
 
 def place(cfg: PeerConfig, model: ModelConfig, span: tuple[int, int] | None) -> Placement:
-    """Where the peer runs and how many layers it takes (`span`: from a fixed --layers). Raises
-    MemoryShortError (one line) when a fixed span does not fit the budget, or when an `auto` peer's budget
-    holds not even one layer."""
-    device = resolve_device("auto")
+    """Where the peer runs and how many layers it takes (`span`: from a fixed --layers). Raises ValueError
+    for a --device this machine lacks, and MemoryShortError (one line) when a fixed span does not fit the
+    budget, or when an `auto` peer's budget holds not even one layer."""
+    device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     budget = MemoryBudget.of(cfg.max_memory, device)
 
@@ -49,4 +50,4 @@ def place(cfg: PeerConfig, model: ModelConfig, span: tuple[int, int] | None) -> 
         budget.check(f"layers {span[0]}:{span[1]} need", need, "take fewer layers, or --layers auto")
     else:
         layers = 0
-    return Placement(device_label(device), budget, layers, kv(layers) if layers else 0)
+    return Placement(device_label(device), dtype, budget, layers, kv(layers) if layers else 0)
