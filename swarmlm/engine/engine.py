@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from swarmlm.engine.executor import Executor, LocalExecutor
-from swarmlm.engine.sampling import SamplingParams, choice_generator
+from swarmlm.engine.sampling import SamplingParams, argmax_rows, choice_generator, decided_by_argmax
 from swarmlm.engine.scheduler import Scheduler
 from swarmlm.engine.sequence import FinishReason, Sequence, StepOutput
 from swarmlm.engine.stopping import StopChecker
@@ -120,10 +120,8 @@ class Engine:
         for seq, n in batch:
             if seq not in result.failed:
                 seq.num_computed += n
-        # On an accelerator: one copy of the step's logits to the host, the step's only synchronisation
-        # (each sequence's sampler, penalties and seeded generator then run on the CPU as everywhere).
-        for seq, row_logits in zip(result.sampled, result.logits.cpu(), strict=True):
-            outputs.append(self._sample(seq, row_logits, now))
+        for seq, row in zip(result.sampled, _host_rows(result.sampled, result.logits), strict=True):
+            outputs.append(self._sample(seq, row, now))
         sampled = set(result.sampled)
         for seq, n in batch:
             if seq not in result.failed:
@@ -152,7 +150,7 @@ class Engine:
         return batch
 
     # ----- sampling and stopping ------------------------------------------------------------------
-    def _sample(self, seq: Sequence, raw: torch.Tensor, now: float) -> StepOutput:
+    def _sample(self, seq: Sequence, raw: torch.Tensor | int, now: float) -> StepOutput:
         token, lp = seq.sample_token(raw)
         inter_token = None if seq.last_token is None else now - seq.last_token
         seq.first_token = seq.first_token or now
@@ -189,3 +187,19 @@ class Engine:
             self.prefill_seconds_per_token = (t1 - t0) / prompt_tokens
             self.decode_step_seconds = (t2 - t1) / max(1, params.max_tokens - 1)
         self.steps = 0
+
+
+def _host_rows(seqs: list[Sequence], logits: torch.Tensor) -> list[torch.Tensor | int]:
+    """Each sampled sequence's token where its argmax decides it, else its row of logits on the host (for
+    its penalties, sampler and seeded generator). On an accelerator these two copies are the step's only
+    synchronisation, and a step of greedy requests copies token ids alone."""
+    rows: list[torch.Tensor | int] = [0] * len(seqs)
+    by_argmax = [i for i, seq in enumerate(seqs) if decided_by_argmax(seq.params)]
+    sampled = [i for i, seq in enumerate(seqs) if not decided_by_argmax(seq.params)]
+    if by_argmax:
+        for i, token in zip(by_argmax, argmax_rows(logits[by_argmax]), strict=True):
+            rows[i] = token
+    if sampled:
+        for i, row in zip(sampled, logits[sampled].cpu(), strict=True):
+            rows[i] = row
+    return rows

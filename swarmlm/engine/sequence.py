@@ -57,9 +57,13 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def sample_token(self, raw_logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+    def sample_token(self, raw_logits: torch.Tensor | int) -> tuple[int, TokenLogprob | None]:
         """Draw the next token from the model's logits for this sequence (penalties, then its own sampler
-        and generator), append it, and return it with its logprob when the request asked for them."""
+        and generator), append it, and return it with its logprob when the request asked for them. An int
+        is the token already taken (`decided_by_argmax`)."""
+        if isinstance(raw_logits, int):
+            self.output_ids.append(raw_logits)
+            return raw_logits, None
         logits = raw_logits.clone()
         apply_penalties(logits, self.params, self.prompt_ids, self.output_ids)
         token = sample_row(logits, self.params, self.generator)
