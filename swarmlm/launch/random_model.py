@@ -10,7 +10,7 @@ ones) from a generator seeded by the seed and the tensor's name, so values do no
 and one shard of layers at a time is in memory, never the model. Shards hold whole layers (a peer reads
 the files of its own span) and the embeddings have a file of their own.
 
-    .venv/bin/python -m swarmlm.launch.random_model [--out DIR] [--seed N]
+    .venv/bin/python -m swarmlm.launch.random_model [--out DIR] [--seed N] [--tokenizer-from CHECKPOINT]
 """
 
 from __future__ import annotations
@@ -143,12 +143,19 @@ def is_complete(out: Path, index: dict[str, object], config: dict[str, object]) 
 
 
 def write_random_model(
-    out: Path = DEFAULT_DIR, shape: Shape = SMOLLM2_1_7B, seed: int = 0, layers_per_shard: int = 2
+    out: Path = DEFAULT_DIR,
+    shape: Shape = SMOLLM2_1_7B,
+    seed: int = 0,
+    layers_per_shard: int = 2,
+    source: Path | None = None,
 ) -> bool:
-    """Write the model to `out` unless it is there already, complete. Returns whether it wrote."""
+    """Write the model to `out` unless it is there already, complete. Returns whether it wrote. Its
+    tokenizer, vocabulary and special tokens are `source`'s (a checkpoint with SmolLM2's tokenizer, such as
+    a small model this function wrote: a machine without the embedded model's GGUF), else the embedded
+    model's."""
     from safetensors.torch import save_file
 
-    embedded = open_checkpoint(default_model_path())
+    embedded = open_checkpoint(source or default_model_path())
     vocab, dtype = embedded.config.vocab_size, torch.bfloat16
     config = hf_config(shape, vocab, embedded.config.bos_token_id, embedded.config.eos_token_ids)
     index = _index(shape, vocab, seed, layers_per_shard, dtype.itemsize)
@@ -170,8 +177,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Write SmolLM2-1.7B's shape with seeded random weights")
     ap.add_argument("--out", type=Path, default=DEFAULT_DIR)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer-from", type=Path, help="a checkpoint whose tokenizer to take (default: embedded)")
     args = ap.parse_args()
-    wrote = write_random_model(args.out, seed=args.seed)
+    wrote = write_random_model(args.out, seed=args.seed, source=args.tokenizer_from)
     print(f"{args.out}: {'written' if wrote else 'already complete'}")
 
 

@@ -127,12 +127,14 @@ class Rotary:
 
     def tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos and sin, [T, 1, D] (broadcast over heads), for each position."""
-        if self.inv_freq.device != positions.device:
+        if self.inv_freq.device != positions.device:  # once: no copy to the device per step
             self.inv_freq = self.inv_freq.to(positions.device)
+            if self.long_inv_freq is not None:
+                self.long_inv_freq = self.long_inv_freq.to(positions.device)
         pos = positions.float()[..., None]
         freqs = pos * self.inv_freq
         if self.long_inv_freq is not None:
-            long = pos * self.long_inv_freq.to(positions.device)
+            long = pos * self.long_inv_freq
             freqs = torch.where(pos >= self.original, long, freqs)
         emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
         return (emb.cos() * self.factor).to(dtype), (emb.sin() * self.factor).to(dtype)
