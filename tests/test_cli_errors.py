@@ -50,9 +50,13 @@ def unreachable_peer() -> str:
 TRAIN = ("train", "--data", "no-data", "--run-dir", "no-run")
 
 
-@pytest.mark.parametrize("command", [("peer",), ("status",), TRAIN], ids=lambda c: c[0])
+@pytest.mark.parametrize("command", [("peer",), ("dht",), ("status",), TRAIN], ids=lambda c: c[0])
 def test_a_garbage_multiaddr(command: tuple[str, ...]) -> None:
     assert_error(swarmlm(*command, "--initial-peers", "garbage"), USAGE, "--initial-peers 'garbage'", "multiaddr")
+
+
+def test_a_garbage_announce_address() -> None:
+    assert_error(swarmlm("dht", "--announce-maddrs", "garbage"), USAGE, "--announce-maddrs 'garbage'", "multiaddr")
 
 
 def test_a_multiaddr_without_a_peer_id() -> None:
@@ -69,7 +73,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("command", [("status",), ("peer", "--layers", "0:1")], ids=lambda c: c[0])
+@pytest.mark.parametrize("command", [("status",), ("peer", "--layers", "0:1"), ("dht",)], ids=lambda c: c[0])
 def test_an_unreachable_swarm_is_exit_code_3(command: tuple[str, ...]) -> None:
     done = swarmlm(*command, "--initial-peers", unreachable_peer(), timeout=60)
     assert_error(done, UNREACHABLE, "could not reach any of --initial-peers")
@@ -88,6 +92,16 @@ def test_device_cuda_without_cuda(command: str) -> None:
     done = swarmlm(command, "--device", "cuda", timeout=60)
     assert_error(done, USAGE, "--device cuda", "no CUDA")
     assert "swarmlm peer" not in done.stdout  # refused before joining a swarm
+
+
+@pytest.mark.parametrize("command", ["peer", "dht"])
+@pytest.mark.parametrize(
+    ("public_ip", "words"), [("1.2.3", "is not an IP address"), ("1.2.3.4", "needs a fixed port to announce")]
+)
+def test_a_public_ip_that_cannot_be_announced(command: str, public_ip: str, words: str) -> None:
+    done = swarmlm(command, "--public-ip", public_ip, timeout=60)
+    assert_error(done, USAGE, "--public-ip", words)
+    assert "others join" not in done.stdout  # refused before a DHT node started
 
 
 @pytest.mark.parametrize("args", [("serve", "--port", "99999"), ("peer", "--api", "127.0.0.1:99999")])

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from swarmlm.cli import app
 from swarmlm.cli.options import cli_fields, config_options, field_default, flag
+from swarmlm.core.network_config import NetworkConfig
 from swarmlm.core.settings import INTERNAL, internal, setting
 from swarmlm.serve.server_config import GatewayConfig, ServeConfig
 from swarmlm.swarm.peer_config import PeerConfig
@@ -23,6 +24,7 @@ from swarmlm.train.train_config import PrepareConfig, TrainConfig
 COMMANDS = {
     "serve": [ServeConfig],
     "peer": [PeerConfig, GatewayConfig],
+    "dht": [NetworkConfig],
     "train": [TrainConfig],
     "data prepare": [PrepareConfig],
 }

@@ -13,7 +13,7 @@ import typer
 from swarmlm.cli.admin_commands import keys_app, ledger_app, swarm_app
 from swarmlm.cli.demo_commands import demo_app
 from swarmlm.cli.exits import EXIT_CODES_HELP, OneLineErrors
-from swarmlm.cli.serve_commands import peer, serve, status
+from swarmlm.cli.serve_commands import dht, peer, serve, status
 from swarmlm.cli.train_commands import data_app, evaluate, export_model, train
 
 app = OneLineErrors(
@@ -44,6 +44,7 @@ def main(
 
 app.command()(serve)
 app.command()(peer)
+app.command()(dht)
 app.command()(status)
 app.command()(train)
 app.command("eval")(evaluate)

@@ -29,7 +29,7 @@ EXIT_CODES_HELP = """Exit codes:
 
 1 `status`: some layer has no live peer; `ledger verify`: a bad or missing entry; a server's engine failed
 
-2 bad input: an unknown option or value; a bad multiaddr, port, --layers or --device; a busy port; \
+2 bad input: an unknown option or value; a bad multiaddr, port, --public-ip, --layers or --device; a busy port; \
 a --max-memory too small for what was asked; a model or key file that cannot be read
 
 3 the swarm is unreachable: no --initial-peers answered (`train`: also no group for --patience rounds)"""

@@ -1,4 +1,5 @@
-"""`swarmlm serve`, `swarmlm peer` and `swarmlm status`: serving a model, alone or with a swarm."""
+"""`swarmlm serve`, `swarmlm peer`, `swarmlm dht` and `swarmlm status`: serving a model, alone or with a
+swarm."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typer
 from swarmlm.cli.exits import exit_with, fail
 from swarmlm.cli.input_checks import check_multiaddrs, check_port_free
 from swarmlm.cli.options import config_options
+from swarmlm.core.network_config import NetworkConfig
 from swarmlm.serve.server_config import GatewayConfig, ServeConfig, parse_address
 from swarmlm.swarm.peer_config import PeerConfig
 
@@ -29,8 +31,7 @@ def serve(cfg: ServeConfig) -> None:
 @config_options(cfg=PeerConfig, gateway=GatewayConfig)
 def peer(cfg: PeerConfig, gateway: GatewayConfig) -> None:
     """Join (or start) a swarm and serve a span of the model's layers to its clients."""
-    check_multiaddrs(cfg.initial_peers, "--initial-peers", need_peer_id=True)
-    check_multiaddrs(cfg.host_maddrs, "--host-maddrs")
+    check_network(cfg)
     if gateway.api is not None:
         try:
             host, port = parse_address(gateway.api)
@@ -41,6 +42,27 @@ def peer(cfg: PeerConfig, gateway: GatewayConfig) -> None:
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     exit_with(run_peer_with_gateway, cfg, gateway)
+
+
+@config_options(cfg=NetworkConfig)
+def dht(cfg: NetworkConfig) -> None:
+    """Run a DHT node alone: a door into the swarm that loads no model (list several with --initial-peers)."""
+    check_network(cfg)
+    from swarmlm.core.dht_node import run_dht_node
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    exit_with(run_dht_node, cfg)
+
+
+def check_network(cfg: NetworkConfig) -> None:
+    """Refuse malformed addresses and a bad --public-ip before anything slow starts."""
+    check_multiaddrs(cfg.initial_peers, "--initial-peers", need_peer_id=True)
+    check_multiaddrs(cfg.host_maddrs, "--host-maddrs")
+    check_multiaddrs(cfg.announce_maddrs, "--announce-maddrs")
+    try:
+        cfg.announced()
+    except ValueError as e:
+        fail(str(e))
 
 
 def status(

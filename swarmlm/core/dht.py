@@ -29,11 +29,13 @@ def start_dht(
     identity: Identity | None = None,
     client: bool = False,
     cert: Certificate | None = None,
+    announce_maddrs: list[str] | None = None,
 ) -> DHT:
     """Join the DHT as `identity` (a fresh Ed25519 one if None): the key that authenticates our streams is
     the one that signs our ledger entries. hivemind's own identity check reads RSA keys only, so it is
     off; an Ed25519 peer id is collision-free anyway. With `cert`, as a member of a private swarm: our
-    records are signed as a member's, and records that are not are refused."""
+    records are signed as a member's, and records that are not are refused. `announce_maddrs`: where others
+dial us, when not where we listen (`NetworkConfig.announced`)."""
     from swarmlm.core.membership import MembershipValidator  # it needs DHT_TIMEOUT from here
 
     process_guard.install()  # before the fork: the DHT process and its p2pd must die with us, even on SIGKILL
@@ -45,6 +47,7 @@ def start_dht(
                 record_validators=validators,
                 initial_peers=initial_peers or None,
                 host_maddrs=host_maddrs,
+                announce_maddrs=announce_maddrs or None,
                 identity_path=str(key),
                 check_if_identity_free=False,
                 client_mode=client,

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 
 def free_port() -> int:
@@ -62,7 +62,7 @@ class PeerProcess:
 
     def _address(self, text: str) -> re.Match[str] | None:
         """(peer id, multiaddr) once the peer's DHT node is up: others can join it while it still loads."""
-        return re.search(r"swarmlm peer (\S+): others join with --initial-peers (\S+)", text)
+        return re.search(rf"swarmlm {self.command} (\S+): others join with --initial-peers (\S+)", text)
 
     def wait_ready(self, timeout: float = 180) -> PeerProcess:
         return self._wait_for(self._ready, "ready", timeout)
@@ -123,6 +123,18 @@ class PeerProcess:
     def stop(self) -> None:
         """Leave, and kill anything of the peer's that is still running after that."""
         stop_all([self])
+
+
+class DhtProcess(PeerProcess):
+    """One `swarmlm dht`: a DHT node alone, ready once it printed its multiaddr."""
+
+    command = "dht"
+
+    def __init__(self, *args: str, **kwargs: Any) -> None:
+        super().__init__(*args, threads=None, **kwargs)  # it computes nothing
+
+    def _ready(self, text: str) -> re.Match[str] | None:
+        return self._address(text) if "swarmlm dht ready" in text else None
 
 
 P = TypeVar("P", bound=PeerProcess)

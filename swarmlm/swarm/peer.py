@@ -87,7 +87,7 @@ def run_peer(cfg: PeerConfig, sidecar: SidecarFactory | None = None) -> int:
         raise ValueError("--api on a private swarm is not supported yet: its client would need its own certificate")
     ledger = Ledger(cfg.ledger or ledger_path(identity.peer_id), identity)  # a tampered copy stops us here
     try:
-        dht = start_dht(cfg.initial_peers, cfg.host_maddrs, identity, cert=cert)
+        dht = start_dht(cfg.initial_peers, cfg.host_maddrs, identity, cert=cert, announce_maddrs=cfg.announced())
     except BaseException:
         ledger.close()
         raise

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swarmlm.core.settings import LOCALHOST_MADDRS, internal, setting, size_setting
+from swarmlm.core.network_config import NetworkConfig
+from swarmlm.core.settings import internal, setting, size_setting
 from swarmlm.core.sizes import KV_RESERVE_TOKENS, MAX_MEMORY_HELP
 
 DEFAULT_TTL = 15.0  # seconds a peer's DHT record lives unless refreshed (every ttl / 3)
 
 
 @dataclass
-class PeerConfig:
+class PeerConfig(NetworkConfig):
     model: str | None = setting(None, help="A .gguf file or HF model directory (default: embedded SmolLM2)")
-    initial_peers: list[str] = setting(
-        help="Multiaddr of any peer already in the swarm (repeatable; none: start a new swarm)", factory=list
-    )
-    host_maddrs: list[str] = setting(help="Where to listen (repeatable)", factory=lambda: list(LOCALHOST_MADDRS))
-    identity: str | None = setting(None, help="Private key file: a stable peer id (created if missing)")
     layers: str = setting(
         "auto",
         help="auto (as many layers as --max-memory holds, where least served), START:END (END excluded), or none",
@@ -41,7 +37,6 @@ class PeerConfig:
         None, help="CPU threads for compute (default: all cores; 1 when peers share a machine)"
     )
     ledger: str | None = setting(None, help="This peer's copy of the ledger (default: ~/.swarmlm/ledger/PEER_ID.jsonl)")
-    swarm_cert: str | None = setting(None, help="Membership certificate (`swarmlm swarm invite`): join a private swarm")
     perturb_outputs: float = setting(
         0.0, help="Fault injection for attack tests: add noise of this relative size to outputs"
     )
