@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from swarmlm.launch.random_model import Shape, write_random_model
 from swarmlm.launch.servers import ServerProcess
 from swarmlm.model.loading import LoadedModel, default_model_path, load_model
 
@@ -92,6 +93,15 @@ def no_orphans() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def model() -> LoadedModel:
     return load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer Llama with seeded random weights and SmolLM2's tokenizer: for tests of how peers find,
+    join and replace each other, whose peers should start in a second, not load the 135M model."""
+    out = tmp_path_factory.mktemp("tiny-llama") / "model"
+    write_random_model(out, Shape(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -7,25 +7,14 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytest
-
 from swarmlm.core.identity import Identity
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.launch.peers import DhtProcess, PeerProcess, free_port, stop_all
-from swarmlm.launch.random_model import Shape, write_random_model
 from swarmlm.model.loading import load_model
 from swarmlm.swarm.client import RemoteModel
 from tests.test_swarm import local_greedy
 
-TINY = Shape(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128)
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    write_random_model(out, TINY)
-    return out
 
 
 def nobody() -> str:
@@ -36,7 +25,8 @@ def nobody() -> str:
     return f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}"
 
 
-def test_the_swarm_outlives_its_door_and_its_first_peer(tiny: Path) -> None:
+def test_the_swarm_outlives_its_door_and_its_first_peer(tiny_llama: Path) -> None:
+    tiny = tiny_llama
     port = free_port()
     # Listening everywhere, announcing the address a router would forward (127.0.0.2 is this machine too).
     door = DhtProcess("--host-maddrs", f"/ip4/0.0.0.0/tcp/{port}", "--public-ip", "127.0.0.2").wait_ready()

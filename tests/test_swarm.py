@@ -22,7 +22,7 @@ from swarmlm.engine.sequence import FinishReason, Sequence
 from swarmlm.launch.peers import PeerProcess, alive, start_swarm, stop_all
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import ledger_path, read_lines, verify_file
-from swarmlm.model.loading import DEFAULT_MODEL_ID, LoadedModel, default_model_path, resolve_device
+from swarmlm.model.loading import DEFAULT_MODEL_ID, LoadedModel, default_model_path, load_model, resolve_device
 from swarmlm.model.memory import device_label
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.records import SpanRecord
@@ -326,11 +326,12 @@ def test_two_peers_on_separate_hosts(two_hosts: list[tuple[str, str]], model: Lo
         stop_all(peers)
 
 
-def test_spans_that_do_not_line_up(model: LoadedModel) -> None:
-    """Peers 0:20 and 12:30 overlap: the chain must use part of one of them."""
-    peers = start_swarm(["0:20", "12:30"])
+def test_spans_that_do_not_line_up(tiny_llama: Path) -> None:
+    """Peers 0:3 and 1:4 overlap: the chain must use part of one of them."""
+    model = load_model(str(tiny_llama), device="cpu")
+    peers = start_swarm(["0:3", "1:4"], ("--model", str(tiny_llama)))
     try:
-        with RemoteModel(initial_peers=[peers[0].maddr]) as remote:
+        with RemoteModel(str(tiny_llama), initial_peers=[peers[0].maddr]) as remote:
             ids = model.tokenizer.encode(PROMPTS[2])
             got, hops = [], []
             for token in remote.stream(ids, SamplingParams(max_tokens=12, temperature=0)):
@@ -339,28 +340,29 @@ def test_spans_that_do_not_line_up(model: LoadedModel) -> None:
                     (session,) = remote.sessions
                     hops = list(session.hops)
             assert got == local_greedy(model, ids, 12)
-            assert [(h.start, h.end) for h in hops] in ([(0, 12), (12, 30)], [(0, 20), (20, 30)])
+            assert [(h.start, h.end) for h in hops] in ([(0, 1), (1, 4)], [(0, 3), (3, 4)])
     finally:
         stop_all(peers)
 
 
-def test_auto_peers_rebalance_to_a_hole() -> None:
-    """Three `auto` peers of 15 layers: 0:15, 15:30, and a third on whichever of the two is served
-    slower. When the peer alone on its span crashes, one of the other two moves into the hole (and only
-    one: the first claims it before the other checks)."""
-    auto = ("--layers", "auto", "--num-layers", "15", "--rebalance-period", "2")
+def test_auto_peers_rebalance_to_a_hole(tiny_llama: Path) -> None:
+    """Three `auto` peers of 2 layers: 0:2, 2:4, and a third on whichever of the two is served slower.
+    When the peer alone on its span crashes, one of the other two moves into the hole (and only one: the
+    first claims it before the other checks)."""
+    auto = ("--model", str(tiny_llama), "--layers", "auto", "--num-layers", "2", "--rebalance-period", "2")
     first = PeerProcess(*auto).wait_ready()
     peers = [first, PeerProcess(*auto, initial=first.maddr).wait_ready()]
     peers.append(PeerProcess(*auto, initial=first.maddr).wait_ready())
     try:
-        assert [p.span() for p in peers[:2]] == [(0, 15), (15, 30)]
+        assert [p.span() for p in peers[:2]] == [(0, 2), (2, 4)]
         lone = next(p for p in peers[:2] if p.span() != peers[2].span())
         lone.crash()
-        with RemoteModel(initial_peers=[first.maddr if lone is not first else peers[2].maddr]) as watcher:
+        watch = [first.maddr if lone is not first else peers[2].maddr]
+        with RemoteModel(str(tiny_llama), initial_peers=watch) as watcher:
             deadline = time.monotonic() + 90
             while True:
                 spans = sorted((r.start, r.end) for r in watcher.records())
-                if spans == [(0, 15), (15, 30)]:
+                if spans == [(0, 2), (2, 4)]:
                     break
                 assert time.monotonic() < deadline, f"no peer moved to the hole: {spans}"
                 time.sleep(1)
