@@ -48,10 +48,10 @@ from swarmlm.model.memory import layer_weight_bytes, span_weight_bytes
 from swarmlm.model.model_config import ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling module
+from bench_output import save_result
 from foreign_cpu import ForeignCpu
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 PROMPT = "The river town woke slowly on winter mornings. Fishermen pushed their boats into the grey water"
 DTYPE = "bf16"
@@ -229,10 +229,7 @@ def main() -> None:
     console.print(table)
     if not result["texts_identical"]:
         console.print(f"swarm:  {swarmed['text']!r}\nsingle: {alone['text']!r}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"big-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print("BENCH_JSON " + json.dumps(result), flush=True)
+    save_result("big", result)
 
 
 if __name__ == "__main__":

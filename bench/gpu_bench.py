@@ -32,7 +32,6 @@ stdout is `BENCH_JSON {...}`; the same JSON goes to bench/results/gpu-<time>.jso
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,8 +46,10 @@ from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.launch.random_model import DEFAULT_DIR, SMOLLM2_1_7B, Shape, write_random_model
 from swarmlm.model.loading import LoadedModel, load_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling module
+from bench_output import save_result
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 TOKENIZER_DIR = ROOT / ".cache" / "gpu-bench-tokenizer"
 TINY = Shape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=128)
 NOMINAL_TBS = {"H100": 3.35, "H200": 4.8}  # HBM3 / HBM3e, SXM parts' data sheets
@@ -222,10 +223,7 @@ def main() -> None:
         f"{result['fraction_of_copy']} of copy bandwidth, {result['fraction_of_nominal']} of nominal; "
         f"greedy tokens identical for the first {result['single_identical_prefix']} (single stream)"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print("BENCH_JSON " + json.dumps(result), flush=True)
+    save_result("gpu", result)
 
 
 if __name__ == "__main__":

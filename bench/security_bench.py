@@ -65,8 +65,10 @@ from swarmlm.swarm.messages import RemoteError, StepRequest, read_response
 from swarmlm.swarm.routing import NoRouteError
 from swarmlm.swarm.servicer import SpanServicer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling module
+from bench_output import save_result
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 HIDDEN = 576  # SmolLM2-135M
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
@@ -513,9 +515,7 @@ def main() -> None:
         write_security_md(f"Measured {stamp} with `make security` ({result['seconds']:.0f} s):\n\n{md}")
     else:
         console.print("a partial run: SECURITY.md's figures are left as they are")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"security-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("BENCH_JSON " + json.dumps(result), flush=True)
+    save_result("security", result)
 
 
 if __name__ == "__main__":

@@ -53,13 +53,13 @@ from rich.table import Table
 from swarmlm.launch.peers import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
+from bench_output import RESULTS, save_result
 from foreign_cpu import ForeignCpu, busy_jiffies
 from llama_server import BINARY as LLAMA_BINARY
 from llama_server import BuildError, ensure_llama_server, source_version
 from workload import Request, fixed_workload, poisson_workload, request_body
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
 ALL_BACKENDS = ("swarmlm-fcfs", "swarmlm-mlfq", "llama-server", "hf")
 MAX_BATCH = 16
@@ -575,11 +575,8 @@ def main() -> None:
         "unavailable": unavailable,
         "runs": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = save_result("serve", result)
     console.print(f"wrote {path.relative_to(ROOT)}")
-    print("BENCH_JSON " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -53,8 +52,10 @@ from swarmlm.model.loading import load_model
 from swarmlm.swarm.client import RemoteModel
 from swarmlm.swarm.span_stream import SpanStream
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling module
+from bench_output import save_result
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 MODEL = "SmolLM2-135M-Instruct"
 WAN_DELAY = 0.020  # seconds added to each hop's round trip in the wan phase
@@ -267,10 +268,7 @@ def main() -> None:
         )
     table.add_row(f"single, +{WAN_DELAY * 1000:.0f} ms per hop (emulated)", "", f"{wan:.1f}", "")
     console.print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"swarm-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print("BENCH_JSON " + json.dumps(result), flush=True)
+    save_result("swarm", result)
 
 
 if __name__ == "__main__":

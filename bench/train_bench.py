@@ -48,8 +48,10 @@ from rich.table import Table
 from swarmlm.launch.trainers import start_run
 from swarmlm.train.data import default_corpus_files, prepare
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling module
+from bench_output import save_result
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 WARM_CACHE = ROOT / ".cache" / "train-bench-warm"
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
@@ -262,10 +264,7 @@ def main() -> None:
     result = report(results, n, h, rounds, settings)
     if failed:
         result["failed"] = failed
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"train-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print("BENCH_JSON " + json.dumps(result), flush=True)
+    save_result("train", result)
 
 
 if __name__ == "__main__":
