@@ -11,7 +11,7 @@ Beside each measured tok/s, two bounds from the 0 ms run's time per token (compu
 with h = 3 hops and d the one-way delay. The 0 ms row is the same router with no delay: its cost.
 
     make bench-wan                       # root, /dev/net/tun and iproute2
-    .venv/bin/python bench/wan_bench.py [--delays 0,10,25,50] [--tokens 24]
+    .venv/bin/python bench/wan_bench.py [--delays 0,10,25,50] [--tokens 24] [--loss 0.01] [--rate-mbit 100]
 
 Output: a table (stderr); the last line of stdout is `BENCH_JSON {...}`; the same JSON goes to
 bench/results/wan-<time>.json. Past runs: bench/RESULTS.md.
@@ -59,9 +59,9 @@ def client_rate(initial: str, tokens: int) -> dict[str, object]:
     return {"tok_s": best, "tokens": out}
 
 
-def measure(delay: float, tokens: int) -> dict[str, object]:
+def measure(delay: float, tokens: int, loss: float, rate: float | None) -> dict[str, object]:
     hosts = ["client", *(f"peer{i}" for i in range(len(SPANS)))]
-    with WanRouter(hosts, delay=delay) as wan:
+    with WanRouter(hosts, delay=delay, loss=loss, rate=rate) as wan:
 
         def make(rank: int, boot: str | None) -> PeerProcess:
             host = f"peer{rank}"
@@ -86,12 +86,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="The swarm across emulated network distance")
     ap.add_argument("--delays", default="0,10,25,50", help="one-way delays in ms, comma separated")
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--loss", type=float, default=0.0, help="share of packets dropped between hosts")
+    ap.add_argument("--rate-mbit", type=float, help="each host's incoming bandwidth, Mbit/s (default: no cap)")
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the client in its namespace
     args = ap.parse_args()
     if args.client:
         print(json.dumps(client_rate(args.client, args.tokens)), flush=True)
         return
-    runs = [measure(int(d) / 1000, args.tokens) for d in args.delays.split(",")]
+    rate = args.rate_mbit * 1e6 if args.rate_mbit else None
+    runs = [measure(int(d) / 1000, args.tokens, args.loss, rate) for d in args.delays.split(",")]
     base = next((r for r in runs if r["delay_ms"] == 0), None)
     compute = 1 / float(base["tok_s"]) if base else None
     hops = len(SPANS)
@@ -113,7 +116,14 @@ def main() -> None:
             f"{r['peers_ready_s']} s",
         )
     console.print(table)
-    result = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "hops": hops, "tokens": args.tokens, "runs": runs}
+    result = {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "hops": hops,
+        "tokens": args.tokens,
+        "loss": args.loss,
+        "rate_mbit": args.rate_mbit,
+        "runs": runs,
+    }
     save_result("wan", result)
 
 
