@@ -45,6 +45,7 @@ from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.launch.random_model import DEFAULT_DIR, SMOLLM2_1_7B, Shape, write_random_model
 from swarmlm.model.loading import LoadedModel, load_model
+from swarmlm.model.memory import kv_bytes_per_token, module_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling module
 from bench_output import save_result
@@ -128,12 +129,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, repeats: int = 1
     return 2 * nbytes * repeats / (time.perf_counter() - start)
 
 
-def step_bytes(model: LoadedModel, prompt: int, new: int) -> int:
+def step_bytes(model: LoadedModel, dtype: str, prompt: int, new: int) -> int:
     """What one single-stream decode step reads: every weight once, and the KV of the mean context."""
-    cfg = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.span.parameters())
-    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * next(model.span.parameters()).element_size()
-    return weights + kv_per_token * (prompt + new // 2)
+    kv_per_token = kv_bytes_per_token(model.config, model.config.num_layers, dtype)
+    return module_bytes(model.span) + kv_per_token * (prompt + new // 2)
 
 
 def main() -> None:
@@ -165,7 +164,7 @@ def main() -> None:
     run_swarmlm(model, batch[:1], 4)  # warm-up: kernels, allocator, cuBLAS's choices
     ours_one = run_swarmlm(model, batch[:1], args.new)
     ours_many = run_swarmlm(model, batch, args.new)
-    moved = step_bytes(model, args.prompt, args.new)
+    moved = step_bytes(model, dtype, args.prompt, args.new)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -194,8 +194,9 @@ def _host_rows(seqs: list[Sequence], logits: torch.Tensor) -> list[torch.Tensor 
     its penalties, sampler and seeded generator). On an accelerator these two copies are the step's only
     synchronisation, and a step of greedy requests copies token ids alone."""
     rows: list[torch.Tensor | int] = [0] * len(seqs)
-    by_argmax = [i for i, seq in enumerate(seqs) if decided_by_argmax(seq.params)]
-    sampled = [i for i, seq in enumerate(seqs) if not decided_by_argmax(seq.params)]
+    argmax = [decided_by_argmax(seq.params) for seq in seqs]
+    by_argmax = [i for i, a in enumerate(argmax) if a]
+    sampled = [i for i, a in enumerate(argmax) if not a]
     if by_argmax:
         for i, token in zip(by_argmax, argmax_rows(logits[by_argmax]), strict=True):
             rows[i] = token
