@@ -131,7 +131,9 @@ def unauthorized(work: Path, trials: int) -> dict[str, Any]:
         answered = 0
         for _ in range(trials):
             try:
-                loop.run(infer(p2p, member.peer_id, StepRequest(torch.zeros(1, HIDDEN), 0, header()).to_proto()), 90)
+                loop.run(
+                    infer(p2p, member.peer_id, StepRequest.single(torch.zeros(1, HIDDEN), 0, header()).to_proto()), 90
+                )
                 answered += 1
             except Exception:  # refused: an error reply, or the stream closed on us
                 pass
@@ -289,7 +291,7 @@ def schemathesis(work: Path, examples: int) -> dict[str, Any]:
 
 def fuzz_cases(rng: random.Random) -> list[tuple[str, list[runtime_pb2.ExpertRequest]]]:
     def step(hidden: torch.Tensor, position: int = 0, **h: Any) -> runtime_pb2.ExpertRequest:
-        return StepRequest(hidden, position, header(**h)).to_proto()
+        return StepRequest.single(hidden, position, header(**h)).to_proto()
 
     cases: list[tuple[str, list[runtime_pb2.ExpertRequest]]] = []
     for _ in range(100):
@@ -300,7 +302,7 @@ def fuzz_cases(rng: random.Random) -> list[tuple[str, list[runtime_pb2.ExpertReq
         broken = serialize_torch_tensor(torch.randn(2, HIDDEN))
         broken.buffer = broken.buffer[: rng.randrange(len(broken.buffer))]
         request = runtime_pb2.ExpertRequest(
-            tensors=[broken], metadata=msgpack.packb({"position": 0, "header": header()})
+            tensors=[broken], metadata=msgpack.packb({"step": 0, "rows": [["0", 0, 2, 16]], "header": header()})
         )
         cases.append(("truncated tensor", [request]))
     shapes = [(1, 100), (HIDDEN,), (1, 1, HIDDEN), (0, HIDDEN), (3, HIDDEN + 1)]
@@ -320,7 +322,8 @@ def fuzz_cases(rng: random.Random) -> list[tuple[str, list[runtime_pb2.ExpertReq
     ]
     cases += [("bad header", [step(torch.randn(1, HIDDEN), **h)]) for h in bad_headers]
     no_header = runtime_pb2.ExpertRequest(
-        tensors=[serialize_torch_tensor(torch.randn(1, HIDDEN))], metadata=msgpack.packb({"position": 0})
+        tensors=[serialize_torch_tensor(torch.randn(1, HIDDEN))],
+        metadata=msgpack.packb({"step": 0, "rows": [["0", 0, 1, 16]]}),
     )
     cases.append(("no header", [no_header]))
     cases.append(("position ahead", [step(torch.randn(1, HIDDEN), position=5)]))

@@ -4,14 +4,15 @@ Phases (all in one run, side by side on this machine, SmolLM2-135M fp32):
   single     one stream, greedy: decode tokens/s through the chain vs the local engine
   concurrent 16 HTTP clients at once through a gateway (`swarmlm peer --layers none --api`): aggregate
              tokens/s through the swarm vs the local engine's batching of 16 sequences
+  pinned     pipeline parallelism on two cores: two peers of 15 layers, each pinned to its own core
+             (taskset, one thread each), and their gateway, against `swarmlm serve` pinned to one core;
+             16 HTTP clients each. Each process's CPU seconds over the phase (/proc) give how busy it was
   failover   kill -9 of the middle peer a session is using, N times: time from the failure being seen to
              the failed step answered by the new route (replay included), median and p95
-  wan        single-stream tokens/s with 20 ms added to every hop's round trip, in the client's transport:
-             10 ms before each request and 10 ms after each reply (every hop of a session is a client <->
-             peer stream, so that is the latency a WAN adds to the data path). The result's
-             `wan_emulation` says why tc netem is not used on this machine (it needs root and a netem qdisc)
+Network distance is `make bench-wan`'s (delays outside swarmlm, in namespaces).
 
-Targets: single stream through the swarm >= 0.7 of the local engine; failover median <= 1 s + replay.
+Targets: single stream through the swarm >= 0.7 of the local engine; 16 clients through the 3-peer gateway
+>= 0.8 of the local engine; pinned 2 peers >= 1.6 of one pinned process; failover median <= 1 s + replay.
 
 All peers share this machine's cores. In a single stream only one peer computes at a time, so each uses
 --peer-threads 2 with GOMP_SPINCOUNT=--spin 10000: idle peers' OpenMP workers stop spinning soon enough
@@ -20,6 +21,7 @@ region; the sweep behind that value: bench/RESULTS.md).
 
     make bench-swarm
     .venv/bin/python bench/swarm_bench.py [--kills 20] [--tokens 48] [--clients 16] [--peer-threads 2] [--spin 10000]
+        [--micro-batches 3] [--phases single,concurrent,pinned,failover]
 
 Output: a table of the figures (stderr); the last line of stdout is `BENCH_JSON {...}`; the same JSON goes
 to bench/results/swarm-<time>.json. Past runs: bench/RESULTS.md.
@@ -28,16 +30,15 @@ to bench/results/swarm-<time>.json. Past runs: bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -48,9 +49,9 @@ from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.launch.peers import PeerProcess, free_port, start_swarm
+from swarmlm.launch.servers import ServerProcess
 from swarmlm.model.loading import load_model
 from swarmlm.swarm.client import RemoteModel
-from swarmlm.swarm.span_stream import SpanStream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling module
 from bench_output import save_result
@@ -58,7 +59,6 @@ from bench_output import save_result
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 MODEL = "SmolLM2-135M-Instruct"
-WAN_DELAY = 0.020  # seconds added to each hop's round trip in the wan phase
 PROMPT = "The river town woke slowly on winter mornings. Fishermen pushed their boats into the grey water"
 
 
@@ -95,12 +95,12 @@ def remote_single(client: RemoteModel, tokens: int) -> float:
     return best
 
 
-def gateway_concurrent(api: str, tokens: int, clients: int) -> float:
-    """Aggregate completion tokens/s of `clients` simultaneous HTTP requests through the gateway."""
+def http_concurrent(base: str, tokens: int, clients: int) -> float:
+    """Aggregate completion tokens/s of `clients` simultaneous HTTP requests to a gateway or server."""
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
 
     def one(_: int) -> int:
-        r = httpx.post(f"http://{api}/v1/completions", json=body, timeout=600)
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=600)
         if r.status_code != 200:  # reported, never silently dropped
             raise RuntimeError(f"gateway answered {r.status_code}: {r.text[:300]}")
         return r.json()["usage"]["completion_tokens"]
@@ -132,57 +132,46 @@ def failover(client: RemoteModel, peers: dict[str, PeerProcess], kills: int, tok
     return client.stats.recovery_seconds[-kills:]
 
 
-def wan_single(client: RemoteModel, tokens: int, delay: float) -> float:
-    """remote_single with `delay` seconds added to each hop's round trip (see the module docstring)."""
-    original = SpanStream._step
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    async def delayed(hop: SpanStream, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        await asyncio.sleep(delay / 2)
-        out = await original(hop, hidden, position)
-        await asyncio.sleep(delay / 2)
-        return out
 
-    SpanStream._step = delayed  # type: ignore[method-assign]
+def busy(procs: dict[str, int], run: Callable[[], float]) -> tuple[float, dict[str, float]]:
+    """`run()`'s result, and the share of the wall time each process spent on a CPU meanwhile."""
+    before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+    t0 = time.perf_counter()
+    result = run()
+    wall = time.perf_counter() - t0
+    return result, {name: (cpu_seconds(pid) - before[name]) / wall for name, pid in procs.items()}
+
+
+def pinned(tokens: int, clients: int, micro_batches: int) -> dict[str, Any]:
+    """Two peers of 15 layers on cores 0 and 1 with their gateway, against one server pinned to core 0."""
+    server = ServerProcess("--scheduler", "fcfs", prefix=("taskset", "-c", "0")).wait_ready()
     try:
-        return remote_single(client, tokens)
+        one, one_busy = busy({"server": server.proc.pid}, lambda: http_concurrent(server.base, tokens, clients))
     finally:
-        SpanStream._step = original  # type: ignore[method-assign]
-
-
-def netem_unavailable() -> str:
-    """Why tc netem cannot be used here (the WAN phase then emulates the delay in the client)."""
-    if os.geteuid() != 0:
-        return "needs root for ip netns"
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "iproute2 (ip, tc) not installed"
-    probe = subprocess.run(["ip", "netns", "add", "swarmlm-probe"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"ip netns refused: {probe.stderr.strip()[:80]}"
+        server.stop()
+    console.print(f"  one process on core 0: {clients} clients {one:.1f} tok/s")
+    peers: list[PeerProcess] = []
     try:
-        netem = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                "swarmlm-probe",
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                "lo",
-                "root",
-                "netem",
-                "delay",
-                "20ms",
-            ],
-            capture_output=True,
-            text=True,
-        )
+        for core, layers in enumerate(("0:15", "15:30")):
+            initial = peers[0].maddr if peers else None
+            prefix = ("taskset", "-c", str(core))
+            peers.append(PeerProcess("--layers", layers, initial=initial, threads=1, prefix=prefix).wait_ready())
+        api = f"127.0.0.1:{free_port()}"
+        args = ("--layers", "none", "--api", api, "--micro-batches", str(micro_batches))
+        gateway = PeerProcess(*args, initial=peers[0].maddr, threads=1).wait_ready()
+        peers.append(gateway)
+        procs = {"peer 0:15": peers[0].proc.pid, "peer 15:30": peers[1].proc.pid, "gateway": gateway.proc.pid}
+        two, two_busy = busy(procs, lambda: http_concurrent(f"http://{api}", tokens, clients))
     finally:
-        subprocess.run(["ip", "netns", "del", "swarmlm-probe"], capture_output=True)
-    if netem.returncode != 0:
-        return f"this kernel has no netem qdisc ({netem.stderr.strip()[:60]})"
-    return "netem works here, but only the client-side emulation is built"
+        for peer in peers:
+            peer.stop()
+    console.print(f"  two pinned peers: {clients} clients {two:.1f} tok/s ({two / one:.2f}x)")
+    return {"one_core_tok_s": one, "two_cores_tok_s": two, "ratio": two / one, "busy": one_busy | two_busy}
 
 
 def main() -> None:
@@ -192,83 +181,86 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--peer-threads", type=int, default=2, help="compute threads per peer (they share the cores)")
     ap.add_argument("--spin", default="10000", help="GOMP_SPINCOUNT of the peers (see the module docstring)")
+    ap.add_argument("--micro-batches", type=int, default=3, help="the gateways' --micro-batches")
+    ap.add_argument("--phases", default="single,concurrent,pinned,failover", help="which phases to run")
     args = ap.parse_args()
+    phases = set(args.phases.split(","))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below: no peer outlives us
     torch.set_num_threads(2)
-
-    console.rule("local engine (one process, whole model)")
-    local_single, local_agg = local_rates(args.tokens, args.clients)
-    console.print(f"  single {local_single:.1f} tok/s, {args.clients} streams {local_agg:.1f} tok/s")
-
-    console.rule("swarm: 3 peers on loopback, then a gateway, then a spare middle peer for failover")
-    os.environ["GOMP_SPINCOUNT"] = args.spin  # read by each peer's OpenMP runtime when it starts
-    started = start_swarm(["0:10", "10:20", "20:30"], threads=args.peer_threads)
-    peers = dict(zip(("first", "mid", "last"), started, strict=True))
-    api = f"127.0.0.1:{free_port()}"
-    try:
-        with RemoteModel(initial_peers=[peers["first"].maddr]) as client:
-            client.generate(client.tokenizer.encode(PROMPT), SamplingParams(max_tokens=4, temperature=0))  # warm-up
-            swarm_single = remote_single(client, args.tokens)
-            console.print(f"  single {swarm_single:.1f} tok/s")
-            wan = wan_single(client, args.tokens, WAN_DELAY)
-            console.print(f"  single with {WAN_DELAY * 1000:.0f} ms per hop {wan:.1f} tok/s")
-            # Only now the spare and the gateway: on 2 cores even idle extra processes slowed the single
-            # stream in some runs (the phase measures the 3-peer chain).
-            gateway = PeerProcess("--layers", "none", "--api", api, initial=peers["first"].maddr, threads=None)
-            peers["gateway"] = gateway.wait_ready()
-            swarm_agg = gateway_concurrent(api, args.tokens, args.clients)
-            console.print(f"  {args.clients} clients through the gateway {swarm_agg:.1f} tok/s")
-            gateway.stop()  # the failover phase drives sessions from this process
-            peers["spare"] = PeerProcess("--layers", "10:20", initial=peers["first"].maddr, threads=args.peer_threads)
-            peers["spare"].wait_ready()
-            recoveries = failover(client, peers, args.kills, args.tokens, args.peer_threads)
-    finally:
-        for p in peers.values():
-            p.stop()
-    netem = netem_unavailable()
-
-    p95 = sorted(recoveries)[max(0, round(0.95 * len(recoveries)) - 1)] if recoveries else None
-    result = {
+    result: dict[str, Any] = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "tokens": args.tokens,
         "clients": args.clients,
         "peer_threads": args.peer_threads,
         "gomp_spincount": args.spin,
-        "local_single_tok_s": local_single,
-        "swarm_single_tok_s": swarm_single,
-        "single_ratio": swarm_single / local_single,
-        "local_aggregate_tok_s": local_agg,
-        "swarm_aggregate_tok_s": swarm_agg,
-        "aggregate_ratio": swarm_agg / local_agg,
-        "kills": len(recoveries),
-        "recovery_median_s": statistics.median(recoveries) if recoveries else None,
-        "recovery_p95_s": p95,
-        "wan_delay_per_hop_s": WAN_DELAY,
-        "swarm_single_wan_tok_s": wan,
-        "wan_emulation": f"client-side delay per hop round trip; tc netem not used: {netem}",
+        "micro_batches": args.micro_batches,
     }
-    table = Table(title="Swarm benchmark (SmolLM2-135M fp32, 3 peers on loopback, 2 CPU cores)")
-    for col in ("measure", "local engine", "swarm", "ratio / target"):
+    table = Table(title="Swarm benchmark (SmolLM2-135M fp32 on loopback, 2 CPU cores)")
+    for col in ("measure", "one process", "swarm", "ratio / target"):
         table.add_column(col)
-    table.add_row(
-        "single stream tok/s", f"{local_single:.1f}", f"{swarm_single:.1f}", f"{result['single_ratio']:.2f} (>= 0.7)"
-    )
-    table.add_row(
-        f"{args.clients} clients tok/s (gateway)",
-        f"{local_agg:.1f}",
-        f"{swarm_agg:.1f}",
-        f"{result['aggregate_ratio']:.2f}",
-    )
-    if recoveries:
-        table.add_row(
-            f"failover over {len(recoveries)} kills",
-            "",
-            f"median {result['recovery_median_s'] * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms",  # type: ignore[operator]
-            "median <= 1 s + replay",
-        )
-    table.add_row(f"single, +{WAN_DELAY * 1000:.0f} ms per hop (emulated)", "", f"{wan:.1f}", "")
+
+    if phases & {"single", "concurrent", "failover"}:
+        console.rule("local engine (one process, whole model)")
+        local_single, local_agg = local_rates(args.tokens, args.clients)
+        console.print(f"  single {local_single:.1f} tok/s, {args.clients} streams {local_agg:.1f} tok/s")
+        result |= {"local_single_tok_s": local_single, "local_aggregate_tok_s": local_agg}
+        three_peers(args, phases, result)
+        if "single" in phases:
+            swarm_single = result["swarm_single_tok_s"]
+            result["single_ratio"] = ratio = swarm_single / local_single
+            table.add_row("single stream tok/s", f"{local_single:.1f}", f"{swarm_single:.1f}", f"{ratio:.2f} (>= 0.7)")
+        if "concurrent" in phases:
+            swarm_agg = result["swarm_aggregate_tok_s"]
+            result["aggregate_ratio"] = ratio = swarm_agg / local_agg
+            row = f"{args.clients} clients tok/s (3-peer gateway)"
+            table.add_row(row, f"{local_agg:.1f}", f"{swarm_agg:.1f}", f"{ratio:.2f} (>= 0.8)")
+        if recoveries := result.get("recoveries"):
+            result["kills"] = len(recoveries)
+            result["recovery_median_s"] = median = statistics.median(recoveries)
+            result["recovery_p95_s"] = p95 = sorted(recoveries)[max(0, round(0.95 * len(recoveries)) - 1)]
+            shown = f"median {median * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms"
+            table.add_row(f"failover over {len(recoveries)} kills", "", shown, "median <= 1 s + replay")
+    if "pinned" in phases:
+        console.rule("pinned: two peers on two cores against one process on one core")
+        result["pinned"] = pin = pinned(args.tokens, args.clients, args.micro_batches)
+        row = f"{args.clients} clients tok/s, pinned 2 peers vs 1 core"
+        two, one = pin["two_cores_tok_s"], pin["one_core_tok_s"]
+        table.add_row(row, f"{one:.1f}", f"{two:.1f}", f"{pin['ratio']:.2f} (>= 1.6)")
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in pin["busy"].items())
+        table.add_row("  CPU busy during the phase", "", shares, "")
     console.print(table)
     save_result("swarm", result)
+
+
+def three_peers(args: argparse.Namespace, phases: set[str], result: dict[str, Any]) -> None:
+    """The single, concurrent and failover phases, on one 3-peer chain (a spare joins for failover)."""
+    console.rule("swarm: 3 peers on loopback, then a gateway, then a spare middle peer for failover")
+    os.environ["GOMP_SPINCOUNT"] = args.spin  # read by each peer's OpenMP runtime when it starts
+    started = start_swarm(["0:10", "10:20", "20:30"], threads=args.peer_threads)
+    peers = dict(zip(("first", "mid", "last"), started, strict=True))
+    try:
+        with RemoteModel(initial_peers=[peers["first"].maddr]) as client:
+            client.generate(client.tokenizer.encode(PROMPT), SamplingParams(max_tokens=4, temperature=0))  # warm-up
+            if "single" in phases:
+                result["swarm_single_tok_s"] = remote_single(client, args.tokens)
+                console.print(f"  single {result['swarm_single_tok_s']:.1f} tok/s")
+            if "concurrent" in phases:
+                # Only now the gateway: on 2 cores even idle extra processes slowed the single stream in
+                # some runs (the phase measures the 3-peer chain).
+                api = f"127.0.0.1:{free_port()}"
+                gw_args = ("--layers", "none", "--api", api, "--micro-batches", str(args.micro_batches))
+                gateway = PeerProcess(*gw_args, initial=peers["first"].maddr, threads=None)
+                peers["gateway"] = gateway.wait_ready()
+                result["swarm_aggregate_tok_s"] = agg = http_concurrent(f"http://{api}", args.tokens, args.clients)
+                console.print(f"  {args.clients} clients through the gateway {agg:.1f} tok/s")
+                gateway.stop()  # the failover phase drives sessions from this process
+            if "failover" in phases and args.kills > 0:
+                spare = PeerProcess("--layers", "10:20", initial=peers["first"].maddr, threads=args.peer_threads)
+                peers["spare"] = spare.wait_ready()
+                result["recoveries"] = failover(client, peers, args.kills, args.tokens, args.peer_threads)
+    finally:
+        for p in peers.values():
+            p.stop()
 
 
 if __name__ == "__main__":

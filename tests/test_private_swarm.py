@@ -120,7 +120,7 @@ def test_an_outsider_gets_nothing_in(members: list[PeerProcess], keys: dict[str,
         async def infer() -> torch.Tensor:
             stub = SpanServicer.get_stub(p2p, PeerID.from_base58(members[0].peer_id))
             header = {"session_id": "s", "model_id": "SmolLM2-135M-Instruct", "start": 0, "end": 15, "max_length": 8}
-            request = StepRequest(torch.zeros(1, 576), 0, header).to_proto()
+            request = StepRequest.single(torch.zeros(1, 576), 0, header).to_proto()
             stream = await stub.rpc_inference(aiter_of(request))
             return read_response(await anext(stream))
 

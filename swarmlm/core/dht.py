@@ -35,7 +35,7 @@ def start_dht(
     the one that signs our ledger entries. hivemind's own identity check reads RSA keys only, so it is
     off; an Ed25519 peer id is collision-free anyway. With `cert`, as a member of a private swarm: our
     records are signed as a member's, and records that are not are refused. `announce_maddrs`: where others
-dial us, when not where we listen (`NetworkConfig.announced`)."""
+    dial us, when not where we listen (`NetworkConfig.announced`)."""
     from swarmlm.core.membership import MembershipValidator  # it needs DHT_TIMEOUT from here
 
     process_guard.install()  # before the fork: the DHT process and its p2pd must die with us, even on SIGKILL

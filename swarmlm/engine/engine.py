@@ -100,12 +100,14 @@ class Engine:
 
     # ----- one step -------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """Launch the best sequences' next tokens and report what finished: with the local executor that is
+        this step's batch; a swarm executor may report steps launched earlier (several in flight)."""
         if not self.active:
             return []
         start = self.clock()
         ranked = self.scheduler.rank(self.active, start)
         batch = self._pack(ranked)
-        if not batch:
+        if not batch and not self.executor.in_flight:
             return []
         for seq, _ in batch:
             if seq.first_scheduled is None:
@@ -117,16 +119,15 @@ class Engine:
             seq.error = error
             self._finish(seq, FinishReason.ABORT)
             outputs.append(StepOutput(seq, None, "", None))
-        for seq, n in batch:
-            if seq not in result.failed:
-                seq.num_computed += n
+        completed = [(seq, n) for seq, n in result.completed if seq not in result.failed]
+        for seq, n in completed:
+            seq.num_computed += n
         for seq, row in zip(result.sampled, _host_rows(result.sampled, result.logits), strict=True):
             outputs.append(self._sample(seq, row, now))
         sampled = set(result.sampled)
-        for seq, n in batch:
-            if seq not in result.failed:
-                generated = 1 if seq in sampled else 0
-                self.scheduler.charge(seq, now - start, now, prompt_tokens=n - generated, output_tokens=generated)
+        for seq, n in completed:
+            generated = 1 if seq in sampled else 0
+            self.scheduler.charge(seq, now - start, now, prompt_tokens=n - generated, output_tokens=generated)
         self.steps += 1
         return outputs
 

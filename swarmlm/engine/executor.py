@@ -24,7 +24,8 @@ from swarmlm.model.memory import MemoryBudget
 
 @dataclass
 class StepResult:
-    logits: Tensor  # [len(sampled), vocab]: one row per sequence whose step reached its last token
+    completed: list[tuple[Sequence, int]]  # the steps (sequence, tokens) that finished in this call
+    logits: Tensor  # [len(sampled), vocab]: one row per completed sequence whose step reached its last token
     sampled: list[Sequence]
     failed: dict[Sequence, str] = field(default_factory=dict)  # sequences the executor gave up on, and why
 
@@ -32,6 +33,7 @@ class StepResult:
 class Executor(Protocol):
     capacity_tokens: int  # the longest sequence (prompt plus output) one sequence may reach
     preemptions: int  # sequences whose KV was dropped to make room
+    in_flight: bool  # steps launched by an earlier `forward` are still running (reported by a later one)
 
     def reserve(self, seq: Sequence, length: int, lower: list[Sequence]) -> bool:
         """Make room for `seq` to hold `length` tokens, preempting sequences of `lower` (ranked below it,
@@ -39,7 +41,8 @@ class Executor(Protocol):
         ...
 
     def forward(self, batch: list[tuple[Sequence, int]]) -> StepResult:
-        """Run each sequence's next `n` tokens (from `seq.num_computed`) in one step."""
+        """Launch each sequence's next `n` tokens (from `seq.num_computed`); return the steps that finished
+        (this batch, for an executor that runs one step at a time)."""
         ...
 
     def release(self, seq: Sequence) -> None:
@@ -58,6 +61,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """The whole model in this process: one batched forward pass over a budgeted, prefix-cached KV store."""
+
+    in_flight = False
 
     def __init__(self, span: LlamaSpan, kv_budget_bytes: int | None, prefix_block: int = 16) -> None:
         if not span.is_whole:
@@ -129,7 +134,7 @@ class LocalExecutor:
             if not seq.prefix_stored and seq.num_computed + n >= len(seq.prompt_ids):
                 self.kv.store_prefix(seq.kv, seq.prompt_ids)
                 seq.prefix_stored = True
-        return StepResult(logits, sampled)
+        return StepResult(batch, logits, sampled)
 
     def release(self, seq: Sequence) -> None:
         self.kv.free(seq.kv)

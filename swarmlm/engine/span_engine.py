@@ -1,13 +1,13 @@
 """A swarm peer's engine: runs its span of layers for many remote inference sessions at once.
 
-Each session is one client's generation passing through this peer. A client sends hidden states for
-its new tokens; the peer keeps the session's KV cache for its layers and returns the span's output.
-Steps of different sessions that are waiting at the same moment run as one batched forward pass (the
-same `ModelRunner` as the single-peer engine), in the order the scheduler ranks the sessions, so short
-sessions are not stuck behind long ones here either.
+Each session is one sequence passing through this peer (a gateway's micro-batch brings several at once,
+in one message). A client sends hidden states for its new tokens; the peer keeps the session's KV cache
+for its layers and returns the span's output. Steps of different sessions that are waiting at the same
+moment run as one batched forward pass (the same `ModelRunner` as the single-peer engine), in the order
+the scheduler ranks the sessions, so short sessions are not stuck behind long ones here either.
 
 Thread model as in `async_engine.py`: `run()` in the thread that loaded the model; `submit()` from any
-thread returns a `concurrent.futures.Future`.
+thread returns `concurrent.futures.Future`s.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class SpanSession:
     blocks: tuple[int, int]  # which of the span's blocks this session runs through
     sched: SchedState = field(default_factory=SchedState)
     kv: SequenceKV | None = None
+    closed: bool = False
 
     @property
     def length(self) -> int:
@@ -64,12 +65,6 @@ class _Step:
     future: Future[Tensor]
 
 
-# How long a step may wait for the rest of the previous batch (see _gather): a share of that batch's compute
-# time, since a straggler left behind costs a whole extra step.
-GATHER_FRACTION = 0.3
-GATHER_MAX_SECONDS = 0.03
-
-
 class SpanEngine:
     def __init__(
         self,
@@ -88,10 +83,8 @@ class SpanEngine:
         self.max_step_tokens = max_step_tokens
         self.clock = clock
         self.sessions: dict[str, SpanSession] = {}
-        self._inbox: queue.SimpleQueue[_Step | _Open | _Close | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[_Step] | _Open | _Close | None] = queue.SimpleQueue()
         self._waiting: dict[SpanSession, _Step] = {}
-        self._last_batch: set[SpanSession] = set()  # sessions of the previous step, expected again soon
-        self._last_step_seconds = 0.0
 
     @property
     def waiting(self) -> int:
@@ -112,22 +105,28 @@ class SpanEngine:
         self._inbox.put(_Open(session))  # the scheduler is only ever touched by the engine thread
         return session
 
-    def submit(self, session: SpanSession, hidden: Tensor, start: int) -> Future[Tensor]:
-        """Run the span over `hidden` ([n, hidden_size]), the session's tokens at positions start..start+n.
-        A start below the session's length rewinds it (a client replaying after a failure downstream)."""
-        future: Future[Tensor] = Future()
-        if hidden.ndim != 2 or hidden.shape[1] != self.span.cfg.hidden_size or hidden.shape[0] == 0:
-            future.set_exception(SessionError(f"expected hidden states [n, {self.span.cfg.hidden_size}]"))
-        elif not 0 <= start <= session.length or start + hidden.shape[0] > session.max_length:
-            future.set_exception(
-                SessionError(
-                    f"positions {start}:{start + hidden.shape[0]} do not follow the session's "
-                    f"{session.length} cached tokens within its {session.max_length}"
+    def submit(self, steps: list[tuple[SpanSession, Tensor, int]]) -> list[Future[Tensor]]:
+        """Run the span over each session's `hidden` ([n, hidden_size]), its tokens at positions
+        start..start+n; the steps of one call reach the engine together, so they share a forward pass. A
+        start below the session's length rewinds it (a client replaying after a failure downstream)."""
+        futures: list[Future[Tensor]] = [Future() for _ in steps]
+        for (session, hidden, start), future in zip(steps, futures, strict=True):
+            if hidden.ndim != 2 or hidden.shape[1] != self.span.cfg.hidden_size or hidden.shape[0] == 0:
+                future.set_exception(SessionError(f"expected hidden states [n, {self.span.cfg.hidden_size}]"))
+            elif not 0 <= start <= session.length or start + hidden.shape[0] > session.max_length:
+                future.set_exception(
+                    SessionError(
+                        f"positions {start}:{start + hidden.shape[0]} do not follow the session's "
+                        f"{session.length} cached tokens within its {session.max_length}"
+                    )
                 )
-            )
-        else:
-            self._inbox.put(_Step(session, hidden, start, future))
-        return future
+        if any(f.done() for f in futures):  # one bad row fails the message: the client resends it whole
+            for future in futures:
+                if not future.done():
+                    future.set_exception(SessionError("another row of this step was refused"))
+            return futures
+        self._inbox.put([_Step(s, h, p, f) for (s, h, p), f in zip(steps, futures, strict=True)])
+        return futures
 
     def close(self, session: SpanSession) -> None:
         self._inbox.put(_Close(session))
@@ -144,31 +143,14 @@ class SpanEngine:
         self._fail_all(SessionError("the peer is shutting down"))
 
     def _collect(self) -> bool:
-        """Take what arrived (waiting for something when idle), then, briefly, the rest of the previous
-        batch. False on stop()."""
+        """Take what arrived, waiting for something when idle. False on stop()."""
         for item in self._drain(block=not self._waiting):
-            if item is None:
-                return False
-            self._take(item)
-        return not self._waiting or self._gather()
-
-    def _gather(self) -> bool:
-        """Wait a little for the rest of the previous batch. A gateway sends all its sequences'
-        steps at once, but they arrive up to a few milliseconds apart, one stream each: without this,
-        the first one would run alone and the others a step later, and the batch would splinter down the
-        chain. A lone session (single stream) never waits. Returns False on stop()."""
-        deadline = time.monotonic() + min(GATHER_MAX_SECONDS, GATHER_FRACTION * self._last_step_seconds)
-        while self._last_batch - self._waiting.keys():
-            try:
-                item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return True
             if item is None:
                 return False
             self._take(item)
         return True
 
-    def _drain(self, block: bool) -> list[_Step | _Open | _Close | None]:
+    def _drain(self, block: bool) -> list[list[_Step] | _Open | _Close | None]:
         items = []
         try:
             if block:
@@ -178,8 +160,11 @@ class SpanEngine:
         except queue.Empty:
             return items
 
-    def _take(self, item: _Step | _Open | _Close) -> None:
-        if isinstance(item, _Open):
+    def _take(self, item: list[_Step] | _Open | _Close) -> None:
+        if isinstance(item, list):
+            for step in item:
+                self._wait(step)
+        elif isinstance(item, _Open):
             self.scheduler.admit(item.session, item.session.arrival, 0.0)
         elif isinstance(item, _Close):
             session = item.session
@@ -187,14 +172,17 @@ class SpanEngine:
             if step is not None:
                 step.future.set_exception(SessionError("session closed"))
             self.kv.free(session.kv)
-            session.kv = None
-            self._last_batch.discard(session)
+            session.kv, session.closed = None, True
             self.sessions.pop(session.session_id, None)
             self.scheduler.forget(session)
-        elif item.session in self._waiting:
-            item.future.set_exception(SessionError("one step at a time per session"))
+
+    def _wait(self, step: _Step) -> None:
+        if step.session.closed:
+            step.future.set_exception(SessionError("session closed"))
+        elif step.session in self._waiting:
+            step.future.set_exception(SessionError("one step at a time per session"))
         else:
-            self._waiting[item.session] = item
+            self._waiting[step.session] = step
 
     def step(self) -> None:
         start = self.clock()
@@ -230,7 +218,6 @@ class SpanEngine:
                 s.future.set_exception(e)
             return
         now = self.clock()
-        self._last_batch, self._last_step_seconds = {s.session for s in batch}, now - start
         row = 0
         for s in batch:
             n = s.hidden.shape[0]

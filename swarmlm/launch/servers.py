@@ -17,11 +17,12 @@ from swarmlm.launch.peers import free_port
 class ServerProcess:
     """A real `swarmlm serve` process on loopback, in its own process group."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: a command to run the server under, e.g. ("taskset", "-c", "0") to pin it to one core."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = Path(f"/tmp/swarmlm-test-server-{self.port}.log")
-        cmd = [sys.executable, "-m", "swarmlm.cli", "serve", "--port", str(self.port), *args]
+        cmd = [*prefix, sys.executable, "-m", "swarmlm.cli", "serve", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 240) -> ServerProcess:

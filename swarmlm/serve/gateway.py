@@ -51,13 +51,15 @@ def run_peer_with_gateway(peer: PeerConfig, gateway: GatewayConfig | None) -> in
         api_keys=gateway.api_keys,
         protect_metrics=gateway.protect_metrics,
     )
-    return run_peer(peer, lambda dht: Gateway(dht, serve, peer.ttl))
+    if gateway.micro_batches < 1:
+        raise ValueError(f"--micro-batches must be at least 1, not {gateway.micro_batches}")
+    return run_peer(peer, lambda dht: Gateway(dht, serve, peer.ttl, gateway.micro_batches))
 
 
 class Gateway:
-    def __init__(self, dht: DHT, cfg: ServeConfig, ttl: float) -> None:
+    def __init__(self, dht: DHT, cfg: ServeConfig, ttl: float, micro_batches: int) -> None:
         self.remote = RemoteModel(cfg.model, initial_peers=[str(m) for m in dht.get_visible_maddrs()])
-        self.executor = SwarmExecutor(self.remote, cfg.max_batch_seqs)
+        self.executor = SwarmExecutor(self.remote, micro_batches)
         self.ttl = ttl
         records = self.remote.records()
         layers = self.remote.config_model.num_layers

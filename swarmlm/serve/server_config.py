@@ -48,6 +48,9 @@ class GatewayConfig:
         None, help="HOST:PORT: also serve the OpenAI API and /dashboard, backed by the swarm", metavar="HOST:PORT"
     )
     max_batch_seqs: int = setting(32, help="With --api: sequences the gateway runs at once")
+    micro_batches: int = setting(
+        3, help="With --api: groups the running sequences flow through the chain in, one behind the other"
+    )
     api_keys: str | None = setting(None, help=API_KEYS_HELP)
     protect_metrics: bool = setting(False, help=PROTECT_METRICS_HELP)
 

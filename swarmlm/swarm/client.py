@@ -81,7 +81,8 @@ class RemoteModel:
         return self.manager.active_peers()
 
     # ----- generation ------------------------------------------------------------------------------
-    def inference_session(self, max_length: int) -> InferenceSession:
+    def inference_session(self, max_length: int | None) -> InferenceSession:
+        """A session of one sequence of `max_length` tokens, or (None) of rows added to it later."""
         return InferenceSession(self.manager, max_length)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, *, choice: int = 0) -> Iterator[int]:

@@ -1,23 +1,30 @@
-"""`InferenceSession`: one generation's chain of hops through the swarm, surviving peer failures.
+"""`InferenceSession`: a chain of hops through the swarm for one or more sequences, surviving failures.
 
-The session's hops (one P2P stream each, span_stream.py) cover every layer. The session remembers what
-it sent into each boundary of the chain. When a hop fails (killed, timed out, or answered an error), it
-bans that peer for a while, routes a new chain from that boundary to the end, replays the remembered
-inputs through it to rebuild the peers' KV caches, and carries on with the step that failed: the text is
-the same as without the failure. Routes, bans, deadlines and spot-check verdicts come from the
-`RemoteSequenceManager` it is handed.
+The session's hops (one P2P stream each, span_stream.py) cover every layer. Its *rows* are the sequences
+it carries: one for a `RemoteModel` generation, a micro-batch of them for a gateway. A step sends every
+row's new tokens to the first hop in one message; each peer pushes its output to the next and answers
+the session too (messages.py), so the session knows what went into each boundary of the chain.
+
+When a hop fails (killed, timed out, answered an error, or never got its push), the session bans that
+peer for a while, routes a new chain from that boundary to the end, replays the remembered inputs
+through it to rebuild the peers' KV caches, and carries on with the step that failed: the text is the
+same as without the failure. Routes, bans, deadlines and spot-check verdicts come from the
+`RemoteSequenceManager` it is handed. One step runs at a time per session.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
 import uuid
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from swarmlm.swarm.messages import NextHop, Row, StepRequest
 from swarmlm.swarm.records import SpanRecord
 from swarmlm.swarm.routing import NoRouteError
 from swarmlm.swarm.sequence_manager import RemoteSequenceManager
@@ -26,36 +33,68 @@ from swarmlm.swarm.span_stream import HopFailure, SpanStream
 log = logging.getLogger("swarmlm.client")
 
 
-class InferenceSession:
-    """One generation's chain of hops; `step()` runs new tokens' hidden states through every layer."""
+@dataclass
+class _RowState:
+    position: int  # tokens of this row already through every hop
+    max_length: int
 
-    def __init__(self, manager: RemoteSequenceManager, max_length: int) -> None:
+
+class InferenceSession:
+    """A chain of hops for some rows; `step()` runs their new tokens' hidden states through every layer."""
+
+    def __init__(self, manager: RemoteSequenceManager, max_length: int | None = None) -> None:
+        """With `max_length`, the session carries one row ("0") and `step` takes and gives plain tensors;
+        without, rows come and go with `add` and `remove`, and `step_rows` runs them."""
         self.manager = manager
-        self.max_length = max_length
         self.session_id = uuid.uuid4().hex
         self.num_layers = manager.num_layers
         self.hops: list[SpanStream] = []
-        self.position = 0  # tokens already processed by every hop
-        self._inputs: dict[int, Tensor] = {}  # boundary layer -> inputs sent into it for positions < position
+        self.rows: dict[str, _RowState] = {}
+        self._inputs: dict[int, dict[str, Tensor]] = {}  # boundary -> row -> inputs sent into it so far
+        self._closed: list[str] = []  # rows removed since the last step: the hops free them with the next one
+        self._step_ids = itertools.count(1)
         manager.opened(self)
+        if max_length is not None:
+            self.add("0", max_length)
+
+    def add(self, key: str, max_length: int) -> None:
+        self.rows[key] = _RowState(0, max_length)
+
+    def remove(self, key: str) -> None:
+        """Forget a row; a session left without rows gives up its chain (the next row routes afresh)."""
+        if self.rows.pop(key, None) is not None:
+            for history in self._inputs.values():
+                history.pop(key, None)
+            self._closed.append(key)
+        if not self.rows and self.hops:
+            self._drop_hops(0)
+            self._inputs, self._closed = {}, []
 
     def peers(self) -> list[str]:
         """The peer of each hop of the current chain."""
         return [hop.record.peer_id for hop in list(self.hops)]
 
     def step(self, hidden: Tensor) -> Tensor:
-        """hidden: [n, hidden_size] at positions position..position+n. Returns the last layer's output."""
-        if self.position + hidden.shape[0] > self.max_length:
-            raise ValueError(f"the session holds {self.max_length} tokens")
+        """The single row's hidden states [n, hidden_size] at its next n positions; the last layer's output."""
+        return self.step_rows({"0": hidden})["0"]
+
+    def step_rows(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each row's next hidden states [n, hidden_size] through every layer, all in one message per hop."""
+        rows = []
+        for key, hidden in inputs.items():
+            state = self.rows[key]
+            if state.position + hidden.shape[0] > state.max_length:
+                raise ValueError(f"row {key} holds {state.max_length} tokens")
+            rows.append(Row(key, state.position, hidden.shape[0], state.max_length))
         config = self.manager.config
-        current = {0: hidden}  # this step's input at each boundary
+        current = {0: torch.cat(list(inputs.values()))}  # this step's input at each boundary
         layer, i = 0, 0
         failed_at: float | None = None
         while layer < self.num_layers:
             if i == len(self.hops):
                 self._route_from(layer)
-            timeout = config.step_timeout * (len(self.hops) - i) + 5
-            for out in self.manager.run(self._through(i, current[layer]), timeout):
+            timeout = config.step_timeout * (len(self.hops) - i + 1) + 5
+            for out in self.manager.run(self._through(i, current[layer], rows), timeout):
                 hop = self.hops[i]
                 if isinstance(out, HopFailure):
                     log.warning("hop failed, rerouting: %s", out)
@@ -68,7 +107,7 @@ class InferenceSession:
                 layer = hop.end
                 current[layer] = out
                 i += 1
-            if layer == self.num_layers and (caught := self._spot_check(current)) is not None:
+            if layer == self.num_layers and (caught := self._spot_check(current, rows)) is not None:
                 layer, i = self.hops[caught].start, caught  # redo this step from the liar's layers on
                 self._drop_hops(caught)
                 current = {b: t for b, t in current.items() if b <= layer}
@@ -76,14 +115,17 @@ class InferenceSession:
             self.manager.stats.recovered(time.monotonic() - failed_at)
         for boundary, tensor in current.items():
             if boundary < self.num_layers:
-                past = self._inputs.get(boundary)
-                self._inputs[boundary] = tensor if past is None else torch.cat([past, tensor])
-        self.position += hidden.shape[0]
-        return current[self.num_layers]
+                history = self._inputs.setdefault(boundary, {})
+                for row, part in zip(rows, _split(tensor, rows), strict=True):
+                    past = history.get(row.key)
+                    history[row.key] = part if past is None else torch.cat([past, part])
+        for row in rows:
+            self.rows[row.key].position += row.length
+        return {row.key: part for row, part in zip(rows, _split(current[self.num_layers], rows), strict=True)}
 
-    def _spot_check(self, current: dict[int, Tensor]) -> int | None:
-        """Re-run some of this step's hops on other peers (`ClientConfig.spot_check`); the index of a hop
-        whose peer was caught lying (its output must be recomputed), or None."""
+    def _spot_check(self, current: dict[int, Tensor], rows: list[Row]) -> int | None:
+        """Re-run some of this step's hops on other peers (`ClientConfig.spot_check`), for one row each; the
+        index of a hop whose peer was caught lying (its output must be recomputed), or None."""
         share = self.manager.config.spot_check
         if share <= 0:
             return None
@@ -92,23 +134,35 @@ class InferenceSession:
             if random.random() >= share:
                 continue
             records = records if records is not None else self.manager.routable_records()
-            past = self._inputs.get(hop.start)
-            inputs = current[hop.start] if past is None else torch.cat([past, current[hop.start]])
-            if self.manager.spot_check(hop, inputs, current[hop.end], records) == hop.record.peer_id:
+            r = random.randrange(len(rows))
+            row = rows[r]
+            past = self._inputs.get(hop.start, {}).get(row.key)
+            new = _split(current[hop.start], rows)[r]
+            inputs = new if past is None else torch.cat([past, new])
+            output = _split(current[hop.end], rows)[r]
+            if self.manager.spot_check(hop, inputs, output, records) == hop.record.peer_id:
                 return i
         return None
 
-    async def _through(self, i: int, hidden: Tensor) -> list[Tensor | HopFailure]:
-        """Run `hidden` through hops i.. in one visit to the loop thread (one thread hand-off per token, not
-        one per hop): each hop's output, up to the first failure, which comes last."""
+    async def _through(self, i: int, hidden: Tensor, rows: list[Row]) -> list[Tensor | HopFailure]:
+        """Run `hidden` through hops i.. (one visit to the loop thread per step): the step goes to hop i,
+        which pushes it on; each hop's output, up to the first failure, which comes last."""
+        hops = self.hops[i:]
+        step_id = next(self._step_ids)
+        futures = [hop.expect(step_id) for hop in hops]
+        closed, self._closed = self._closed, []
+        forward = [NextHop(hop.record.peer_id, hop.start) for hop in hops[1:]]
         outs: list[Tensor | HopFailure] = []
-        for hop in self.hops[i:]:
+        try:
+            await hops[0].send(StepRequest(hidden, rows, step_id, forward=forward, closed=closed))
+        except HopFailure as e:
+            return [e]
+        for hop, future in zip(hops, futures, strict=True):
             try:
-                hidden = await hop.call(hidden, self.position)
+                outs.append(await hop.reply(future))
             except HopFailure as e:
                 outs.append(e)
                 break
-            outs.append(hidden)
         return outs
 
     def _drop_hops(self, i: int) -> None:
@@ -128,13 +182,11 @@ class InferenceSession:
         while True:
             try:
                 for route in self.manager.make_route(layer):
-                    hop = SpanStream(self.manager, route, self.session_id, self.max_length)
+                    hop = SpanStream(self.manager, route, self.session_id)
+                    if self.hops:
+                        self.hops[-1].on_push_error = hop.fail_step
                     self.hops.append(hop)
-                    if self.position > 0:
-                        past = self._inputs[hop.start]  # every boundary's history is kept (see step)
-                        out = hop.step(past, 0)  # replay: rebuilds this peer's KV for the session so far
-                        if hop.end < self.num_layers:
-                            self._inputs[hop.end] = out
+                    self.manager.run(self._open(hop), self.manager.config.step_timeout * 2 + 5)
                 return
             except (NoRouteError, HopFailure) as e:
                 if isinstance(e, HopFailure):
@@ -145,6 +197,18 @@ class InferenceSession:
                 if time.monotonic() > deadline:
                     raise NoRouteError(f"{e} (gave up after {route_timeout:.0f} s)") from e
                 time.sleep(0.5)  # records refresh every few seconds; a new peer may be joining
+
+    async def _open(self, hop: SpanStream) -> None:
+        """Open a new hop's stream; with history, replay it (every boundary's history is kept, see
+        step_rows) to rebuild this peer's KV for the session so far."""
+        history = self._inputs.get(hop.start, {})
+        rows = [Row(k, 0, h.shape[0], self.rows[k].max_length) for k, h in history.items() if k in self.rows]
+        if not rows:
+            await hop.open()
+            return
+        out = await hop.call(StepRequest(torch.cat([history[r.key] for r in rows]), rows, next(self._step_ids)))
+        if hop.end < self.num_layers:
+            self._inputs[hop.end] = {r.key: part for r, part in zip(rows, _split(out, rows), strict=True)}
 
     def close(self) -> None:
         for hop in self.hops:
@@ -157,3 +221,7 @@ class InferenceSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _split(tensor: Tensor, rows: list[Row]) -> tuple[Tensor, ...]:
+    return tensor.split([r.length for r in rows])

@@ -155,6 +155,7 @@ class Peer:
                 self.stop.wait()
                 return 0
             return self._start_sidecar().run()  # in the main thread, where its head runs fastest
+        self.servicer.p2p = self.p2p  # pushes to the next peer of a chain go out through it
         self.loop.run(self.servicer.add_p2p_handlers(self.p2p), DAEMON_START_TIMEOUT)
         threading.Thread(target=self._heartbeats, daemon=True).start()
         while not self.stop.is_set():

@@ -1,10 +1,14 @@
-"""The engine's executor for a gateway: each sequence's layers run on the swarm.
+"""The engine's executor for a gateway: the running batch flows through the swarm as micro-batches.
 
 A gateway (`swarmlm peer --api`) runs the same `Engine` as `swarmlm serve` (scheduling, sampling, stop
-rules, the OpenAI API on top), with this executor in place of the local model. Every sequence gets its
-own `InferenceSession`; a step sends all scheduled sequences' new tokens at once, one thread each, so
-every peer of the chain finds them waiting together and batches them into one forward pass. Embeddings
-and the head stay here: the head runs once per step for all sampled sequences.
+rules, the OpenAI API on top), with this executor in place of the local model. Its sequences are dealt
+into `micro_batches` groups; each group is one `InferenceSession` whose rows are the group's sequences,
+so a group's step is one message per hop for all of them. Groups run independently: while one group's
+step is at the second peer, the next one's is at the first, and every peer of the chain computes at once
+(pipeline parallelism; one group at a time per peer would leave h-1 of h peers idle). `forward` launches
+the idle groups the engine picked and returns as soon as any group in flight is back, so the engine
+samples that group and sends it on while the others are still in the chain. Embeddings and the head stay
+here.
 
 The peers hold the KV caches, so this side has no KV budget, no prefix cache and never preempts; the
 scheduler's ranking still decides which sequences get a step (token-level preemption).
@@ -12,7 +16,9 @@ scheduler's ranking still decides which sequences get a step (token-level preemp
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import itertools
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -23,58 +29,136 @@ from swarmlm.swarm.client import RemoteModel
 from swarmlm.swarm.inference_session import InferenceSession
 
 
+@dataclass(eq=False)
+class _Group:
+    session: InferenceSession
+    seqs: set[Sequence] = field(default_factory=set)
+    launched: list[tuple[Sequence, int]] = field(default_factory=list)  # the step in flight
+    future: Future[dict[str, Tensor]] | None = None
+
+
 class SwarmExecutor:
     preemptions = 0
     kv_usage = 0.0  # the peers hold the KV; their free budgets are in their records
     prefix_hits = 0
     prefix_queries = 0
 
-    def __init__(self, remote: RemoteModel, max_parallel: int) -> None:
+    def __init__(self, remote: RemoteModel, micro_batches: int = 3) -> None:
         self.remote = remote
         self.span = remote.local.span
         self.capacity_tokens = remote.config_model.max_position_embeddings
-        self.sessions: dict[Sequence, InferenceSession] = {}
-        self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="swarmlm-session")
+        self.micro_batches = micro_batches
+        self.groups: list[_Group] = []
+        self._group_of: dict[Sequence, _Group] = {}
+        self._keys: dict[Sequence, str] = {}
+        self._ids = itertools.count()
+        self._released: set[Sequence] = set()  # released while their step was in flight
+        self._pool = ThreadPoolExecutor(micro_batches, thread_name_prefix="swarmlm-microbatch")
+
+    @property
+    def in_flight(self) -> bool:
+        return any(g.future is not None for g in self.groups)
+
+    @property
+    def sessions(self) -> list[InferenceSession]:
+        return [g.session for g in self.groups]
 
     def reserve(self, seq: Sequence, length: int, lower: list[Sequence]) -> bool:
-        return True
+        """A sequence joins the smallest group on its first step; it may step while its group is back."""
+        group = self._group_of.get(seq)
+        if group is None:
+            group = self._smallest_group()
+            group.seqs.add(seq)
+            self._group_of[seq] = group
+            self._keys[seq] = key = str(next(self._ids))
+            group.session.add(key, min(len(seq.prompt_ids) + seq.params.max_tokens, self.capacity_tokens))
+        return group.future is None
+
+    def _smallest_group(self) -> _Group:
+        if len(self.groups) < self.micro_batches and all(g.seqs for g in self.groups):
+            self.groups.append(_Group(self.remote.inference_session(None)))
+        return min(self.groups, key=lambda g: (len(g.seqs), g.future is not None))
 
     @torch.inference_mode()
     def forward(self, batch: list[tuple[Sequence, int]]) -> StepResult:
-        work = [(seq, self._embed(seq, n)) for seq, n in batch]
-        # A single stream runs inline: no thread hand-off on its critical path.
-        results = [self._step(*work[0])] if len(work) == 1 else list(self._pool.map(lambda w: self._step(*w), work))
+        launches: dict[_Group, list[tuple[Sequence, int]]] = {}
+        for seq, n in batch:
+            launches.setdefault(self._group_of[seq], []).append((seq, n))
+        alone = len(launches) == 1 and not self.in_flight
+        for group, steps in launches.items():
+            inputs = {self._keys[seq]: self._embed(seq, n) for seq, n in steps}
+            group.launched = steps
+            if alone:  # a single micro-batch runs inline: no thread hand-off on its critical path
+                group.future = Future()
+                try:
+                    group.future.set_result(group.session.step_rows(inputs))
+                except Exception as e:
+                    group.future.set_exception(e)
+            else:
+                group.future = self._pool.submit(_step, group.session, inputs)
+        running = [g.future for g in self.groups if g.future is not None]
+        if not running:
+            return StepResult([], torch.empty(0), [])
+        wait(running, return_when=FIRST_COMPLETED)
+        return self._collect([g for g in self.groups if g.future is not None and g.future.done()])
+
+    def _collect(self, done: list[_Group]) -> StepResult:
+        completed: list[tuple[Sequence, int]] = []
         failed: dict[Sequence, str] = {}
         sampled, last = [], []
-        for (seq, n), out in zip(batch, results, strict=True):
-            if isinstance(out, str):
-                failed[seq] = out
-            elif seq.num_computed + n == seq.num_tokens:
-                sampled.append(seq)
-                last.append(out[-1])
+        for group in done:
+            assert group.future is not None
+            future, group.future = group.future, None
+            try:
+                outs = future.result()
+            except Exception as e:  # no route within the deadline, or peers that refuse: the group is lost
+                for seq in group.seqs - self._released:
+                    failed[seq] = f"the swarm could not run this request: {e}"
+                self._replace(group)
+                continue
+            for seq, n in group.launched:
+                if seq in self._released:
+                    continue
+                completed.append((seq, n))
+                if seq.num_computed + n == seq.num_tokens:
+                    sampled.append(seq)
+                    last.append(outs[self._keys[seq]][-1])
+            for seq in group.seqs & self._released:
+                self._forget(seq)
         logits = self.span.head(torch.stack(last)) if last else torch.empty(0)
-        return StepResult(logits, sampled, failed)
+        return StepResult(completed, logits, sampled, failed)
 
     def _embed(self, seq: Sequence, n: int) -> Tensor:
         return self.span.embed(torch.tensor(seq.token_slice(seq.num_computed, seq.num_computed + n)))
 
-    def _step(self, seq: Sequence, hidden: Tensor) -> Tensor | str:
-        """The last layer's output for this sequence's new tokens, or why the swarm could not run them."""
-        try:
-            with torch.inference_mode():
-                session = self.sessions.get(seq)
-                if session is None:
-                    max_length = min(len(seq.prompt_ids) + seq.params.max_tokens, self.capacity_tokens)
-                    session = self.sessions[seq] = self.remote.inference_session(max_length)
-                return session.step(hidden)
-        except Exception as e:  # no route within the deadline, or a session the peers refuse
-            return f"the swarm could not run this request: {e}"
+    def _replace(self, group: _Group) -> None:
+        """A failed group's sequences are aborted; its session (whose chain may be half gone) is renewed."""
+        group.session.close()
+        group.session = self.remote.inference_session(None)
+        for seq in list(group.seqs):
+            self._forget(seq)
 
     def release(self, seq: Sequence) -> None:
-        if (session := self.sessions.pop(seq, None)) is not None:
-            session.close()
+        group = self._group_of.get(seq)
+        if group is None:
+            return
+        if group.future is not None:  # its step is still in the chain: forget it when the step is back
+            self._released.add(seq)
+        else:
+            self._forget(seq)
+
+    def _forget(self, seq: Sequence) -> None:
+        group = self._group_of.pop(seq)
+        group.seqs.discard(seq)
+        group.session.remove(self._keys.pop(seq))
+        self._released.discard(seq)
 
     def close(self) -> None:
-        for seq in list(self.sessions):
-            self.release(seq)
+        for group in self.groups:
+            group.session.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _step(session: InferenceSession, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    with torch.inference_mode():
+        return session.step_rows(inputs)

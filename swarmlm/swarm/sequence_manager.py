@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
 from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 from torch import Tensor
@@ -31,7 +32,7 @@ from swarmlm.core.loop import LoopThread
 from swarmlm.core.membership import Membership, load_membership
 from swarmlm.ledger.store import Ledger
 from swarmlm.ledger.sync import SYNC_TIMEOUT, pull, push
-from swarmlm.swarm.messages import WIRE_DTYPES
+from swarmlm.swarm.messages import WIRE_DTYPES, Row
 from swarmlm.swarm.records import SpanRecord, fetch_records
 from swarmlm.swarm.routing import RouteHop, find_route
 from swarmlm.swarm.span_stream import HopFailure, SpanStream
@@ -142,6 +143,10 @@ class RemoteSequenceManager:
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return self._loop.submit(coro)
 
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return WIRE_DTYPES[self.config.wire_dtype]
+
     async def open_stream(self, peer_id: str, handler: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         _, reader, writer = await self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler)
         return reader, writer
@@ -236,9 +241,9 @@ class RemoteSequenceManager:
         n = output.shape[0]
         checks: list[tuple[str, Tensor]] = []  # (checker, its output) for the checkers that answered
         for record in others:
-            checker = SpanStream(self, RouteHop(record, start, end), uuid.uuid4().hex, inputs.shape[0])
+            checker = SpanStream(self, RouteHop(record, start, end), uuid.uuid4().hex)
             try:
-                recomputed = checker.step(inputs, 0)[-n:]
+                recomputed = checker.step(inputs, [Row("0", 0, inputs.shape[0], inputs.shape[0])])[-n:]
             except HopFailure:
                 continue  # an unreachable checker proves nothing; try the next one
             finally:
