@@ -4,9 +4,11 @@ Phases (all in one run, side by side on this machine, SmolLM2-135M fp32):
   single     one stream, greedy: decode tokens/s through the chain vs the local engine
   concurrent 16 HTTP clients at once through a gateway (`swarmlm peer --layers none --api`): aggregate
              tokens/s through the swarm vs the local engine's batching of 16 sequences
+             (the gateway's --micro-batches 0 makes one group here: every peer is on this machine)
   pinned     pipeline parallelism on two cores: two peers of 15 layers, each pinned to its own core
-             (taskset, one thread each), and their gateway, against `swarmlm serve` pinned to one core;
-             16 HTTP clients each. Each process's CPU seconds over the phase (/proc) give how busy it was
+             (taskset, one thread each), and their gateway (--micro-batches 2: two groups, one at each
+             peer), against `swarmlm serve` pinned to one core; 16 HTTP clients each. Each process's CPU
+             seconds over the phase (/proc) give how busy it was
   failover   kill -9 of the middle peer a session is using, N times: time from the failure being seen to
              the failed step answered by the new route (replay included), median and p95
 Network distance is `make bench-wan`'s (delays outside swarmlm, in namespaces).
@@ -21,7 +23,7 @@ region; the sweep behind that value: bench/RESULTS.md).
 
     make bench-swarm
     .venv/bin/python bench/swarm_bench.py [--kills 20] [--tokens 48] [--clients 16] [--peer-threads 2] [--spin 10000]
-        [--micro-batches 3] [--phases single,concurrent,pinned,failover]
+        [--micro-batches 2] [--concurrent-micro-batches 0] [--phases single,concurrent,pinned,failover]
 
 Output: a table of the figures (stderr); the last line of stdout is `BENCH_JSON {...}`; the same JSON goes
 to bench/results/swarm-<time>.json. Past runs: bench/RESULTS.md.
@@ -181,7 +183,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--peer-threads", type=int, default=2, help="compute threads per peer (they share the cores)")
     ap.add_argument("--spin", default="10000", help="GOMP_SPINCOUNT of the peers (see the module docstring)")
-    ap.add_argument("--micro-batches", type=int, default=3, help="the gateways' --micro-batches")
+    ap.add_argument("--micro-batches", type=int, default=2, help="the pinned phase gateway's --micro-batches")
+    ap.add_argument("--concurrent-micro-batches", type=int, default=0, help="the 3-peer gateway's (0: automatic)")
     ap.add_argument("--phases", default="single,concurrent,pinned,failover", help="which phases to run")
     args = ap.parse_args()
     phases = set(args.phases.split(","))
@@ -193,7 +196,8 @@ def main() -> None:
         "clients": args.clients,
         "peer_threads": args.peer_threads,
         "gomp_spincount": args.spin,
-        "micro_batches": args.micro_batches,
+        "micro_batches_pinned": args.micro_batches,
+        "micro_batches_concurrent": args.concurrent_micro_batches,
     }
     table = Table(title="Swarm benchmark (SmolLM2-135M fp32 on loopback, 2 CPU cores)")
     for col in ("measure", "one process", "swarm", "ratio / target"):
@@ -248,7 +252,7 @@ def three_peers(args: argparse.Namespace, phases: set[str], result: dict[str, An
                 # Only now the gateway: on 2 cores even idle extra processes slowed the single stream in
                 # some runs (the phase measures the 3-peer chain).
                 api = f"127.0.0.1:{free_port()}"
-                gw_args = ("--layers", "none", "--api", api, "--micro-batches", str(args.micro_batches))
+                gw_args = ("--layers", "none", "--api", api, "--micro-batches", str(args.concurrent_micro_batches))
                 gateway = PeerProcess(*gw_args, initial=peers["first"].maddr, threads=None)
                 peers["gateway"] = gateway.wait_ready()
                 result["swarm_aggregate_tok_s"] = agg = http_concurrent(f"http://{api}", args.tokens, args.clients)

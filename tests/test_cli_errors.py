@@ -115,6 +115,10 @@ def test_a_busy_port_is_refused_before_the_model_loads(busy_port: int) -> None:
     assert "swarmlm.serve" not in done.stderr  # no log line: nothing was loaded
 
 
+def test_a_negative_number_of_micro_batches() -> None:
+    assert_error(swarmlm("peer", "--api", "127.0.0.1:8931", "--micro-batches", "-1"), USAGE, "--micro-batches", "-1")
+
+
 def test_a_busy_gateway_port(busy_port: int) -> None:
     done = swarmlm("peer", "--api", f"127.0.0.1:{busy_port}", timeout=30)
     assert_error(done, USAGE, f"--api: cannot listen on 127.0.0.1:{busy_port}")

@@ -44,14 +44,15 @@ class Swarm:
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[Swarm]:
-    """Layers 0:15 once and 15:30 twice (a spare for failover), and a gateway serving no layers."""
+    """Layers 0:15 once and 15:30 twice (a spare for failover), and a gateway serving no layers. Its
+    sequences flow through the chain as 3 micro-batches (by default one here: every peer is on this
+    machine), so every test below also checks pipelined groups against the local engine."""
     s = Swarm()
     try:
         s.peers = start_swarm(["0:15", "15:30", "15:30"])
         api = f"127.0.0.1:{free_port()}"
-        s.gateway = PeerProcess(
-            "--layers", "none", "--api", api, "--max-batch-seqs", "16", initial=s.peers[0].maddr, threads=None
-        ).wait_ready()
+        args = ("--layers", "none", "--api", api, "--max-batch-seqs", "16", "--micro-batches", "3")
+        s.gateway = PeerProcess(*args, initial=s.peers[0].maddr, threads=None).wait_ready()
         yield s
     finally:
         s.stop()

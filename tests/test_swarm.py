@@ -102,6 +102,9 @@ def test_records_describe_every_peer(client: RemoteModel, swarm: dict[str, PeerP
         assert (r.start, r.end) == span
         assert r.throughput > 0 and r.digest and r.free_kv_tokens > 0
         assert r.device == device_label(resolve_device("auto")) and r.memory_budget > 0
+    # One machine: every peer announces the same host fingerprint (a gateway pipelines only across machines).
+    hosts = {records[p.peer_id].host for p in swarm.values() if p.peer_id in records}
+    assert len(hosts) == 1 and "" not in hosts
     b = records[swarm["b"].peer_id]
     assert b.memory_budget == 280_000_000
     assert b.free_kv_tokens == KV_RESERVE_TOKENS  # its KV budget is the reservation of its 10 layers

@@ -51,14 +51,21 @@ def run_peer_with_gateway(peer: PeerConfig, gateway: GatewayConfig | None) -> in
         api_keys=gateway.api_keys,
         protect_metrics=gateway.protect_metrics,
     )
-    if gateway.micro_batches < 1:
-        raise ValueError(f"--micro-batches must be at least 1, not {gateway.micro_batches}")
+    if gateway.micro_batches < 0:
+        raise ValueError(f"--micro-batches must be 0 (automatic) or more, not {gateway.micro_batches}")
     return run_peer(peer, lambda dht: Gateway(dht, serve, peer.ttl, gateway.micro_batches))
 
 
 class Gateway:
     def __init__(self, dht: DHT, cfg: ServeConfig, ttl: float, micro_batches: int) -> None:
         self.remote = RemoteModel(cfg.model, initial_peers=[str(m) for m in dht.get_visible_maddrs()])
+        try:
+            self._build(cfg, ttl, micro_batches)
+        except BaseException:  # the client's DHT node would keep the peer's process alive after it gave up
+            self.remote.close()
+            raise
+
+    def _build(self, cfg: ServeConfig, ttl: float, micro_batches: int) -> None:
         self.executor = SwarmExecutor(self.remote, micro_batches)
         self.ttl = ttl
         records = self.remote.records()

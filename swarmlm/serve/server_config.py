@@ -49,7 +49,9 @@ class GatewayConfig:
     )
     max_batch_seqs: int = setting(32, help="With --api: sequences the gateway runs at once")
     micro_batches: int = setting(
-        3, help="With --api: groups the running sequences flow through the chain in, one behind the other"
+        0,
+        help="With --api: groups the running sequences flow through the chain in, one behind the other "
+        "(0: one per machine serving layers, at most 4; peers on one machine share its cores)",
     )
     api_keys: str | None = setting(None, help=API_KEYS_HELP)
     protect_metrics: bool = setting(False, help=PROTECT_METRICS_HELP)

@@ -37,7 +37,7 @@ from swarmlm.ledger.sync import LedgerSync
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import checkpoint_digests, load_model, resolve_model
 from swarmlm.swarm.peer_config import PeerConfig, parse_layers
-from swarmlm.swarm.placement import Placement, place
+from swarmlm.swarm.placement import Placement, host_fingerprint, place
 from swarmlm.swarm.records import SpanRecord, announce, fetch_records, withdraw
 from swarmlm.swarm.routing import better_span, choose_span
 from swarmlm.swarm.servicer import SpanServicer
@@ -121,6 +121,7 @@ class Peer:
             0,
             version=__version__,
             device=placement.device,
+            host=host_fingerprint(),
             memory_budget=placement.budget.size,
         )
         self.engine: SpanEngine | None = None
@@ -134,6 +135,7 @@ class Peer:
         self.sidecar: Sidecar | None = None
         self.ledger_sync: LedgerSync | None = None
         self.version_checked = False  # the ledger's model version, against our span (`_check_version`)
+        self.exit_code = 0  # 1 once the sidecar failed to start
 
     def serve(self, span: tuple[int, int] | None) -> int:
         for maddr in self.dht.get_visible_maddrs():
@@ -175,7 +177,7 @@ class Peer:
             if self.move_to is None:
                 break
             span, self.move_to = self.move_to, None
-        return 0
+        return self.exit_code
 
     def _load(self, span: tuple[int, int]) -> None:
         cfg = self.cfg
@@ -205,6 +207,7 @@ class Peer:
             sidecar = self._start_sidecar()
         except Exception:
             log.exception("the gateway failed to start; stopping the peer")
+            self.exit_code = 1
             self._request_exit(signal.SIGTERM, None)
             return
         if not self.stop.is_set():  # a signal may have come while it started

@@ -9,7 +9,10 @@ the peer joins the DHT, so a peer that cannot serve says so at once.
 
 from __future__ import annotations
 
+import hashlib
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from swarmlm.model.loading import resolve_device, resolve_dtype
 from swarmlm.model.memory import MemoryBudget, MemoryNeed, device_label, kv_reservation, layer_weight_bytes, span_need
@@ -51,3 +54,17 @@ def place(cfg: PeerConfig, model: ModelConfig, span: tuple[int, int] | None) -> 
     else:
         layers = 0
     return Placement(device_label(device), dtype, budget, layers, kv(layers) if layers else 0)
+
+
+def host_fingerprint() -> str:
+    """Names this machine without saying which it is: peers announcing the same value share its cores (a
+    gateway does not pipeline micro-batches through them, see remote_executor.py). Network namespaces and
+    containers on one machine share its boot id, so they count as one machine, as they should."""
+    for source in (Path("/proc/sys/kernel/random/boot_id"), Path("/etc/machine-id")):
+        try:
+            ident = source.read_text().strip()
+        except OSError:
+            continue
+        if ident:
+            return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:16]

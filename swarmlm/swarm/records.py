@@ -31,6 +31,7 @@ class SpanRecord:
     dtype: str = "fp32"
     throughput: float = 0.0  # tokens/s one session decodes through this span, measured at start
     device: str = ""  # what it computes on: "cpu", "cuda:0 (NVIDIA H200)"; "": an older peer that does not say
+    host: str = ""  # a fingerprint of its machine (placement.host_fingerprint); "": not announced
     memory_budget: int = 0  # bytes it may use for weights and KV cache (--max-memory); 0: not announced
     free_kv_tokens: int = 0
     queue: int = 0  # sessions waiting for a step
@@ -56,7 +57,11 @@ class SpanRecord:
             known = {f.name for f in dataclasses.fields(cls)} - {"expires"}
             record = cls(**{k: v for k, v in value.items() if k in known}, expires=expires)
             ints = ("start", "end", "free_kv_tokens", "queue", "memory_budget")
-            types_ok = all(isinstance(getattr(record, k), int) for k in ints) and isinstance(record.device, str)
+            types_ok = (
+                all(isinstance(getattr(record, k), int) for k in ints)
+                and isinstance(record.device, str)
+                and isinstance(record.host, str)
+            )
             if not types_ok or not 0 <= record.start <= record.end or not isinstance(record.peer_id, str):
                 return None
             return record

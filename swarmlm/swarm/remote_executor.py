@@ -2,13 +2,17 @@
 
 A gateway (`swarmlm peer --api`) runs the same `Engine` as `swarmlm serve` (scheduling, sampling, stop
 rules, the OpenAI API on top), with this executor in place of the local model. Its sequences are dealt
-into `micro_batches` groups; each group is one `InferenceSession` whose rows are the group's sequences,
+into micro-batch groups; each group is one `InferenceSession` whose rows are the group's sequences,
 so a group's step is one message per hop for all of them. Groups run independently: while one group's
 step is at the second peer, the next one's is at the first, and every peer of the chain computes at once
 (pipeline parallelism; one group at a time per peer would leave h-1 of h peers idle). `forward` launches
 the idle groups the engine picked and returns as soon as any group in flight is back, so the engine
 samples that group and sends it on while the others are still in the chain. Embeddings and the head stay
-here.
+here; a group's head runs in its own thread as soon as its step is back.
+
+How many groups: `--micro-batches`, or by default one per machine among the peers serving layers (their
+records' host fingerprints; at most 4). Peers on one machine share its cores, so there one group is
+best: splitting the batch only makes each peer's forward less efficient (measured in bench/RESULTS.md).
 
 The peers hold the KV caches, so this side has no KV budget, no prefix cache and never preempts; the
 scheduler's ranking still decides which sequences get a step (token-level preemption).
@@ -17,6 +21,8 @@ scheduler's ranking still decides which sequences get a step (token-level preemp
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -28,13 +34,16 @@ from swarmlm.engine.sequence import Sequence
 from swarmlm.swarm.client import RemoteModel
 from swarmlm.swarm.inference_session import InferenceSession
 
+MACHINES_REFRESH_SECONDS = 30.0
+MAX_AUTO_GROUPS = 4
+
 
 @dataclass(eq=False)
 class _Group:
     session: InferenceSession
     seqs: set[Sequence] = field(default_factory=set)
     launched: list[tuple[Sequence, int]] = field(default_factory=list)  # the step in flight
-    future: Future[dict[str, Tensor]] | None = None
+    future: Future[Tensor] | None = None  # the head's logits for the launched sequences that sample
 
 
 class SwarmExecutor:
@@ -43,17 +52,19 @@ class SwarmExecutor:
     prefix_hits = 0
     prefix_queries = 0
 
-    def __init__(self, remote: RemoteModel, micro_batches: int = 3) -> None:
+    def __init__(self, remote: RemoteModel, micro_batches: int = 0) -> None:
+        """`micro_batches`: how many groups; 0: one per machine serving layers (see the module docstring)."""
         self.remote = remote
         self.span = remote.local.span
         self.capacity_tokens = remote.config_model.max_position_embeddings
         self.micro_batches = micro_batches
+        self._machines = (1, -math.inf)  # (machines serving layers, when counted)
         self.groups: list[_Group] = []
         self._group_of: dict[Sequence, _Group] = {}
         self._keys: dict[Sequence, str] = {}
         self._ids = itertools.count()
         self._released: set[Sequence] = set()  # released while their step was in flight
-        self._pool = ThreadPoolExecutor(micro_batches, thread_name_prefix="swarmlm-microbatch")
+        self._pool = ThreadPoolExecutor(micro_batches or MAX_AUTO_GROUPS, thread_name_prefix="swarmlm-microbatch")
 
     @property
     def in_flight(self) -> bool:
@@ -74,8 +85,18 @@ class SwarmExecutor:
             group.session.add(key, min(len(seq.prompt_ids) + seq.params.max_tokens, self.capacity_tokens))
         return group.future is None
 
+    def _group_limit(self) -> int:
+        if self.micro_batches > 0:
+            return self.micro_batches
+        count, when = self._machines
+        if time.monotonic() - when > MACHINES_REFRESH_SECONDS:
+            serving = [r for r in self.remote.records() if r.end > r.start]
+            count = max(1, len({r.host or r.peer_id for r in serving}))
+            self._machines = (count, time.monotonic())
+        return min(count, MAX_AUTO_GROUPS)
+
     def _smallest_group(self) -> _Group:
-        if len(self.groups) < self.micro_batches and all(g.seqs for g in self.groups):
+        if len(self.groups) < self._group_limit() and all(g.seqs for g in self.groups):
             self.groups.append(_Group(self.remote.inference_session(None)))
         return min(self.groups, key=lambda g: (len(g.seqs), g.future is not None))
 
@@ -88,14 +109,15 @@ class SwarmExecutor:
         for group, steps in launches.items():
             inputs = {self._keys[seq]: self._embed(seq, n) for seq, n in steps}
             group.launched = steps
+            sampling = [self._keys[seq] for seq, n in steps if seq.num_computed + n == seq.num_tokens]
             if alone:  # a single micro-batch runs inline: no thread hand-off on its critical path
                 group.future = Future()
                 try:
-                    group.future.set_result(group.session.step_rows(inputs))
+                    group.future.set_result(self._step(group.session, inputs, sampling))
                 except Exception as e:
                     group.future.set_exception(e)
             else:
-                group.future = self._pool.submit(_step, group.session, inputs)
+                group.future = self._pool.submit(self._step, group.session, inputs, sampling)
         running = [g.future for g in self.groups if g.future is not None]
         if not running:
             return StepResult([], torch.empty(0), [])
@@ -105,28 +127,38 @@ class SwarmExecutor:
     def _collect(self, done: list[_Group]) -> StepResult:
         completed: list[tuple[Sequence, int]] = []
         failed: dict[Sequence, str] = {}
-        sampled, last = [], []
+        sampled, logits = [], []
         for group in done:
             assert group.future is not None
             future, group.future = group.future, None
             try:
-                outs = future.result()
+                head = future.result()
             except Exception as e:  # no route within the deadline, or peers that refuse: the group is lost
                 for seq in group.seqs - self._released:
                     failed[seq] = f"the swarm could not run this request: {e}"
                 self._replace(group)
                 continue
+            row = 0
             for seq, n in group.launched:
-                if seq in self._released:
-                    continue
-                completed.append((seq, n))
                 if seq.num_computed + n == seq.num_tokens:
-                    sampled.append(seq)
-                    last.append(outs[self._keys[seq]][-1])
+                    if seq not in self._released:
+                        sampled.append(seq)
+                        logits.append(head[row])
+                    row += 1
+                if seq not in self._released:
+                    completed.append((seq, n))
             for seq in group.seqs & self._released:
                 self._forget(seq)
-        logits = self.span.head(torch.stack(last)) if last else torch.empty(0)
-        return StepResult(completed, logits, sampled, failed)
+        return StepResult(completed, torch.stack(logits) if logits else torch.empty(0), sampled, failed)
+
+    def _step(self, session: InferenceSession, inputs: dict[str, Tensor], sampling: list[str]) -> Tensor:
+        """One group's step through the chain, then the head over its sampling rows' last positions, in the
+        group's own thread: the engine loop is free meanwhile to sample and launch the groups already back."""
+        with torch.inference_mode():
+            outs = session.step_rows(inputs)
+            if not sampling:
+                return torch.empty(0)
+            return self.span.head(torch.stack([outs[key][-1] for key in sampling]))
 
     def _embed(self, seq: Sequence, n: int) -> Tensor:
         return self.span.embed(torch.tensor(seq.token_slice(seq.num_computed, seq.num_computed + n)))
@@ -157,8 +189,3 @@ class SwarmExecutor:
         for group in self.groups:
             group.session.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _step(session: InferenceSession, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    with torch.inference_mode():
-        return session.step_rows(inputs)
