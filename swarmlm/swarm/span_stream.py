@@ -135,6 +135,7 @@ class SpanStream:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(self._failure)
+                future.exception()  # retrieved: the steps behind a failed hop are never awaited
         self._pending.clear()
         return self._failure
 
