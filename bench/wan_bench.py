@@ -6,8 +6,9 @@ streams) held for that delay in user space, since this kernel has no netem. The 
 namespace, decodes one greedy stream of --tokens tokens through the 3-peer chain (best of two).
 
 Beside each measured tok/s, two bounds from the 0 ms run's time per token (compute, C):
-  round trips  C + 2·h·d: today's protocol, where the client sends each hop's input and reads its output
-  push         C + (h+1)·d: peers forwarding to the next peer (issue 21, item 2)
+  round trips  C + 2·h·d: a client that sends each hop's input and reads its output (swarmlm before
+               peers pushed to peers)
+  push         C + (h+1)·d: peers forwarding to the next peer, the last answering the client (today's)
 with h = 3 hops and d the one-way delay. The 0 ms row is the same router with no delay: its cost.
 
     make bench-wan                       # root, /dev/net/tun and iproute2
