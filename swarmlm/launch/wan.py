@@ -6,6 +6,7 @@ delayed alike: DHT, peer-to-peer streams, all-reduce.
 
     with WanRouter(["a", "b", "c"], delay=0.025) as wan:   # 25 ms one way between any two hosts
         PeerProcess(..., "--host-maddrs", f"/ip4/{wan.ip('a')}/tcp/0", prefix=wan.prefix("a"))
+    WanRouter(["a", "b", "c"], delay=0.0, distance={"c": 0.05})  # c is 50 ms from a and b, a and b close
 
 Needs root, /dev/net/tun and iproute2. IPv4 only.
 """
@@ -37,14 +38,24 @@ def _ip(*args: str) -> None:
 
 class WanRouter:
     """Namespaces `swl-wan-NAME` with addresses SUBNET.1, .2, ... on a TUN device each, joined by a
-    thread that forwards packets between them after `delay` seconds (`loss`: share of packets dropped;
-    `rate`: bits per second each host can receive, queued in order)."""
+    thread that forwards packets between them after `delay` seconds, plus `distance[NAME]` for every
+    packet to or from that host (`loss`: share of packets dropped; `rate`: bits per second each host can
+    receive, queued in order)."""
 
     def __init__(
-        self, names: list[str], delay: float, loss: float = 0.0, rate: float | None = None, subnet: str = "10.80.0"
+        self,
+        names: list[str],
+        delay: float,
+        loss: float = 0.0,
+        rate: float | None = None,
+        subnet: str = "10.80.0",
+        distance: dict[str, float] | None = None,
     ) -> None:
         self.names, self.delay, self.loss, self.rate = list(names), delay, loss, rate
         self.ips = {name: f"{subnet}.{i + 1}" for i, name in enumerate(self.names)}
+        distance = distance or {}
+        # a host's address (4 bytes) -> the delay it adds to every packet it sends or receives
+        self._distance = {bytes(map(int, ip.split("."))): distance.get(name, 0.0) for name, ip in self.ips.items()}
         self.fds: dict[bytes, int] = {}  # a host's address (4 bytes) -> its TUN device's file descriptor
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._forward, name="swarmlm-wan", daemon=True)
@@ -113,7 +124,8 @@ class WanRouter:
                     destination = self.fds.get(packet[16:20]) if len(packet) >= 20 and packet[0] >> 4 == 4 else None
                     if destination is None or (self.loss and self._random.random() < self.loss):
                         continue
-                    release = time.monotonic() + self.delay
+                    far = self._distance.get(packet[12:16], 0.0) + self._distance.get(packet[16:20], 0.0)
+                    release = time.monotonic() + self.delay + far
                     if self.rate:
                         release = max(release, link_free[destination]) + len(packet) * 8 / self.rate
                         link_free[destination] = release

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
 from torch import Tensor
 
 from swarmlm.core.dht import start_dht
@@ -35,6 +36,7 @@ from swarmlm.ledger.sync import SYNC_TIMEOUT, pull, push
 from swarmlm.swarm.messages import WIRE_DTYPES, Row
 from swarmlm.swarm.records import SpanRecord, fetch_records
 from swarmlm.swarm.routing import RouteHop, find_route
+from swarmlm.swarm.servicer import PING_HANDLER
 from swarmlm.swarm.span_stream import HopFailure, SpanStream
 from swarmlm.swarm.versions import expected_digest, model_version
 
@@ -48,6 +50,8 @@ T = TypeVar("T")
 # wire in this format, and a prefill computes in another order than step-by-step decoding.
 SPOT_CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 2e-2}
 LEDGER_REFRESH_SECONDS = 30.0  # how often routing pulls new ledger entries (model versions) from a peer
+RTT_REFRESH_SECONDS = 60.0  # how often a peer's round trip is measured again
+PING_TIMEOUT = 2.0
 
 
 @dataclass
@@ -135,6 +139,7 @@ class RemoteSequenceManager:
         self.ledger = Ledger(None, identity)  # our view of the swarm's ledger: model versions, our accusations
         self._ledger_pulled = -math.inf
         self._refused: set[str] = set()
+        self._rtt: dict[str, tuple[float | None, float]] = {}  # peer -> (round trip or None: no answer, when)
 
     # ----- transport: every stream and ledger call runs on the manager's loop --------------------------
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
@@ -202,7 +207,37 @@ class RemoteSequenceManager:
         records = self.routable_records()
         if allowed := self.config.allowed_peers:
             records = [r for r in records if r.peer_id in allowed]
-        return find_route(records, start, self.num_layers, self.banned_peers())
+        return find_route(records, start, self.num_layers, self.banned_peers(), self.round_trips(records))
+
+    def round_trips(self, records: list[SpanRecord]) -> dict[str, float]:
+        """Seconds of a round trip to each peer of `records` that answers a ping (the best of two, measured
+        again every RTT_REFRESH_SECONDS), so that routes prefer the nearer of equal spans."""
+        now = time.monotonic()
+        stale = {
+            r.peer_id for r in records if now - self._rtt.get(r.peer_id, (None, -math.inf))[1] > RTT_REFRESH_SECONDS
+        }
+        if stale:
+            measured = self.run(self._ping_all(sorted(stale)), 2 * PING_TIMEOUT + 5)
+            self._rtt.update({peer: (rtt, now) for peer, rtt in measured.items()})
+        return {peer: rtt for peer, (rtt, _) in self._rtt.items() if rtt is not None}
+
+    async def _ping_all(self, peers: list[str]) -> dict[str, float | None]:
+        return dict(zip(peers, await asyncio.gather(*(self._ping(p) for p in peers)), strict=True))
+
+    async def _ping(self, peer_id: str) -> float | None:
+        best = None
+        for _ in range(2):  # the first may include dialing the peer
+            t0 = time.perf_counter()
+            try:
+                call = self._p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer_id), PING_HANDLER, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+                )
+                await asyncio.wait_for(call, PING_TIMEOUT)
+            except Exception:  # unreachable, or a peer without rpc_ping: routing assumes HOP_SECONDS
+                return best
+            rtt = time.perf_counter() - t0
+            best = rtt if best is None else min(best, rtt)
+        return best
 
     # ----- bans ------------------------------------------------------------------------------------
     def ban(self, peer_id: str) -> None:

@@ -171,6 +171,10 @@ class SpanServicer(ServicerBase):
         await stream.inbox.put(request)
         return StepReply(step.step_id).to_proto()  # taken: its output goes to the client on that stream
 
+    async def rpc_ping(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """An empty answer at once: clients time it to prefer nearer peers (it says nothing about us)."""
+        return runtime_pb2.ExpertResponse()
+
     async def _stream(self, key: tuple[str, int]) -> _Stream:
         """The open stream `key` names, waiting briefly for its opening message (the client sends it while
         the first step is on its way through the previous peers)."""
@@ -184,3 +188,4 @@ class SpanServicer(ServicerBase):
 
 PUSH_HANDLER = SpanServicer._get_handle_name(None, "rpc_push")  # the names add_p2p_handlers registers
 INFERENCE_HANDLER = SpanServicer._get_handle_name(None, "rpc_inference")
+PING_HANDLER = SpanServicer._get_handle_name(None, "rpc_ping")
