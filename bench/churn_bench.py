@@ -2,11 +2,13 @@
 
 --peers `swarmlm peer --layers auto --num-layers K` processes (SmolLM2-135M fp32, one thread each), each
 in its own network namespace behind `launch/wan.py`'s router (no delay: a host each, as on a LAN), and
---gateways gateways serving no layers. --clients streaming clients in a namespace of their own send
+--gateways gateways serving no layers (`--wire-dtype fp32`: with bf16 between 4-5 hops, one of the four
+prompts got another greedy answer than the fp32 single-process engine's, the same one every time).
+--clients streaming clients in a namespace of their own send
 greedy completions to the gateways in turn for --duration seconds, while every --kill-every seconds a
 random serving peer (the bootstrap too) is killed with SIGKILL and restarted --restart-after seconds later
 in the same namespace, joining through any two peers still alive. Every --status-every seconds the
-clients' host times `swarmlm status` (through three peers picked at random, dead ones included).
+clients' host times `swarmlm status` (a new process, through three live peers picked at random).
 
 Reported: requests done and failed, how many answers differ from the single-process engine's greedy
 text, tokens/s over time (a PNG with the kills marked, bench/results/churn-<time>.png), each kill's
@@ -25,6 +27,7 @@ bench/results/churn-<time>.json. Past runs: bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import random
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -76,7 +80,8 @@ def client_main(spec: dict[str, Any]) -> dict[str, Any]:
             prompt = PROMPTS[n % len(PROMPTS)]
             gateway = spec["gateways"][n % len(spec["gateways"])]
             body = {"model": MODEL, "prompt": prompt, "max_tokens": spec["tokens"], "temperature": 0, "stream": True}
-            record: dict[str, Any] = {"client": i, "gateway": gateway, "start": time.time(), "times": [], "error": None}
+            record: dict[str, Any] = {"client": i, "gateway": gateway, "prompt": prompt, "start": time.time()}
+            record |= {"times": [], "error": None}
             text = ""
             try:
                 with httpx.stream("POST", f"http://{gateway}/v1/completions", json=body, timeout=300) as r:
@@ -92,13 +97,14 @@ def client_main(spec: dict[str, Any]) -> dict[str, Any]:
             except Exception as e:  # counted as a failed request, with its reason
                 record["error"] = f"{type(e).__name__}: {e}"
             record["end"] = time.time()
-            record["identical"] = text == spec["reference"][prompt]
+            record["identical"], record["text"] = text == spec["reference"][prompt], text
             requests.append(record)
 
     def probe_status() -> None:
         while time.time() < stop_at:
             time.sleep(spec["status_every"])
-            boots = random.sample(spec["peers"], k=min(3, len(spec["peers"])))
+            live = json.loads(Path(spec["live_file"]).read_text())
+            boots = random.sample(live, k=min(3, len(live)))
             cmd = [sys.executable, "-m", "swarmlm.cli", "status"] + [a for b in boots for a in ("--initial-peers", b)]
             t0 = time.time()
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -131,8 +137,8 @@ def reference(tokens: int) -> dict[str, str]:
 class Chaos:
     """The peers, their restarts, and the kill log."""
 
-    def __init__(self, wan: WanRouter, args: argparse.Namespace) -> None:
-        self.wan, self.args = wan, args
+    def __init__(self, wan: WanRouter, args: argparse.Namespace, live_file: Path) -> None:
+        self.wan, self.args, self.live_file = wan, args, live_file
         self.peers: dict[str, PeerProcess] = {}
         self.kills: list[dict[str, Any]] = []
         self.rng = random.Random(0)
@@ -149,11 +155,21 @@ class Chaos:
         live = [p.maddr for p in self.peers.values() if p.proc.poll() is None and p.maddr]
         return self.rng.sample(live, k=min(k, len(live)))
 
+    def publish_live(self) -> None:
+        """Where the live peers listen, for the status probes (a restarted peer listens on a new port)."""
+        for peer in self.peers.values():
+            if not peer.maddr and peer.proc.poll() is None:
+                with contextlib.suppress(TimeoutError, RuntimeError):
+                    peer.wait_address(timeout=0.01)
+        live = [p.maddr for p in self.peers.values() if p.proc.poll() is None and p.maddr]
+        self.live_file.write_text(json.dumps(live))
+
     def run(self, until: float) -> None:
         """Kill a random peer every kill_every s; restart each restart_after s later."""
         restarts: list[tuple[float, str]] = []
         next_kill = time.time() + self.args.kill_every
         while time.time() < until:
+            self.publish_live()
             now = time.time()
             for due, host in [r for r in restarts if r[0] <= now]:
                 restarts.remove((due, host))
@@ -198,7 +214,12 @@ def summarize(run: dict[str, Any], kills: list[dict[str, Any]], t0: float) -> di
         "failed": sum(r["error"] is not None for r in requests),
         "errors": sorted({r["error"] for r in requests if r["error"]})[:10],
         "not_identical": sum(r["error"] is None and not r["identical"] for r in requests),
-        "tokens": len(times),
+        # per prompt: how many answers differ, and how many different answers there were
+        "not_identical_by_prompt": dict(
+            Counter(r["prompt"] for r in requests if r["error"] is None and not r["identical"])
+        ),
+        "answers_by_prompt": {p: len({r["text"] for r in requests if r["prompt"] == p}) for p in PROMPTS},
+        "tokens_streamed": len(times),
         "tok_s_per_second": per_second,
         "tok_s_mean": len(times) / seconds if seconds else 0.0,
         "kills": [{**k, "at": k["at"] - t0} for k in kills],
@@ -206,7 +227,7 @@ def summarize(run: dict[str, Any], kills: list[dict[str, Any]], t0: float) -> di
         "recovery_max_s": max(pauses) if pauses else None,
         "status_seconds_max": max((p["seconds"] for p in probes), default=None),
         "status_exits": [p["exit"] for p in probes],
-        "coverage_gaps": sum(p["exit"] == 1 for p in probes),
+        "coverage_gaps": sum(p["exit"] == 1 for p in probes),  # 3: none of the three answered
     }
 
 
@@ -247,8 +268,11 @@ def main() -> None:
     console.rule("reference: the single-process engine's greedy texts")
     ref = reference(args.tokens)
     hosts = [f"peer{i}" for i in range(args.peers)] + [f"gateway{i}" for i in range(args.gateways)] + ["clients"]
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    live_file = results / "churn-live.json"
     with WanRouter(hosts, delay=0.0, subnet="10.83.0") as wan:
-        chaos = Chaos(wan, args)
+        chaos = Chaos(wan, args, live_file)
         gateways: list[PeerProcess] = []
         try:
             console.rule(f"{args.peers} peers, one after another (each picks its span from those announced)")
@@ -264,17 +288,8 @@ def main() -> None:
                 listen = ("--host-maddrs", f"/ip4/{wan.ip(host)}/tcp/0")
                 boots = chaos.live_maddrs(2)
                 extra = [a for m in boots[1:] for a in ("--initial-peers", m)]
-                gw = PeerProcess(
-                    "--layers",
-                    "none",
-                    "--api",
-                    api,
-                    *listen,
-                    *extra,
-                    initial=boots[0],
-                    prefix=wan.prefix(host),
-                    threads=None,
-                )
+                args_gw = ("--layers", "none", "--api", api, "--wire-dtype", "fp32", *listen, *extra)
+                gw = PeerProcess(*args_gw, initial=boots[0], prefix=wan.prefix(host), threads=None)
                 gateways.append(gw)
             for gw in gateways:
                 gw.wait_ready()
@@ -284,11 +299,11 @@ def main() -> None:
                 "tokens": args.tokens,
                 "status_every": args.status_every,
                 "gateways": [gw.api for gw in gateways],
-                "peers": [p.maddr for p in chaos.peers.values()],
+                "live_file": str(live_file),
                 "reference": ref,
             }
-            spec_path = ROOT / "bench" / "results" / "churn-spec.json"
-            spec_path.parent.mkdir(parents=True, exist_ok=True)
+            chaos.publish_live()
+            spec_path = results / "churn-spec.json"
             spec_path.write_text(json.dumps(spec))
             console.rule(f"{args.clients} clients for {args.duration:.0f} s; a kill every {args.kill_every:.0f} s")
             t0 = time.time()

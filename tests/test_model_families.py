@@ -1,6 +1,6 @@
 """Every supported family against transformers' own implementation: tiny random models built from
-transformers' config classes (tests/model_families.py), in one process, through `swarmlm serve`, and
-through a two-peer swarm whose spans split each model in the middle."""
+transformers' config classes (tests/model_families.py), in one process, and through a two-peer swarm whose
+spans split each model in the middle, both from a client and over HTTP from a gateway on the second peer."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import httpx
 import pytest
 import torch
 
+from swarmlm.engine.engine import Engine, EngineConfig
 from swarmlm.engine.sampling import SamplingParams
-from swarmlm.launch.peers import PeerProcess, start_peers, stop_all
-from swarmlm.launch.servers import ServerProcess
+from swarmlm.engine.scheduler import make_scheduler
+from swarmlm.launch.peers import PeerProcess, free_port, start_peers, stop_all
 from swarmlm.model.checkpoint import CheckpointError
 from swarmlm.model.loading import load_model
 from swarmlm.swarm.client import RemoteModel
@@ -97,36 +98,34 @@ def test_unsupported_family_is_refused_with_the_list(family_dirs: dict[str, Path
 
 @pytest.fixture(scope="module")
 def answers(family_dirs: dict[str, Path]) -> Iterator[dict[str, dict[str, str]]]:
-    """Each served family's greedy answer to MESSAGES: from transformers' `generate`, from `swarmlm serve`
-    (one server per family), and through a swarm where one peer holds layers 0:2 and another 2:4."""
+    """Each served family's greedy answer to MESSAGES: from transformers' `generate`, from the engine alone
+    (in this process), and through a swarm where one peer holds layers 0:2 and another 2:4, from a
+    `RemoteModel` and from the chat API of a gateway running beside the second peer (`--api`: the HTTP
+    stack of `swarmlm serve`, without a process more per family)."""
     found: dict[str, dict[str, str]] = {f: {} for f in SERVED}
     for family in SERVED:
         ref, tokenizer = reference(family_dirs[family])
         ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
         out = ref.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
         found[family]["transformers"] = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
-    servers = {f: ServerProcess("--model", str(family_dirs[f])) for f in SERVED}
-    try:
-        for family, server in servers.items():
-            body = {"model": family, "messages": MESSAGES, "max_tokens": NEW_TOKENS, "temperature": 0}
-            reply = httpx.post(f"{server.wait_ready().base}/v1/chat/completions", json=body, timeout=120)
-            found[family]["serve"] = reply.json()["choices"][0]["message"]["content"]
-    finally:
-        for server in servers.values():
-            server.stop()
+        model = load_model(str(family_dirs[family]), device="cpu")
+        engine = Engine(model, make_scheduler("fcfs"), EngineConfig(kv_budget_bytes=64 << 20))
+        prompt = model.tokenizer.encode(model.tokenizer.chat_prompt(MESSAGES))
+        (seq,) = engine.add(prompt, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+        while engine.has_work:
+            engine.step()
+        found[family]["engine"] = seq.text
     spans = [(family, layers) for family in SERVED for layers in ("0:2", "2:4")]
-    peers = start_peers(
-        len(spans),
-        lambda rank, boot: PeerProcess(
-            "--model",
-            str(family_dirs[spans[rank][0]]),
-            "--layers",
-            spans[rank][1],
-            "--rebalance-period",
-            "0",
-            initial=boot,
-        ),
-    )
+    apis = {family: f"127.0.0.1:{free_port()}" for family in SERVED}
+
+    def peer(rank: int, boot: str | None) -> PeerProcess:
+        family, layers = spans[rank]
+        # fp32 between the peers, as the client's: random tiny models have close logits that bf16 can flip
+        api = ("--api", apis[family], "--wire-dtype", "fp32") if layers == "2:4" else ()
+        args = ("--model", str(family_dirs[family]), "--layers", layers, "--rebalance-period", "0", *api)
+        return PeerProcess(*args, initial=boot)
+
+    peers = start_peers(len(spans), peer)
     try:
         config = ClientConfig(wire_dtype="fp32", step_timeout=30)
         for family in SERVED:
@@ -134,6 +133,10 @@ def answers(family_dirs: dict[str, Path]) -> Iterator[dict[str, dict[str, str]]]
                 prompt = remote.tokenizer.encode(remote.tokenizer.chat_prompt(MESSAGES))
                 out = remote.generate(prompt, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
                 found[family]["swarm"] = remote.tokenizer.decode(out)
+            body = {"model": family, "messages": MESSAGES, "max_tokens": NEW_TOKENS, "temperature": 0}
+            reply = httpx.post(f"http://{apis[family]}/v1/chat/completions", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            found[family]["gateway"] = reply.json()["choices"][0]["message"]["content"]
         yield found
     finally:
         stop_all(peers)
@@ -143,5 +146,6 @@ def answers(family_dirs: dict[str, Path]) -> Iterator[dict[str, dict[str, str]]]
 def test_greedy_text_identical_alone_served_and_split(family: str, answers: dict[str, dict[str, str]]) -> None:
     got = answers[family]
     assert got["transformers"].strip(), f"{family}: the reference answered nothing; pick another prompt"
-    assert got["serve"] == got["transformers"], family
+    assert got["engine"] == got["transformers"], family
     assert got["swarm"] == got["transformers"], family
+    assert got["gateway"] == got["transformers"], family

@@ -24,7 +24,7 @@ from swarmlm.serve.auth import load_keys
 from swarmlm.serve.dashboard import add_dashboard
 from swarmlm.serve.server import ApiServer, build_app
 from swarmlm.serve.server_config import GatewayConfig, ServeConfig, parse_address
-from swarmlm.swarm.client import RemoteModel
+from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.peer import PeerConfig, run_peer
 from swarmlm.swarm.records import SpanRecord, fetch_records
 from swarmlm.swarm.remote_executor import SwarmExecutor
@@ -53,12 +53,16 @@ def run_peer_with_gateway(peer: PeerConfig, gateway: GatewayConfig | None) -> in
     )
     if gateway.micro_batches < 0:
         raise ValueError(f"--micro-batches must be 0 (automatic) or more, not {gateway.micro_batches}")
-    return run_peer(peer, lambda dht: Gateway(dht, serve, peer.ttl, gateway.micro_batches))
+    client = ClientConfig(wire_dtype=gateway.wire_dtype)
+    return run_peer(peer, lambda dht: Gateway(dht, serve, peer.ttl, gateway.micro_batches, client))
 
 
 class Gateway:
-    def __init__(self, dht: DHT, cfg: ServeConfig, ttl: float, micro_batches: int) -> None:
-        self.remote = RemoteModel(cfg.model, initial_peers=[str(m) for m in dht.get_visible_maddrs()])
+    def __init__(
+        self, dht: DHT, cfg: ServeConfig, ttl: float, micro_batches: int, client: ClientConfig | None = None
+    ) -> None:
+        maddrs = [str(m) for m in dht.get_visible_maddrs()]
+        self.remote = RemoteModel(cfg.model, initial_peers=maddrs, config=client)
         try:
             self._build(cfg, ttl, micro_batches)
         except BaseException:  # the client's DHT node would keep the peer's process alive after it gave up

@@ -53,6 +53,12 @@ class GatewayConfig:
         help="With --api: groups the running sequences flow through the chain in, one behind the other "
         "(0: one per machine serving layers, at most 4; peers on one machine share its cores)",
     )
+    wire_dtype: str = setting(
+        "bf16",
+        help="With --api: the format of hidden states between peers (fp32: the single-process engine's "
+        "greedy text through any number of hops; bf16: half the bytes, may flip a close greedy choice)",
+        choices=("bf16", "fp16", "fp32"),
+    )
     api_keys: str | None = setting(None, help=API_KEYS_HELP)
     protect_metrics: bool = setting(False, help=PROTECT_METRICS_HELP)
 
