@@ -50,6 +50,7 @@ from swarmlm.model.model_config import ModelConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling module
 from bench_output import save_result
 from foreign_cpu import ForeignCpu
+from proc_stats import memory
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
@@ -57,12 +58,6 @@ PROMPT = "The river town woke slowly on winter mornings. Fishermen pushed their 
 DTYPE = "bf16"
 THREADS = "2"
 MIB = 1 << 20
-
-
-def memory(pid: int) -> dict[str, int]:
-    """A process's resident memory now and at its peak (VmRSS and VmHWM of /proc/PID/status), in bytes."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {"rss_bytes": int(fields["VmRSS"].split()[0]) << 10, "peak_rss_bytes": int(fields["VmHWM"].split()[0]) << 10}
 
 
 def greedy(base: str, model_id: str, tokens: int) -> tuple[str, float]:

@@ -44,12 +44,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from swarmlm.launch.peers import PeerProcess, stop_all
+from swarmlm.launch.peers import PeerProcess, alive, stop_all
 from swarmlm.launch.wan import WanRouter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling module
 
 from bench_output import save_result
+from proc_stats import memory
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "SmolLM2-135M-Instruct"
@@ -184,13 +185,11 @@ class Chaos:
 
 
 def rss_bytes(peer: PeerProcess) -> int:
+    """Resident memory of the peer and every process below it (its DHT process, p2pd)."""
     total = 0
-    for pid in peer.pids():
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS")), 0)
+    for pid in alive(peer.pids()):
+        with contextlib.suppress(OSError):  # it may exit between the two reads
+            total += memory(pid)["rss_bytes"]
     return total
 
 

@@ -57,6 +57,7 @@ from swarmlm.swarm.client import RemoteModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling module
 from bench_output import save_result
+from proc_stats import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
@@ -132,12 +133,6 @@ def failover(client: RemoteModel, peers: dict[str, PeerProcess], kills: int, tok
             raise RuntimeError("the killed peer's session did not fail over")
         console.print(f"  kill {i + 1}/{kills}: recovered in {client.stats.recovery_seconds[-1] * 1000:.0f} ms")
     return client.stats.recovery_seconds[-kills:]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (/proc/PID/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def busy(procs: dict[str, int], run: Callable[[], float]) -> tuple[float, dict[str, float]]:

@@ -106,9 +106,9 @@ class StepRequest:
                 raise ProtocolError(
                     f"the rows need {sum(r.length for r in rows)} hidden states, got {tuple(hidden.shape)}"
                 )
+        except ProtocolError:
+            raise
         except (ValueError, TypeError, msgpack.UnpackException) as e:
-            if isinstance(e, ProtocolError):
-                raise
             raise ProtocolError(f"malformed step: {e}") from e
         return cls(
             hidden,

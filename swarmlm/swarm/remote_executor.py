@@ -70,10 +70,6 @@ class SwarmExecutor:
     def in_flight(self) -> bool:
         return any(g.future is not None for g in self.groups)
 
-    @property
-    def sessions(self) -> list[InferenceSession]:
-        return [g.session for g in self.groups]
-
     def reserve(self, seq: Sequence, length: int, lower: list[Sequence]) -> bool:
         """A sequence joins the smallest group on its first step; it may step while its group is back."""
         group = self._group_of.get(seq)

@@ -138,7 +138,8 @@ class SpanServicer(ServicerBase):
         meanwhile. A failure is reported on this stream as the step's push_error."""
         nxt, rest = step.forward[0], step.forward[1:]
         assert stream.key is not None
-        request = StepRequest(out, step.rows, step.step_id, forward=rest, to=(stream.key[0], nxt.start))
+        to = (stream.key[0], nxt.start)  # the rows the client closed are closed down the chain too
+        request = StepRequest(out, step.rows, step.step_id, forward=rest, closed=step.closed, to=to)
 
         async def push() -> None:
             error = None
