@@ -8,7 +8,8 @@ prompts got another greedy answer than the fp32 single-process engine's, the sam
 greedy completions to the gateways in turn for --duration seconds, while every --kill-every seconds a
 random serving peer (the bootstrap too) is killed with SIGKILL and restarted --restart-after seconds later
 in the same namespace, joining through any two peers still alive. Every --status-every seconds the
-clients' host times `swarmlm status` (a new process, through three live peers picked at random).
+clients' host times `swarmlm status`, a new process, in turns: through three live peers picked at random
+(its own DHT node) and through a gateway (`--gateway`: no hivemind import, the gateway's DHT node).
 
 Reported: requests done and failed, how many answers differ from the single-process engine's greedy
 text, tokens/s over time (a PNG with the kills marked, bench/results/churn-<time>.png), each kill's
@@ -102,14 +103,20 @@ def client_main(spec: dict[str, Any]) -> dict[str, Any]:
             requests.append(record)
 
     def probe_status() -> None:
-        while time.time() < stop_at:
+        for n in itertools.count():
             time.sleep(spec["status_every"])
-            live = json.loads(Path(spec["live_file"]).read_text())
-            boots = random.sample(live, k=min(3, len(live)))
-            cmd = [sys.executable, "-m", "swarmlm.cli", "status"] + [a for b in boots for a in ("--initial-peers", b)]
+            if time.time() >= stop_at:
+                return
+            if n % 2:  # through a gateway's warm DHT node: a small process that imports no hivemind
+                via, args = "gateway", ["--gateway", spec["gateways"][n // 2 % len(spec["gateways"])]]
+            else:  # its own DHT node, through three live peers
+                live = json.loads(Path(spec["live_file"]).read_text())
+                via, args = "dht", [a for b in random.sample(live, k=min(3, len(live))) for a in ("--initial-peers", b)]
             t0 = time.time()
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            probes.append({"at": t0, "seconds": time.time() - t0, "exit": done.returncode})
+            done = subprocess.run(
+                [sys.executable, "-m", "swarmlm.cli", "status", *args], capture_output=True, timeout=120
+            )
+            probes.append({"at": t0, "via": via, "seconds": time.time() - t0, "exit": done.returncode})
 
     with ThreadPoolExecutor(spec["clients"] + 1) as pool:
         pool.submit(probe_status)
@@ -224,7 +231,7 @@ def summarize(run: dict[str, Any], kills: list[dict[str, Any]], t0: float) -> di
         "kills": [{**k, "at": k["at"] - t0} for k in kills],
         "recovery_median_s": statistics.median(pauses) if pauses else None,
         "recovery_max_s": max(pauses) if pauses else None,
-        "status_seconds_max": max((p["seconds"] for p in probes), default=None),
+        "status_seconds": {via: sorted(p["seconds"] for p in probes if p["via"] == via) for via in ("dht", "gateway")},
         "status_exits": [p["exit"] for p in probes],
         "coverage_gaps": sum(p["exit"] == 1 for p in probes),  # 3: none of the three answered
     }
@@ -345,11 +352,15 @@ def main() -> None:
             "longest pause after a kill: median, max",
             f"{summary['recovery_median_s']:.2f} s, {summary['recovery_max_s']:.2f} s",
         )
-    if summary["status_seconds_max"] is not None:
-        table.add_row(
-            "swarmlm status: slowest, coverage gaps",
-            f"{summary['status_seconds_max']:.2f} s, {summary['coverage_gaps']} of {len(summary['status_exits'])}",
-        )
+    for via, seconds in summary["status_seconds"].items():
+        if seconds:
+            table.add_row(
+                f"swarmlm status via {via}: median, slowest",
+                f"{statistics.median(seconds):.2f} s, {seconds[-1]:.2f} s",
+            )
+    table.add_row(
+        "status probes showing a coverage gap", f"{summary['coverage_gaps']} of {len(summary['status_exits'])}"
+    )
     if rss:
         table.add_row(
             "peer RSS (tree): min, max", f"{min(rss.values()) / 1e9:.2f} GB, {max(rss.values()) / 1e9:.2f} GB"

@@ -63,6 +63,15 @@ def test_a_multiaddr_without_a_peer_id() -> None:
     assert_error(swarmlm("status", "--initial-peers", "/ip4/127.0.0.1/tcp/1"), USAGE, "/p2p/PEER_ID")
 
 
+def test_status_needs_a_way_into_the_swarm() -> None:
+    assert_error(swarmlm("status"), USAGE, "--initial-peers", "--gateway")
+    assert_error(swarmlm("status", "--gateway", "http://127.0.0.1:x"), USAGE, "is not a URL")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert_error(swarmlm("status", "--gateway", f"127.0.0.1:{port}"), UNREACHABLE, "could not reach gateway")
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cli-data")

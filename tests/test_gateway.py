@@ -5,8 +5,11 @@ mid-stream."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -167,6 +170,28 @@ def test_dashboard_in_headless_chromium(swarm: Swarm, tmp_path: Path) -> None:
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def swarmlm_status(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "swarmlm.cli", "status", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_status_through_the_gateway_matches_the_dht(swarm: Swarm) -> None:
+    """`swarmlm status --gateway` (no hivemind, no DHT node of its own) shows what the DHT shows."""
+    assert swarm.gateway is not None
+    via_gateway, via_dht = (
+        swarmlm_status("--gateway", swarm.base),
+        swarmlm_status("--initial-peers", swarm.peers[0].maddr),
+    )
+    assert via_gateway.returncode == via_dht.returncode == 0, via_gateway.stderr + via_dht.stderr
+    for out in (via_gateway.stdout, via_dht.stdout):
+        assert "4 live peers" in out and "1" * 15 + "2" * 15 in out  # three peers and the gateway; 15:30 twice
+        assert all(p.peer_id[:16] in out for p in [*swarm.peers, swarm.gateway])
+    refused = swarmlm_status(
+        "--gateway", swarm.peers[0].maddr.split("/p2p/")[0].replace("/ip4/", "").replace("/tcp/", ":")
+    )
+    assert refused.returncode == 2 and "does not speak HTTP" in refused.stderr
 
 
 def test_kill_9_mid_stream_through_the_gateway(swarm: Swarm, model: LoadedModel) -> None:

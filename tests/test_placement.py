@@ -23,7 +23,7 @@ from swarmlm.model.memory import (
 from swarmlm.model.model_config import ModelConfig
 from swarmlm.swarm.peer_config import PeerConfig
 from swarmlm.swarm.placement import place
-from swarmlm.swarm.records import SpanRecord
+from swarmlm.swarm.span_record import SpanRecord
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from swarmlm.ledger.store import ledger_path, read_lines, verify_file
 from swarmlm.model.loading import DEFAULT_MODEL_ID, LoadedModel, default_model_path, load_model, resolve_device
 from swarmlm.model.memory import device_label
 from swarmlm.swarm.client import ClientConfig, RemoteModel
-from swarmlm.swarm.records import SpanRecord
 from swarmlm.swarm.routing import NoRouteError, better_span, choose_span, find_route, format_layers
+from swarmlm.swarm.span_record import SpanRecord
 
 pytestmark = pytest.mark.slow
 

@@ -66,7 +66,14 @@ def check_network(cfg: NetworkConfig) -> None:
 
 
 def status(
-    initial_peers: Annotated[list[str], typer.Option("--initial-peers", help="Multiaddr of any peer in the swarm")],
+    initial_peers: Annotated[
+        list[str] | None, typer.Option("--initial-peers", help="Multiaddr of any peer in the swarm (repeatable)")
+    ] = None,
+    gateway: Annotated[
+        str | None,
+        typer.Option(help="URL of a gateway (`swarmlm peer --api`): ask it instead of joining the DHT; quickest"),
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="With --gateway: its API key, if /dashboard is protected")] = None,
     model: Annotated[str | None, typer.Option(help="The model whose swarm to show (default: the embedded one)")] = None,
     identity: Annotated[str | None, typer.Option(help="Key file (with --swarm-cert: the member's key)")] = None,
     swarm_cert: Annotated[
@@ -74,6 +81,16 @@ def status(
     ] = None,
 ) -> None:
     """Show the swarm's peers and per-layer coverage; exit code 1 if some layer has no live peer."""
+    if gateway is not None:
+        from swarmlm.swarm.status import GatewayStateError, fetch_gateway_state, print_gateway_state
+
+        try:
+            state = fetch_gateway_state(gateway, api_key)
+        except GatewayStateError as e:
+            fail(str(e), e.exit_code)
+        raise typer.Exit(print_gateway_state(state))
+    if not initial_peers:
+        fail("give --initial-peers (any peer of the swarm) or --gateway (a gateway's URL)")
     check_multiaddrs(initial_peers, "--initial-peers", need_peer_id=True)
 
     def run() -> int:
@@ -81,19 +98,23 @@ def status(
         from swarmlm.core.identity import Identity
         from swarmlm.core.membership import load_membership
         from swarmlm.core.settings import LOCALHOST_MADDRS
-        from swarmlm.model.checkpoint import open_checkpoint
         from swarmlm.model.loading import resolve_model
         from swarmlm.swarm.records import DEFAULT_TTL, fetch_records
-        from swarmlm.swarm.status import print_status
+        from swarmlm.swarm.status import model_layers, print_status
 
         model_id, path = resolve_model(model)
-        num_layers = open_checkpoint(path).config.num_layers
         me = Identity.from_option(identity)
         cert = load_membership(swarm_cert, me) if swarm_cert else None
         dht = start_dht(initial_peers, list(LOCALHOST_MADDRS), me, client=True, cert=cert)
         try:
-            return print_status(fetch_records(dht, model_id, online_only=False), model_id, num_layers, DEFAULT_TTL)
+            records = fetch_records(dht, model_id, online_only=False)
         finally:
             dht.shutdown()
+        num_layers = model_layers(records)
+        if not num_layers:  # no peer says (none, or older ones): the checkpoint does
+            from swarmlm.model.checkpoint import open_checkpoint
+
+            num_layers = open_checkpoint(path).config.num_layers
+        return print_status(records, model_id, num_layers, DEFAULT_TTL)
 
     exit_with(run)

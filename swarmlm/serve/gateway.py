@@ -26,9 +26,10 @@ from swarmlm.serve.server import ApiServer, build_app
 from swarmlm.serve.server_config import GatewayConfig, ServeConfig, parse_address
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.peer import PeerConfig, run_peer
-from swarmlm.swarm.records import SpanRecord, fetch_records
+from swarmlm.swarm.records import fetch_records
 from swarmlm.swarm.remote_executor import SwarmExecutor
 from swarmlm.swarm.routing import NoRouteError, find_route, format_layers, peers_per_layer, uncovered_layers
+from swarmlm.swarm.span_record import SpanRecord
 
 log = logging.getLogger("swarmlm.gateway")
 

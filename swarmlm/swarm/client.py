@@ -22,8 +22,8 @@ from swarmlm.engine.sequence import StepOutput
 from swarmlm.engine.stopping import StopChecker
 from swarmlm.model.loading import load_model
 from swarmlm.swarm.inference_session import InferenceSession
-from swarmlm.swarm.records import SpanRecord
 from swarmlm.swarm.sequence_manager import ClientConfig, RemoteSequenceManager, SwarmStats
+from swarmlm.swarm.span_record import SpanRecord
 
 __all__ = ["ClientConfig", "RemoteModel"]
 

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from swarmlm.swarm.messages import NextHop, Row, StepRequest
-from swarmlm.swarm.records import SpanRecord
 from swarmlm.swarm.routing import NoRouteError
 from swarmlm.swarm.sequence_manager import RemoteSequenceManager
+from swarmlm.swarm.span_record import SpanRecord
 from swarmlm.swarm.span_stream import HopFailure, SpanStream
 
 log = logging.getLogger("swarmlm.client")

@@ -38,9 +38,10 @@ from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import checkpoint_digests, load_model, resolve_model
 from swarmlm.swarm.peer_config import PeerConfig, parse_layers
 from swarmlm.swarm.placement import Placement, host_fingerprint, place
-from swarmlm.swarm.records import SpanRecord, announce, fetch_records, withdraw
+from swarmlm.swarm.records import announce, fetch_records, withdraw
 from swarmlm.swarm.routing import better_span, choose_span
 from swarmlm.swarm.servicer import SpanServicer
+from swarmlm.swarm.span_record import SpanRecord
 from swarmlm.swarm.versions import expected_digest, model_version, version_body
 
 log = logging.getLogger("swarmlm.peer")
@@ -119,6 +120,7 @@ class Peer:
             model_id,
             0,
             0,
+            model_layers=num_layers,
             version=__version__,
             device=placement.device,
             host=host_fingerprint(),

@@ -7,7 +7,7 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from swarmlm.swarm.records import SpanRecord
+from swarmlm.swarm.span_record import SpanRecord
 
 HOP_SECONDS = 0.003  # assumed cost of one network hop before any is measured (loopback: ~1 ms)
 

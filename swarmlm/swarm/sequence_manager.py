@@ -34,9 +34,10 @@ from swarmlm.core.membership import Membership, load_membership
 from swarmlm.ledger.store import Ledger
 from swarmlm.ledger.sync import SYNC_TIMEOUT, pull, push
 from swarmlm.swarm.messages import WIRE_DTYPES, Row
-from swarmlm.swarm.records import SpanRecord, fetch_records
+from swarmlm.swarm.records import fetch_records
 from swarmlm.swarm.routing import RouteHop, find_route
 from swarmlm.swarm.servicer import PING_HANDLER
+from swarmlm.swarm.span_record import SpanRecord
 from swarmlm.swarm.span_stream import HopFailure, SpanStream
 from swarmlm.swarm.versions import expected_digest, model_version
 

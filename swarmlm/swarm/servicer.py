@@ -20,7 +20,7 @@ from swarmlm.core.membership import Membership, MembershipError
 from swarmlm.engine.kv_cache import KVCacheError
 from swarmlm.engine.span_engine import SessionError, SpanEngine, SpanSession
 from swarmlm.swarm.messages import ProtocolError, StepReply, StepRequest
-from swarmlm.swarm.records import SpanRecord
+from swarmlm.swarm.span_record import SpanRecord
 
 PUSH_TIMEOUT = 10.0  # a push that the next peer has not taken by then failed (the client reroutes)
 OPEN_WAIT = 5.0  # how long a push waits for its stream's opening message, sent by the client at the same time

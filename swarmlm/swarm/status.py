@@ -1,16 +1,20 @@
-"""`swarmlm status`: what the swarm looks like from the DHT right now."""
+"""`swarmlm status`: what the swarm looks like right now, from the DHT or from a gateway's /dashboard/state.
+
+Nothing here imports hivemind (nor, through it, torch): asked through a gateway, `swarmlm status` is a
+small process that answers in well under a second even on a machine whose cores are busy serving.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from hivemind.utils import get_dht_time
 from rich.console import Console
 from rich.table import Table
 
 from swarmlm.core.sizes import format_size
-from swarmlm.swarm.records import SpanRecord
 from swarmlm.swarm.routing import coverage, format_layers, peers_per_layer, uncovered_layers
+from swarmlm.swarm.span_record import SpanRecord
 
 
 def peer_table(records: list[SpanRecord], ttl: float) -> Table:
@@ -18,7 +22,7 @@ def peer_table(records: list[SpanRecord], ttl: float) -> Table:
     columns = ("peer", "layers", "device", "memory", "tok/s", "sessions", "queue", "free KV tokens", "state")
     for col in (*columns, "last seen", "api"):
         table.add_column(col)
-    now = get_dht_time()
+    now = time.time()  # hivemind's DHT time is the wall clock
     for r in records:
         seen = now - (r.expires - ttl)  # a record is stored with expiry = refresh time + ttl
         table.add_row(
@@ -35,6 +39,18 @@ def peer_table(records: list[SpanRecord], ttl: float) -> Table:
             r.api or "-",
         )
     return table
+
+
+def records_from_state(state: dict[str, Any]) -> list[SpanRecord]:
+    """The records in a gateway's /dashboard/state (peers carry `last_seen` instead of an expiry)."""
+    now, ttl = time.time(), float(state["ttl"])
+    records = (SpanRecord.from_wire(peer, now - float(peer["last_seen"]) + ttl) for peer in state["peers"])
+    return [r for r in records if r is not None]
+
+
+def model_layers(records: list[SpanRecord]) -> int:
+    """How many layers the model has, as its peers announce it (0: none of them says)."""
+    return max((r.model_layers for r in records), default=0)
 
 
 def coverage_line(records: list[SpanRecord], num_layers: int) -> str:
@@ -56,3 +72,49 @@ def print_status(records: list[SpanRecord], model_id: str, num_layers: int, ttl:
         console.print(f"[red]layers without a live peer: {format_layers(missing)}[/red]")
         return 1
     return 0
+
+
+class GatewayStateError(Exception):
+    """The gateway could not be asked: unreachable (exit code 3), or it refused us (exit code 2)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def fetch_gateway_state(url: str, api_key: str | None, timeout: float = 10.0) -> dict[str, Any]:
+    """GET URL/dashboard/state: the swarm as that gateway sees it (its DHT node is already warm)."""
+    import http.client
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = url.rstrip("/").removesuffix("/v1")
+    if "://" not in base:
+        base = f"http://{base}"
+    try:
+        request = urllib.request.Request(f"{base}/dashboard/state")
+        if api_key:
+            request.add_header("Authorization", f"Bearer {api_key}")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            state = json.load(response)
+    except urllib.error.HTTPError as e:
+        hint = " (give --api-key)" if e.code == 401 else ""
+        raise GatewayStateError(f"gateway {url} answered HTTP {e.code}{hint}", 2) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise GatewayStateError(f"could not reach gateway {url}: {reason}", 3) from None
+    except json.JSONDecodeError:
+        raise GatewayStateError(f"{url} is not a swarmlm gateway (its /dashboard/state is not JSON)", 2) from None
+    except (ValueError, http.client.InvalidURL) as e:  # no host, a port that is no number
+        raise GatewayStateError(f"--gateway {url!r} is not a URL ({e})", 2) from None
+    except http.client.HTTPException:  # it answered, but not in HTTP (a libp2p port, say)
+        raise GatewayStateError(f"{url} does not speak HTTP: is it a gateway's --api address?", 2) from None
+    if not isinstance(state, dict) or not {"model", "num_layers", "ttl", "peers"} <= state.keys():
+        raise GatewayStateError(f"{url} is not a swarmlm gateway (unexpected /dashboard/state)", 2)
+    return state
+
+
+def print_gateway_state(state: dict[str, Any]) -> int:
+    """`print_status` for what a gateway said."""
+    return print_status(records_from_state(state), str(state["model"]), int(state["num_layers"]), float(state["ttl"]))
