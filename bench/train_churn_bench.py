@@ -4,7 +4,7 @@
 its own network namespace behind `launch/wan.py`'s router (no delay: a host each, as on a LAN), train
 --rounds DiLoCo rounds in groups of whoever is there (--min-group-size 2). From --kill-after seconds on,
 every --kill-every seconds a random live trainer (the bootstrap too) is killed with SIGKILL and restarted
---restart-after seconds later with the same run folder, joining through a live trainer. Once the chaos
+--restart-after seconds later with the same run folder, joining through two live trainers. Once the chaos
 stops (--chaos-for seconds), every trainer runs to the last round.
 
 Reported: rounds that some group averaged (target: all); per round, how many different weight digests
@@ -51,7 +51,7 @@ from churn_bench import rss_bytes
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 RESUMED = re.compile(r"resumed from \S+ at round (\d+)")
 DOWNLOADED = re.compile(r"caught up: downloaded round (\d+)")
-FAST = ("--inner-steps", "10", "--batch-size", "8", "--matchmaking-time", "1.5", "--inner-lr", "3e-3")
+FAST = ("--inner-steps", "10", "--batch-size", "8", "--inner-lr", "3e-3")
 
 
 class TrainChaos:
@@ -62,11 +62,13 @@ class TrainChaos:
         self.trainers: dict[str, TrainerProcess] = {}
         self.kills: list[dict[str, Any]] = []
         self.progress: list[tuple[float, int]] = []  # (time, highest round some trainer averaged)
+        self.rss: dict[str, int] = {}  # the most each trainer's process tree held, sampled every 5 s
         self.rng = random.Random(0)
 
     def start(self, rank: int, initial: str | None) -> TrainerProcess:
         host, n = f"trainer{rank}", self.args.trainers
         args = ("--data", str(self.data), "--data-part", f"{rank}/{n}", "--rounds", str(self.args.rounds), *FAST)
+        args += ("--matchmaking-time", str(self.args.matchmaking_time))
         args += ("--target-group-size", str(n), "--min-group-size", "2", "--min-peers", str(n))
         args += ("--host-maddrs", f"/ip4/{self.wan.ip(host)}/tcp/0")
         trainer = TrainerProcess(*args, run_dir=self.root / host, initial=initial, prefix=self.wan.prefix(host))
@@ -87,15 +89,22 @@ class TrainChaos:
         while True:
             now = time.time()
             self.progress.append((now, self.global_round()))
+            if len(self.progress) % 10 == 0:
+                for host, t in self.trainers.items():
+                    if t.proc.poll() is None:
+                        self.rss[host] = max(self.rss.get(host, 0), rss_bytes(t))
             for due, kill in [r for r in restarts if r[0] <= now]:
                 restarts.remove((due, kill))
-                boot = self.rng.choice(self.live()).maddr
-                self.trainers[kill["host"]] = self.trainers[kill["host"]].restart(boot)
+                live = [t.maddr for t in self.live()]
+                boots = self.rng.sample(live, k=min(2, len(live)))  # two: one may die while we join
+                self.trainers[kill["host"]] = self.trainers[kill["host"]].restart(*boots)
                 kill["log"] = self.trainers[kill["host"]].log
             if next_kill <= now < chaos_until:
                 candidates = [h for h, t in self.trainers.items() if t.proc.poll() is None and t.maddr]
                 if len(candidates) > 2:  # a group needs two
                     host = self.rng.choice(candidates)
+                    if len(self.kills) == 1 and "trainer0" in candidates:  # the bootstrap, once at least
+                        host = "trainer0"
                     rounds = [r["round"] for r in self.trainers[host].rounds() if r["averaged"]]
                     self.trainers[host].crash()
                     kill = {"at": now, "host": host, "bootstrap": host == "trainer0"}
@@ -115,7 +124,7 @@ def summarize(chaos: TrainChaos, rounds: int, t0: float) -> dict[str, Any]:
         for r in peer:
             if r["averaged"]:
                 digests[r["round"]].add(r["digest"])
-    advances = [t for (t, g), (_, g0) in itertools.pairwise(chaos.progress) if g > g0]
+    advances = [t for (_, g0), (t, g) in itertools.pairwise(chaos.progress) if g > g0]
     for kill in chaos.kills:
         log = kill.pop("log").read_text()
         resumed, downloaded = RESUMED.search(log), DOWNLOADED.search(log)
@@ -151,6 +160,7 @@ def main() -> None:
     ap.add_argument("--kill-after", type=float, default=20, help="seconds of training before the first kill")
     ap.add_argument("--kill-every", type=float, default=15)
     ap.add_argument("--restart-after", type=float, default=10)
+    ap.add_argument("--matchmaking-time", type=float, default=5.0, help="each trainer's --matchmaking-time")
     ap.add_argument("--chaos-for", type=float, default=240, help="seconds after which no trainer is killed")
     args = ap.parse_args()
 
@@ -161,7 +171,6 @@ def main() -> None:
         hosts = [f"trainer{i}" for i in range(args.trainers)]
         with WanRouter(hosts, delay=0.0, subnet="10.84.0") as wan:
             chaos = TrainChaos(wan, args, data, root)
-            rss: dict[str, int] = {}
             try:
                 console.rule(f"{args.trainers} trainers, {args.rounds} rounds; a kill every {args.kill_every:.0f} s")
                 boot = chaos.start(0, None).wait_address().maddr
@@ -171,12 +180,11 @@ def main() -> None:
                     t.wait_ready()
                 t0 = time.time()
                 chaos.run(t0 + args.chaos_for)
-                rss = {h: rss_bytes(t) for h, t in chaos.trainers.items() if t.proc.poll() is None}
             finally:
                 stop_all(list(chaos.trainers.values()))
             wall = time.time() - t0
             summary = summarize(chaos, args.rounds, t0)
-    result = {"settings": vars(args), "wall_s": wall, **summary, "rss_bytes": rss}
+    result = {"settings": vars(args), "wall_s": wall, **summary, "rss_bytes": chaos.rss}
     table = Table(title=f"training churn: {args.trainers} DiLoCo trainers, kill -9 every {args.kill_every:.0f} s")
     table.add_column("figure")
     table.add_column("value")
@@ -204,6 +212,8 @@ def main() -> None:
         )
     if summary["round_s"] is not None:
         table.add_row("seconds between new rounds: median", f"{summary['round_s']:.1f} s")
+    if chaos.rss:
+        table.add_row("trainer RSS (tree), max", f"{max(chaos.rss.values()) / 1e9:.2f} GB")
     table.add_row("wall time", f"{wall:.0f} s")
     console.print(table)
     save_result("train-churn", result)

@@ -21,9 +21,14 @@ class TrainerProcess(PeerProcess):
         self.args, self.run_dir, self.kwargs = args, run_dir, kwargs
         super().__init__(*args, "--run-dir", str(run_dir), **kwargs)
 
-    def restart(self, initial: str | None) -> TrainerProcess:
-        """The same peer started again (after a crash): same settings, same run folder."""
-        return TrainerProcess(*self.args, run_dir=self.run_dir, **{**self.kwargs, "initial": initial})
+    def restart(self, initial: str | None, *more_initial: str) -> TrainerProcess:
+        """The same peer started again (after a crash): same settings, same run folder; `more_initial`:
+        further --initial-peers (any one that answers will do)."""
+        args = list(self.args)
+        while "--initial-peers" in args:  # an earlier restart's: those peers may be gone
+            del args[args.index("--initial-peers") : args.index("--initial-peers") + 2]
+        more = [a for m in more_initial for a in ("--initial-peers", m)]
+        return TrainerProcess(*args, *more, run_dir=self.run_dir, **{**self.kwargs, "initial": initial})
 
     def _ready(self, text: str) -> re.Match[str] | None:
         return re.search(r"swarmlm train: peer (\S+) at (\S+)", text)
