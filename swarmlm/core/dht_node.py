@@ -22,7 +22,9 @@ def run_dht_node(cfg: NetworkConfig) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    dht = start_dht(cfg.initial_peers, cfg.host_maddrs, identity, cert=cert, announce_maddrs=announce)
+    dht = start_dht(
+        cfg.initial_peers, cfg.host_maddrs, identity, cert=cert, announce_maddrs=announce, behind_nat=cfg.behind_nat
+    )
     try:
         for maddr in dht.get_visible_maddrs():
             print(f"swarmlm dht {dht.peer_id}: others join with --initial-peers {maddr}", flush=True)

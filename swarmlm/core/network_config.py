@@ -27,6 +27,11 @@ class NetworkConfig:
     public_ip: str | None = setting(
         None, help="This machine's public IP, where a router forwards our fixed --host-maddrs port: announced"
     )
+    behind_nat: bool = setting(
+        False,
+        help="Nobody can dial this machine (NAT, firewall): take a relay slot at --initial-peers (which need a "
+        "public address) and dial out to whoever sends us activations",
+    )
     identity: str | None = setting(None, help="Private key file: a stable peer id (created if missing)")
     swarm_cert: str | None = setting(None, help="Membership certificate (`swarmlm swarm invite`): join a private swarm")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from typing import Any
@@ -54,7 +55,9 @@ def run_peer_with_gateway(peer: PeerConfig, gateway: GatewayConfig | None) -> in
     )
     if gateway.micro_batches < 0:
         raise ValueError(f"--micro-batches must be 0 (automatic) or more, not {gateway.micro_batches}")
-    client = ClientConfig(wire_dtype=gateway.wire_dtype)
+    # The gateway's client listens where its peer does (any free port): peers behind NAT dial it back there.
+    listen = tuple(re.sub(r"/tcp/\d+", "/tcp/0", m) for m in peer.host_maddrs)
+    client = ClientConfig(wire_dtype=gateway.wire_dtype, host_maddrs=listen)
     return run_peer(peer, lambda dht: Gateway(dht, serve, peer.ttl, gateway.micro_batches, client))
 
 

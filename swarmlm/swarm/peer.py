@@ -28,6 +28,7 @@ from swarmlm.core.dht import DAEMON_START_TIMEOUT, start_dht
 from swarmlm.core.identity import Identity
 from swarmlm.core.loop import LoopThread
 from swarmlm.core.membership import Membership, load_membership
+from swarmlm.core.relay import CIRCUIT, reachability
 from swarmlm.core.sizes import format_size
 from swarmlm.core.version import __version__
 from swarmlm.engine.scheduler import make_scheduler
@@ -45,6 +46,8 @@ from swarmlm.swarm.span_record import SpanRecord
 from swarmlm.swarm.versions import expected_digest, model_version, version_body
 
 log = logging.getLogger("swarmlm.peer")
+
+RELAY_WAIT = 15.0  # behind NAT: how long the start waits for a relay slot before saying it has none
 
 
 class Sidecar(Protocol):
@@ -88,7 +91,14 @@ def run_peer(cfg: PeerConfig, sidecar: SidecarFactory | None = None) -> int:
         raise ValueError("--api on a private swarm is not supported yet: its client would need its own certificate")
     ledger = Ledger(cfg.ledger or ledger_path(identity.peer_id), identity)  # a tampered copy stops us here
     try:
-        dht = start_dht(cfg.initial_peers, cfg.host_maddrs, identity, cert=cert, announce_maddrs=cfg.announced())
+        dht = start_dht(
+            cfg.initial_peers,
+            cfg.host_maddrs,
+            identity,
+            cert=cert,
+            announce_maddrs=cfg.announced(),
+            behind_nat=cfg.behind_nat,
+        )
     except BaseException:
         ledger.close()
         raise
@@ -142,6 +152,7 @@ class Peer:
     def serve(self, span: tuple[int, int] | None) -> int:
         for maddr in self.dht.get_visible_maddrs():
             print(f"swarmlm peer {self.dht.peer_id}: others join with --initial-peers {maddr}", flush=True)
+        print(f"swarmlm peer: {self._reachability()}", flush=True)
         auto = self.cfg.layers == "auto"
         if auto:
             span = choose_span(fetch_records(self.dht, self.model_id), self.num_layers, self.placement.span_layers)
@@ -180,6 +191,16 @@ class Peer:
                 break
             span, self.move_to = self.move_to, None
         return self.exit_code
+
+    def _reachability(self) -> str:
+        """Who can reach us; behind NAT, waits up to RELAY_WAIT s for the relay slot (taken within
+        milliseconds when a relay answers)."""
+        deadline = time.monotonic() + RELAY_WAIT
+        while True:
+            visible = [str(m) for m in self.dht.get_visible_maddrs(latest=True)]
+            if not self.cfg.behind_nat or CIRCUIT in " ".join(visible) or time.monotonic() > deadline:
+                return reachability(visible, self.cfg.initial_peers, self.cfg.behind_nat)
+            time.sleep(0.5)
 
     def _load(self, span: tuple[int, int]) -> None:
         cfg = self.cfg

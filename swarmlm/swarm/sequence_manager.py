@@ -31,12 +31,14 @@ from swarmlm.core.dht import start_dht
 from swarmlm.core.identity import Identity
 from swarmlm.core.loop import LoopThread
 from swarmlm.core.membership import Membership, load_membership
+from swarmlm.core.relay import DirectLinks
+from swarmlm.core.settings import LOCALHOST_MADDRS
 from swarmlm.ledger.store import Ledger
 from swarmlm.ledger.sync import SYNC_TIMEOUT, pull, push
 from swarmlm.swarm.messages import WIRE_DTYPES, Row
 from swarmlm.swarm.records import fetch_records
 from swarmlm.swarm.routing import RouteHop, find_route
-from swarmlm.swarm.servicer import PING_HANDLER
+from swarmlm.swarm.servicer import PING_HANDLER, reach_directly
 from swarmlm.swarm.span_record import SpanRecord
 from swarmlm.swarm.span_stream import HopFailure, SpanStream
 from swarmlm.swarm.versions import expected_digest, model_version
@@ -68,6 +70,9 @@ class ClientConfig:
     spot_check: float = 0.0  # share of hop steps re-run on another peer to catch wrong activations
     allowed_peers: tuple[str, ...] = ()  # route only through these (Petals' allowed_servers); checks use any
     max_model_len: int | None = None  # context limit of generations (None: the model's), as `serve`'s
+    # where our DHT node listens: peers behind NAT dial us back there (core/relay.py), so a client on another
+    # machine than its peers listens on an address they can reach, e.g. /ip4/0.0.0.0/tcp/0
+    host_maddrs: tuple[str, ...] = LOCALHOST_MADDRS
 
 
 @dataclass
@@ -126,7 +131,7 @@ class RemoteSequenceManager:
         identity = Identity.from_option(self.config.identity)
         if dht is None:
             cert = load_membership(self.config.swarm_cert, identity) if self.config.swarm_cert else None
-            dht = start_dht(list(initial_peers), ["/ip4/127.0.0.1/tcp/0"], identity, client=True, cert=cert)
+            dht = start_dht(list(initial_peers), list(self.config.host_maddrs), identity, client=True, cert=cert)
         self.dht = dht
         self.membership = Membership(dht, cert)  # in a private swarm, peers serve us once this is published
         if self._own_dht:
@@ -135,6 +140,7 @@ class RemoteSequenceManager:
         else:
             self._loop, self._p2p = _shared_replica(dht)
         self._banned: dict[str, float] = {}
+        self._links = DirectLinks()
         self.stats = SwarmStats()
         self.sessions: set[InferenceSession] = set()
         self.ledger = Ledger(None, identity)  # our view of the swarm's ledger: model versions, our accusations
@@ -154,6 +160,7 @@ class RemoteSequenceManager:
         return WIRE_DTYPES[self.config.wire_dtype]
 
     async def open_stream(self, peer_id: str, handler: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        await reach_directly(self._p2p, peer_id, self._links)  # a peer behind NAT dials us back first
         _, reader, writer = await self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler)
         return reader, writer
 

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from typing import AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
+import msgpack
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarmlm.core.membership import Membership, MembershipError
+from swarmlm.core.relay import DIAL_TIMEOUT, DirectLinks, connection_kinds, direct_addresses, redial
 from swarmlm.engine.kv_cache import KVCacheError
 from swarmlm.engine.span_engine import SessionError, SpanEngine, SpanSession
 from swarmlm.swarm.messages import ProtocolError, StepReply, StepRequest
 from swarmlm.swarm.span_record import SpanRecord
+
+log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT = 10.0  # a push that the next peer has not taken by then failed (the client reroutes)
 OPEN_WAIT = 5.0  # how long a push waits for its stream's opening message, sent by the client at the same time
@@ -53,6 +59,7 @@ class SpanServicer(ServicerBase):
         self._streams: dict[tuple[str, int], _Stream] = {}  # (session id, first layer) -> its open stream
         self._opened = asyncio.Condition()  # pushes that arrive before their stream's opening wait on this
         self._pushes: set[asyncio.Task[None]] = set()
+        self.links = DirectLinks()  # next hops behind NAT that dialed us back
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -145,6 +152,7 @@ class SpanServicer(ServicerBase):
             error = None
             try:
                 assert self.p2p is not None
+                await reach_directly(self.p2p, nxt.peer_id, self.links)
                 call = self.p2p.call_protobuf_handler(
                     PeerID.from_base58(nxt.peer_id), PUSH_HANDLER, request.to_proto(), runtime_pb2.ExpertResponse
                 )
@@ -176,6 +184,37 @@ class SpanServicer(ServicerBase):
         """An empty answer at once: clients time it to prefer nearer peers (it says nothing about us)."""
         return runtime_pb2.ExpertResponse()
 
+    async def rpc_dial_back(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """The caller reaches us through a relay only (we are behind NAT) and is about to send activations,
+        which a relayed connection does not carry: dial it at the addresses it gives. The handshake checks
+        its peer id, so the addresses cannot point us at anybody else."""
+        assert self.p2p is not None
+        try:
+            await self.membership.require(str(context.remote_id))
+        except MembershipError as e:
+            return StepReply(-1, error=str(e)).to_proto()
+        try:
+            addresses = msgpack.unpackb(request.metadata)
+        except ValueError as e:
+            return StepReply(-1, error=f"a dial-back names a list of multiaddrs: {e}").to_proto()
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            return StepReply(-1, error="a dial-back names a list of multiaddrs").to_proto()
+
+        async def dial_back() -> None:
+            await asyncio.sleep(0.2)  # this reply goes out on the relayed connection, closed next
+            try:
+                assert self.p2p is not None
+                await redial(self.p2p, context.remote_id, addresses)
+            except Exception as e:  # a caller we cannot dial (behind NAT too): it stays on the relay
+                log.warning("could not dial %s… back: %s: %s", str(context.remote_id)[:12], type(e).__name__, e)
+
+        task = asyncio.create_task(dial_back())
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+        return StepReply(0).to_proto()
+
     async def _stream(self, key: tuple[str, int]) -> _Stream:
         """The open stream `key` names, waiting briefly for its opening message (the client sends it while
         the first step is on its way through the previous peers)."""
@@ -190,3 +229,33 @@ class SpanServicer(ServicerBase):
 PUSH_HANDLER = SpanServicer._get_handle_name(None, "rpc_push")  # the names add_p2p_handlers registers
 INFERENCE_HANDLER = SpanServicer._get_handle_name(None, "rpc_inference")
 PING_HANDLER = SpanServicer._get_handle_name(None, "rpc_ping")
+DIAL_BACK_HANDLER = SpanServicer._get_handle_name(None, "rpc_dial_back")
+
+
+async def reach_directly(p2p: P2P, peer_id: str, links: DirectLinks) -> None:
+    """Before sending activations to `peer_id`: if our only connection to it is relayed (it is behind
+    NAT), ask it to dial us back, and wait until it has, so that the activations go over a direct
+    connection (see core/relay.py). Checked once per DIRECT_TTL per peer; a peer that cannot dial us
+    back leaves us on the relay, which carries 128 KiB a connection."""
+    if links.fresh(peer_id):
+        return
+    links.mark(peer_id)
+    peer = PeerID.from_base58(peer_id)
+    kinds = await connection_kinds(p2p, peer)
+    if not kinds:  # not connected yet: connect (the daemon finds a route, through a relay if need be)
+        await p2p.call_protobuf_handler(peer, PING_HANDLER, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse)
+        kinds = await connection_kinds(p2p, peer)
+    if kinds != {"relayed"}:
+        return
+    ours = direct_addresses([str(m) for m in await p2p.get_visible_maddrs(latest=True)])
+    request = runtime_pb2.ExpertRequest(metadata=msgpack.packb(ours))
+    reply = await p2p.call_protobuf_handler(peer, DIAL_BACK_HANDLER, request, runtime_pb2.ExpertResponse)
+    if (error := StepReply.from_proto(reply).error) is not None:
+        log.warning("peer %s… reaches us only through a relay: %s", peer_id[:12], error)
+        return
+    deadline = time.monotonic() + DIAL_TIMEOUT
+    while "direct" not in await connection_kinds(p2p, peer):
+        if time.monotonic() > deadline:
+            log.warning("peer %s… reaches us only through a relay: it did not dial back", peer_id[:12])
+            return
+        await asyncio.sleep(0.05)
