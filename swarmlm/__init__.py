@@ -13,14 +13,17 @@ os.environ.setdefault("USE_LEGACY_BFLOAT16", "0")
 if TYPE_CHECKING:
     from swarmlm.train.distributed_model import DistributedModel
 
-from swarmlm.core.version import __version__
-
 __all__ = ["DistributedModel", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    """`from swarmlm import DistributedModel` imports torch and hivemind only when it is asked for: the
-    CLI imports `swarmlm` for every command and must stay quick to start."""
+    """`from swarmlm import DistributedModel` imports torch and hivemind only when it is asked for, and
+    `__version__` importlib.metadata (~30 ms): the CLI imports `swarmlm` for every command and must stay
+    quick to start."""
+    if name == "__version__":
+        from swarmlm.core.version import __version__
+
+        return __version__
     if name == "DistributedModel":
         from swarmlm.train.distributed_model import DistributedModel
 

@@ -23,6 +23,11 @@ from swarmlm.swarm.sequence_manager import ClientConfig
 from tests.model_families import FAMILIES, write_family
 
 SERVED = [f for f in FAMILIES if f != "llama3"]  # llama3 differs from llama in its rotary table only
+# Split across two peers: the families whose layers differ by index (sliding windows per layer, layers
+# without rotary, experts) or whose edges the client holds differ (embedding scale, logit soft-caps, fused
+# projections). The others' layers are alike at every index, and their blocks are checked against
+# transformers in this process; each peer process costs ~6 s of the suite's 2 cores.
+SPLIT = ["mixtral", "smollm3", "gemma2", "gemma3", "phi3"]
 MESSAGES = [{"role": "user", "content": "Tell me a story about a lighthouse keeper and the sea."}]
 NEW_TOKENS = 24
 
@@ -99,7 +104,7 @@ def test_unsupported_family_is_refused_with_the_list(family_dirs: dict[str, Path
 @pytest.fixture(scope="module")
 def answers(family_dirs: dict[str, Path]) -> Iterator[dict[str, dict[str, str]]]:
     """Each served family's greedy answer to MESSAGES: from transformers' `generate`, from the engine alone
-    (in this process), and through a swarm where one peer holds layers 0:2 and another 2:4, from a
+    (in this process), and (SPLIT) through a swarm where one peer holds layers 0:2 and another 2:4, from a
     `RemoteModel` and from the chat API of a gateway running beside the second peer (`--api`: the HTTP
     stack of `swarmlm serve`, without a process more per family)."""
     found: dict[str, dict[str, str]] = {f: {} for f in SERVED}
@@ -115,8 +120,8 @@ def answers(family_dirs: dict[str, Path]) -> Iterator[dict[str, dict[str, str]]]
         while engine.has_work:
             engine.step()
         found[family]["engine"] = seq.text
-    spans = [(family, layers) for family in SERVED for layers in ("0:2", "2:4")]
-    apis = {family: f"127.0.0.1:{free_port()}" for family in SERVED}
+    spans = [(family, layers) for family in SPLIT for layers in ("0:2", "2:4")]
+    apis = {family: f"127.0.0.1:{free_port()}" for family in SPLIT}
 
     def peer(rank: int, boot: str | None) -> PeerProcess:
         family, layers = spans[rank]
@@ -128,7 +133,7 @@ def answers(family_dirs: dict[str, Path]) -> Iterator[dict[str, dict[str, str]]]
     peers = start_peers(len(spans), peer)
     try:
         config = ClientConfig(wire_dtype="fp32", step_timeout=30)
-        for family in SERVED:
+        for family in SPLIT:
             with RemoteModel(str(family_dirs[family]), [peers[0].maddr], config=config) as remote:
                 prompt = remote.tokenizer.encode(remote.tokenizer.chat_prompt(MESSAGES))
                 out = remote.generate(prompt, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
@@ -147,5 +152,6 @@ def test_greedy_text_identical_alone_served_and_split(family: str, answers: dict
     got = answers[family]
     assert got["transformers"].strip(), f"{family}: the reference answered nothing; pick another prompt"
     assert got["engine"] == got["transformers"], family
-    assert got["swarm"] == got["transformers"], family
-    assert got["gateway"] == got["transformers"], family
+    if family in SPLIT:
+        assert got["swarm"] == got["transformers"], family
+        assert got["gateway"] == got["transformers"], family

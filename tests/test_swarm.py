@@ -162,7 +162,9 @@ def test_a_peer_serving_other_weights_is_never_routed_through(
     try:
         liar.wait_ready()
         deadline = time.monotonic() + 60
-        while liar.peer_id not in {r.peer_id for r in client.records()} or client.model_version([]) is None:
+        while (
+            liar.peer_id not in {r.peer_id for r in client.records()} or client.model_version(client.records()) is None
+        ):
             assert time.monotonic() < deadline, "no model version in the ledger, or the liar never announced"
             time.sleep(1)
         honest = {swarm["b"].peer_id, swarm["d"].peer_id}

@@ -130,8 +130,8 @@ def reachability(visible: list[str], initial_peers: list[str], behind_nat: bool)
         if circuits:
             return (
                 f"behind NAT: others reach this peer through a relay ({circuits[0]}); activations flow over "
-                "connections it dials out, so clients behind NAT too cannot use it: forward a port and pass "
-                "--public-ip to be reached directly"
+                "connections it dials out, so a client behind NAT as well cannot use it: forward a port and "
+                "pass --public-ip to be reached directly"
             )
         return (
             "behind NAT, but no relay slot yet: only peers this one dials can reach it (a relay is one of "

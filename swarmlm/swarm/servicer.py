@@ -58,7 +58,7 @@ class SpanServicer(ServicerBase):
         self.p2p: P2P | None = None  # set by the peer once its P2P is up: pushes go out through it
         self._streams: dict[tuple[str, int], _Stream] = {}  # (session id, first layer) -> its open stream
         self._opened = asyncio.Condition()  # pushes that arrive before their stream's opening wait on this
-        self._pushes: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # pushes and dial-backs in flight
         self.links = DirectLinks()  # next hops behind NAT that dialed us back
 
     async def rpc_inference(
@@ -164,8 +164,8 @@ class SpanServicer(ServicerBase):
                 await stream.inbox.put(_PushFailed(step.step_id, f"push to {nxt.peer_id[:12]}… failed: {error}"))
 
         task = asyncio.create_task(push())
-        self._pushes.add(task)
-        task.add_done_callback(self._pushes.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A previous peer's output for one of our streams (its step runs there, in arrival order)."""
@@ -211,8 +211,8 @@ class SpanServicer(ServicerBase):
                 log.warning("could not dial %s… back: %s: %s", str(context.remote_id)[:12], type(e).__name__, e)
 
         task = asyncio.create_task(dial_back())
-        self._pushes.add(task)
-        task.add_done_callback(self._pushes.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         return StepReply(0).to_proto()
 
     async def _stream(self, key: tuple[str, int]) -> _Stream:
