@@ -15,7 +15,7 @@ Reported: requests done and failed, how many answers differ from the single-proc
 text, tokens/s over time (a PNG with the kills marked, bench/results/churn-<time>.png), each kill's
 recovery (the longest pause between tokens of the streams in flight during the 10 s after it), status
 times and exit codes (1: some layers had no live peer, a coverage gap), and each live peer's RSS at the
-end. The chaos for DiLoCo trainers that the issue also asks for is not built yet.
+end. The same chaos for DiLoCo trainers: bench/train_churn_bench.py.
 
     make bench-churn                      # root, /dev/net/tun and iproute2; installs matplotlib
     .venv/bin/python bench/churn_bench.py [--peers 16] [--gateways 2] [--clients 16] [--duration 300]

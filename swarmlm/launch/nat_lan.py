@@ -17,6 +17,8 @@ from __future__ import annotations
 import subprocess
 from types import TracebackType
 
+from swarmlm.launch.host_namespaces import HostNamespaces, run_ip
+
 PUBLIC_NET, PRIVATE_NET = "11.91.0", "192.168.77"
 _ROUTER_RULES = f"""
 table ip swarmlm_nat {{
@@ -38,31 +40,17 @@ table ip swarmlm_nat {{
 """
 
 
-def _run(*cmd: str, stdin: str | None = None) -> None:
-    done = subprocess.run(list(cmd), input=stdin, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise OSError(f"{' '.join(cmd)}: {done.stderr.strip()}")
-
-
-class NatLan:
+class NatLan(HostNamespaces):
     """Namespaces `swl-nat-NAME` for each public and private host, `swl-nat-lan` (the public bridge) and
     `swl-nat-router` (the NAT)."""
 
+    network = "nat"
+
     def __init__(self, public: list[str], private: list[str]) -> None:
         self.public, self.private = list(public), list(private)
-        self.ips = {name: f"{PUBLIC_NET}.{i + 2}" for i, name in enumerate(self.public)}
-        self.ips |= {name: f"{PRIVATE_NET}.{i + 2}" for i, name in enumerate(self.private)}
+        ips = {name: f"{PUBLIC_NET}.{i + 2}" for i, name in enumerate(self.public)}
+        super().__init__(ips | {name: f"{PRIVATE_NET}.{i + 2}" for i, name in enumerate(self.private)})
         self._made: list[str] = []
-
-    def namespace(self, name: str) -> str:
-        return f"swl-nat-{name}"
-
-    def ip(self, name: str) -> str:
-        return self.ips[name]
-
-    def prefix(self, name: str) -> tuple[str, ...]:
-        """The command prefix that runs a process on host `name`."""
-        return ("ip", "netns", "exec", self.namespace(name))
 
     def __enter__(self) -> NatLan:
         try:
@@ -78,42 +66,42 @@ class NatLan:
     def _netns(self, name: str) -> str:
         ns = self.namespace(name)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # left over by a killed run
-        _run("ip", "netns", "add", ns)
+        run_ip("netns", "add", ns)
         self._made.append(ns)
-        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        run_ip("-n", ns, "link", "set", "lo", "up")
         return ns
 
     def _bridge(self, ns: str, bridge: str, address: str | None = None) -> None:
-        _run("ip", "-n", ns, "link", "add", bridge, "type", "bridge")
+        run_ip("-n", ns, "link", "add", bridge, "type", "bridge")
         if address:
-            _run("ip", "-n", ns, "addr", "add", address, "dev", bridge)
-        _run("ip", "-n", ns, "link", "set", bridge, "up")
+            run_ip("-n", ns, "addr", "add", address, "dev", bridge)
+        run_ip("-n", ns, "link", "set", bridge, "up")
 
     def _attach(self, host: str, bridge_ns: str, bridge: str, address: str, port: str) -> None:
         """Host `host` gets eth0 with `address`, cabled to `bridge` in `bridge_ns` through `port`."""
         ns = self._netns(host)
-        _run("ip", "link", "add", port, "netns", bridge_ns, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _run("ip", "-n", bridge_ns, "link", "set", port, "master", bridge)
-        _run("ip", "-n", bridge_ns, "link", "set", port, "up")
-        _run("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
-        _run("ip", "-n", ns, "link", "set", "eth0", "up")
+        run_ip("link", "add", port, "netns", bridge_ns, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        run_ip("-n", bridge_ns, "link", "set", port, "master", bridge)
+        run_ip("-n", bridge_ns, "link", "set", port, "up")
+        run_ip("-n", ns, "addr", "add", address, "dev", "eth0")
+        run_ip("-n", ns, "link", "set", "eth0", "up")
 
     def _build(self) -> None:
         lan, router = self._netns("lan"), self._netns("router")
         self._bridge(lan, "br0")
-        _run("ip", "link", "add", "pub-router", "netns", lan, "type", "veth", "peer", "name", "pub0", "netns", router)
-        _run("ip", "-n", lan, "link", "set", "pub-router", "master", "br0")
-        _run("ip", "-n", lan, "link", "set", "pub-router", "up")
-        _run("ip", "-n", router, "addr", "add", f"{PUBLIC_NET}.1/24", "dev", "pub0")
-        _run("ip", "-n", router, "link", "set", "pub0", "up")
+        run_ip("link", "add", "pub-router", "netns", lan, "type", "veth", "peer", "name", "pub0", "netns", router)
+        run_ip("-n", lan, "link", "set", "pub-router", "master", "br0")
+        run_ip("-n", lan, "link", "set", "pub-router", "up")
+        run_ip("-n", router, "addr", "add", f"{PUBLIC_NET}.1/24", "dev", "pub0")
+        run_ip("-n", router, "link", "set", "pub0", "up")
         self._bridge(router, "priv0", f"{PRIVATE_NET}.1/24")
         for i, name in enumerate(self.public):
             self._attach(name, lan, "br0", f"{self.ips[name]}/24", f"pub{i}")
         for i, name in enumerate(self.private):
             self._attach(name, router, "priv0", f"{self.ips[name]}/24", f"home{i}")
-            _run("ip", "-n", self.namespace(name), "route", "add", "default", "via", f"{PRIVATE_NET}.1")
-        _run("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        _run("ip", "netns", "exec", router, "nft", "-f", "-", stdin=_ROUTER_RULES)
+            run_ip("-n", self.namespace(name), "route", "add", "default", "via", f"{PRIVATE_NET}.1")
+        run_ip("netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        run_ip("netns", "exec", router, "nft", "-f", "-", stdin=_ROUTER_RULES)
 
     def close(self) -> None:
         while self._made:

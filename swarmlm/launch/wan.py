@@ -26,21 +26,19 @@ import threading
 import time
 from types import TracebackType
 
+from swarmlm.launch.host_namespaces import HostNamespaces, run_ip
+
 _TUNSETIFF = 0x400454CA
 _IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
 
 
-def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise OSError(f"ip {' '.join(args)}: {done.stderr.strip()}")
-
-
-class WanRouter:
+class WanRouter(HostNamespaces):
     """Namespaces `swl-wan-NAME` with addresses SUBNET.1, .2, ... on a TUN device each, joined by a
     thread that forwards packets between them after `delay` seconds, plus `distance[NAME]` for every
     packet to or from that host (`loss`: share of packets dropped; `rate`: bits per second each host can
     receive, queued in order)."""
+
+    network = "wan"
 
     def __init__(
         self,
@@ -52,7 +50,7 @@ class WanRouter:
         distance: dict[str, float] | None = None,
     ) -> None:
         self.names, self.delay, self.loss, self.rate = list(names), delay, loss, rate
-        self.ips = {name: f"{subnet}.{i + 1}" for i, name in enumerate(self.names)}
+        super().__init__({name: f"{subnet}.{i + 1}" for i, name in enumerate(self.names)})
         distance = distance or {}
         # a host's address (4 bytes) -> the delay it adds to every packet it sends or receives
         self._distance = {bytes(map(int, ip.split("."))): distance.get(name, 0.0) for name, ip in self.ips.items()}
@@ -61,30 +59,20 @@ class WanRouter:
         self._thread = threading.Thread(target=self._forward, name="swarmlm-wan", daemon=True)
         self._random = random.Random(0)
 
-    def namespace(self, name: str) -> str:
-        return f"swl-wan-{name}"
-
-    def ip(self, name: str) -> str:
-        return self.ips[name]
-
-    def prefix(self, name: str) -> tuple[str, ...]:
-        """A command prefix that runs a program on host `name` (PeerProcess's `prefix`)."""
-        return ("ip", "netns", "exec", self.namespace(name))
-
     def __enter__(self) -> WanRouter:
         try:
             for i, name in enumerate(self.names):
                 ns, dev, ip = self.namespace(name), f"swlwan{i}", self.ips[name]
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # a leftover of a killed run
-                _ip("netns", "add", ns)
+                run_ip("netns", "add", ns)
                 fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
                 fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", dev.encode(), _IFF_TUN | _IFF_NO_PI))
                 self.fds[bytes(map(int, ip.split(".")))] = fd
                 # The device moves into the host's namespace; our descriptor keeps reading and writing it.
-                _ip("link", "set", dev, "netns", ns)
-                _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-                _ip("-n", ns, "link", "set", dev, "up")
-                _ip("-n", ns, "link", "set", "lo", "up")
+                run_ip("link", "set", dev, "netns", ns)
+                run_ip("-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+                run_ip("-n", ns, "link", "set", dev, "up")
+                run_ip("-n", ns, "link", "set", "lo", "up")
         except BaseException:
             self.close()
             raise

@@ -29,6 +29,7 @@ from swarmlm.swarm.span_record import SpanRecord
 log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT = 10.0  # a push that the next peer has not taken by then failed (the client reroutes)
+REFUSAL_WAIT = 2.0  # how long a refused stream waits for its caller's first message before answering
 OPEN_WAIT = 5.0  # how long a push waits for its stream's opening message, sent by the client at the same time
 
 
@@ -70,7 +71,14 @@ class SpanServicer(ServicerBase):
         engine = self.engine
         step_id, blocks = -1, (0, 0)
         try:
-            await self.membership.require(str(context.remote_id))
+            try:
+                await self.membership.require(str(context.remote_id))
+            except MembershipError:
+                # Refuse once the caller's first message is in: a refusal that closes the stream while the
+                # caller still writes breaks its pipe, and it would see a reset instead of the reason.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stream.inbox.get(), REFUSAL_WAIT)
+                raise
             while (item := await stream.inbox.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
