@@ -112,11 +112,19 @@ def client_main(spec: dict[str, Any]) -> dict[str, Any]:
             else:  # its own DHT node, through three live peers
                 live = json.loads(Path(spec["live_file"]).read_text())
                 via, args = "dht", [a for b in random.sample(live, k=min(3, len(live))) for a in ("--initial-peers", b)]
+            parts = {}
+            if via == "gateway":  # where a gateway probe's time goes: the gateway's answer, a process's start
+                t0 = time.time()
+                httpx.get(f"http://{args[1]}/dashboard/state", timeout=60)
+                parts["answer_seconds"] = time.time() - t0
+                t0 = time.time()
+                subprocess.run([sys.executable, "-c", "pass"], timeout=60)
+                parts["python_seconds"] = time.time() - t0
             t0 = time.time()
             done = subprocess.run(
                 [sys.executable, "-m", "swarmlm.cli", "status", *args], capture_output=True, timeout=120
             )
-            probes.append({"at": t0, "via": via, "seconds": time.time() - t0, "exit": done.returncode})
+            probes.append({"at": t0, "via": via, "seconds": time.time() - t0, "exit": done.returncode, **parts})
 
     with ThreadPoolExecutor(spec["clients"] + 1) as pool:
         pool.submit(probe_status)
@@ -233,6 +241,8 @@ def summarize(run: dict[str, Any], kills: list[dict[str, Any]], t0: float) -> di
         "recovery_max_s": max(pauses) if pauses else None,
         "status_seconds": {via: sorted(p["seconds"] for p in probes if p["via"] == via) for via in ("dht", "gateway")},
         "status_exits": [p["exit"] for p in probes],
+        "gateway_answer_seconds": sorted(p["answer_seconds"] for p in probes if "answer_seconds" in p),
+        "python_start_seconds": sorted(p["python_seconds"] for p in probes if "python_seconds" in p),
         "coverage_gaps": sum(p["exit"] == 1 for p in probes),  # 3: none of the three answered
     }
 
@@ -357,6 +367,14 @@ def main() -> None:
             table.add_row(
                 f"swarmlm status via {via}: median, slowest",
                 f"{statistics.median(seconds):.2f} s, {seconds[-1]:.2f} s",
+            )
+    for name, key in (
+        ("its gateway's answer", "gateway_answer_seconds"),
+        ("a bare Python start", "python_start_seconds"),
+    ):
+        if seconds := summary[key]:
+            table.add_row(
+                f"  beside it, {name}: median, slowest", f"{statistics.median(seconds):.2f} s, {seconds[-1]:.2f} s"
             )
     table.add_row(
         "status probes showing a coverage gap", f"{summary['coverage_gaps']} of {len(summary['status_exits'])}"
