@@ -325,13 +325,15 @@ class LlamaSpan(nn.Module):
         """Run the span (or only its blocks [i, j) when `blocks` is given: a swarm session that uses part
         of a peer's span).
 
-        x: token ids ([T] or [B, L]) with embeddings, else hidden states ([T, hidden] or [B, L, hidden]).
+        x: token ids ([T] or [B, L]), or hidden states ([T, hidden] or [B, L, hidden]): a span without
+        embeddings takes only those, one with them takes both (hidden states skip the embeddings, e.g. a
+        tuned prompt's rows put before the tokens').
         positions: each token's position in its sequence, shaped like x's leading dims ([T] or [L]).
         logits_rows: with a head, the rows whose logits are wanted (the head is the single largest
         matmul, and a prefill chunk needs logits for its last token only); all rows when None.
         Returns hidden states, or fp32 logits with a head.
         """
-        h = self.embed(x) if self.embed_tokens is not None else x
+        h = x if x.is_floating_point() else self.embed(x)
         ropes = {kind: rotary.tables(positions, h.dtype) for kind, rotary in self.rotary.items()}
         for block in self.layers if blocks is None else self.layers[blocks[0] : blocks[1]]:
             h = block(h, ropes, backend)

@@ -9,6 +9,7 @@ bans, failover, verification) is the `RemoteSequenceManager`'s and its sessions'
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ from swarmlm.engine.sequence import StepOutput
 from swarmlm.engine.stopping import StopChecker
 from swarmlm.model.loading import load_model
 from swarmlm.swarm.inference_session import InferenceSession
+from swarmlm.swarm.remote_training import RemoteCausalLM
 from swarmlm.swarm.sequence_manager import ClientConfig, RemoteSequenceManager, SwarmStats
 from swarmlm.swarm.span_record import SpanRecord
 
@@ -79,6 +81,30 @@ class RemoteModel:
 
     def active_peers(self) -> dict[str, int]:
         return self.manager.active_peers()
+
+    # ----- fine-tuning -----------------------------------------------------------------------------
+    def fine_tuning(
+        self,
+        *,
+        prompt_tokens: int = 0,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        train_head: bool = False,
+        seed: int = 0,
+    ) -> RemoteCausalLM:
+        """A trainable module over this swarm's layers: prompt embeddings, LoRA adapters and optionally
+        the head train here, the peers' weights stay frozen (remote_training.py). Use a ClientConfig
+        with wire_dtype="fp32" for the same numbers as training in one process."""
+        return RemoteCausalLM(
+            copy.deepcopy(self.local.span),  # its own: training may untie the head from the embeddings
+            self.manager,
+            self.model_id,
+            prompt_tokens=prompt_tokens,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            train_head=train_head,
+            seed=seed,
+        )
 
     # ----- generation ------------------------------------------------------------------------------
     def inference_session(self, max_length: int | None) -> InferenceSession:

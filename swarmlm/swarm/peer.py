@@ -42,6 +42,7 @@ from swarmlm.swarm.placement import Placement, host_fingerprint, place
 from swarmlm.swarm.records import announce, fetch_records, withdraw
 from swarmlm.swarm.routing import better_span, choose_span
 from swarmlm.swarm.servicer import SpanServicer
+from swarmlm.swarm.span_gradients import SpanGradients
 from swarmlm.swarm.span_record import SpanRecord
 from swarmlm.swarm.versions import expected_digest, model_version, version_body
 
@@ -109,6 +110,15 @@ def run_peer(cfg: PeerConfig, sidecar: SidecarFactory | None = None) -> int:
         peer.shutdown()
 
 
+def gradients_refusal(cfg: PeerConfig) -> str | None:
+    """Why this peer answers no fine-tuning passes, or None."""
+    if cfg.no_gradients:
+        return "this peer serves without gradients (--no-gradients): fine-tune through other peers"
+    if cfg.quant != "none":
+        return f"this peer's weights are {cfg.quant}-quantized, which have no gradients: fine-tune through other peers"
+    return None
+
+
 class Peer:
     """One running peer: its DHT node, its record, and the engine serving its current span."""
 
@@ -135,6 +145,7 @@ class Peer:
             device=placement.device,
             host=host_fingerprint(),
             memory_budget=placement.budget.size,
+            gradients=gradients_refusal(cfg) is None,
         )
         self.engine: SpanEngine | None = None
         self.stop = threading.Event()
@@ -142,7 +153,8 @@ class Peer:
         self.move_to: tuple[int, int] | None = None
         self.loop: LoopThread | None = None
         self.p2p: P2P | None = None
-        self.servicer = SpanServicer(None, self.record, membership, cfg.perturb_outputs)
+        gradients = SpanGradients(gradients_refusal(cfg))
+        self.servicer = SpanServicer(None, self.record, membership, cfg.perturb_outputs, gradients)
         self.make_sidecar = sidecar
         self.sidecar: Sidecar | None = None
         self.ledger_sync: LedgerSync | None = None
@@ -311,6 +323,7 @@ class Peer:
 
     def shutdown(self) -> None:
         self.stop.set()
+        self.servicer.gradients.close()
         if self.sidecar is not None:
             self.sidecar.close()
         try:

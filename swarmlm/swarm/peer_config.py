@@ -37,6 +37,9 @@ class PeerConfig(NetworkConfig):
         None, help="CPU threads for compute (default: all cores; 1 when peers share a machine)"
     )
     ledger: str | None = setting(None, help="This peer's copy of the ledger (default: ~/.swarmlm/ledger/PEER_ID.jsonl)")
+    no_gradients: bool = setting(
+        False, help="Refuse fine-tuning clients' forward and backward passes through our layers (inference only)"
+    )
     perturb_outputs: float = setting(
         0.0, help="Fault injection for attack tests: add noise of this relative size to outputs"
     )

@@ -209,13 +209,17 @@ class RemoteSequenceManager:
             version = model_version(self.ledger.entries, self.model_id, self.config.trusted_authors)
         return version
 
-    def make_route(self, start: int) -> list[RouteHop]:
-        """The best chain from layer `start` to the end through allowed, unbanned peers with the model's
-        weights; NoRouteError when there is none now."""
+    def make_route(self, start: int, end: int | None = None, *, training: bool = False) -> list[RouteHop]:
+        """The best chain from layer `start` to `end` (default: the last layer) through allowed, unbanned
+        peers with the model's weights (for `training` passes, those that answer them); NoRouteError when
+        there is none now."""
         records = self.routable_records()
         if allowed := self.config.allowed_peers:
             records = [r for r in records if r.peer_id in allowed]
-        return find_route(records, start, self.num_layers, self.banned_peers(), self.round_trips(records))
+        if training:
+            records = [r for r in records if r.gradients]
+        end = self.num_layers if end is None else end
+        return find_route(records, start, end, self.banned_peers(), self.round_trips(records))
 
     def round_trips(self, records: list[SpanRecord]) -> dict[str, float]:
         """Seconds of a round trip to each peer of `records` that answers a ping (the best of two, measured

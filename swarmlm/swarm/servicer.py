@@ -3,7 +3,8 @@
 A session's steps reach its stream two ways: from the client itself, or pushed by the previous peer of
 the chain (`rpc_push`, see messages.py). Both go into the stream's inbox, in arrival order; the stream
 runs each step (all its rows in one forward pass), pushes the output on to the next hop when the step
-names one, and answers the client.
+names one, and answers the client. Fine-tuning clients call `rpc_train`: one stateless forward or
+backward pass of some of our layers (span_gradients.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from swarmlm.core.membership import Membership, MembershipError
 from swarmlm.core.relay import DIAL_TIMEOUT, DirectLinks, connection_kinds, direct_addresses, redial
 from swarmlm.engine.kv_cache import KVCacheError
 from swarmlm.engine.span_engine import SessionError, SpanEngine, SpanSession
+from swarmlm.swarm.grad_messages import GradReply, GradRequest
 from swarmlm.swarm.messages import ProtocolError, StepReply, StepRequest
+from swarmlm.swarm.span_gradients import GradError, SpanGradients
 from swarmlm.swarm.span_record import SpanRecord
 
 log = logging.getLogger(__name__)
@@ -50,11 +53,17 @@ class SpanServicer(ServicerBase):
     """P2P handlers of a serving peer: `rpc_inference` is one session's stream, `rpc_push` feeds one."""
 
     def __init__(
-        self, engine: SpanEngine | None, record: SpanRecord, membership: Membership, perturb: float = 0.0
+        self,
+        engine: SpanEngine | None,
+        record: SpanRecord,
+        membership: Membership,
+        perturb: float = 0.0,
+        gradients: SpanGradients | None = None,
     ) -> None:
         self.engine = engine  # replaced when the peer moves to another span
         self.record = record
         self.membership = membership
+        self.gradients = gradients or SpanGradients()
         self.perturb = perturb  # > 0 only in attack tests: a peer that lies about its activations
         self.p2p: P2P | None = None  # set by the peer once its P2P is up: pushes go out through it
         self._streams: dict[tuple[str, int], _Stream] = {}  # (session id, first layer) -> its open stream
@@ -188,6 +197,23 @@ class SpanServicer(ServicerBase):
         await stream.inbox.put(request)
         return StepReply(step.step_id).to_proto()  # taken: its output goes to the client on that stream
 
+    async def rpc_train(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """One training forward or backward pass (a `GradRequest`), answered with a `GradReply`."""
+        engine = self.engine
+        try:
+            await self.membership.require(str(context.remote_id))
+            request = await anext(aiter(requests), None)
+            if request is None:
+                return
+            if engine is None:
+                raise GradError("this peer is loading its layers; route around it")
+            reply = await self.gradients.run(engine.span, self.record.model_id, GradRequest.from_proto(request))
+        except (ProtocolError, GradError, MembershipError) as e:
+            reply = GradReply(error=str(e))
+        yield reply.to_proto()
+
     async def rpc_ping(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """An empty answer at once: clients time it to prefer nearer peers (it says nothing about us)."""
         return runtime_pb2.ExpertResponse()
@@ -237,6 +263,7 @@ class SpanServicer(ServicerBase):
 PUSH_HANDLER = SpanServicer._get_handle_name(None, "rpc_push")  # the names add_p2p_handlers registers
 INFERENCE_HANDLER = SpanServicer._get_handle_name(None, "rpc_inference")
 PING_HANDLER = SpanServicer._get_handle_name(None, "rpc_ping")
+TRAIN_HANDLER = SpanServicer._get_handle_name(None, "rpc_train")
 DIAL_BACK_HANDLER = SpanServicer._get_handle_name(None, "rpc_dial_back")
 
 

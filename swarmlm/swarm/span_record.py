@@ -28,6 +28,7 @@ class SpanRecord:
     queue: int = 0  # sessions waiting for a step
     sessions: int = 0
     version: str = ""
+    gradients: bool = True  # answers fine-tuning clients' forward and backward passes (rpc_train)
     api: str | None = None  # host:port of its OpenAI-compatible API, if it runs one
     state: str = "online"  # "offline" once it withdraws
     expires: float = field(default=0.0, compare=False)

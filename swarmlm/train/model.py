@@ -16,11 +16,10 @@ from torch import Tensor, nn
 
 from swarmlm.model.checkpoint import save_hf_checkpoint
 from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.lora import LORA_TARGETS
 from swarmlm.model.model_config import ModelConfig
 from swarmlm.model.tokenizer import Tokenizer
 from swarmlm.train.train_config import TrainConfig, preset_config
-
-LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 @dataclass
@@ -80,7 +79,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, context: int, eos_token_id: i
         from peft import LoraConfig, get_peft_model
 
         span.requires_grad_(False)
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
+        targets = list(LORA_TARGETS)
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=targets, lora_dropout=0.0)
         torch.manual_seed(cfg.seed)  # adapters' A matrices are random: identical on every peer
         module = get_peft_model(span, lora)
     else:

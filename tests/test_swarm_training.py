@@ -1,0 +1,175 @@
+"""Fine-tuning through the swarm: backward passes through real peer processes, against one process."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from swarmlm.launch.peers import PeerProcess, stop_all
+from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.loading import LoadedModel
+from swarmlm.model.lora import LORA_TARGETS
+from swarmlm.swarm.client import ClientConfig, RemoteModel
+from swarmlm.swarm.grad_messages import GradRequest
+from swarmlm.swarm.messages import RemoteError
+from swarmlm.swarm.remote_training import RemoteCausalLM
+from swarmlm.swarm.routing import NoRouteError
+
+pytestmark = pytest.mark.slow
+
+TEXT = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
+    "arrows of outrageous fortune, or to take arms against a sea of troubles and by opposing end them."
+)
+
+
+@pytest.fixture(scope="module")
+def swarm() -> Iterator[dict[str, PeerProcess]]:
+    """SmolLM2 on three peers of 10 layers, and a second peer for the middle span (failover)."""
+    peers: dict[str, PeerProcess] = {}
+    try:
+        peers["a"] = PeerProcess("--layers", "0:10").wait_address()
+        boot = peers["a"].maddr
+        for name, layers in (("b", "10:20"), ("c", "20:30"), ("d", "10:20")):
+            peers[name] = PeerProcess("--layers", layers, initial=boot)
+        for peer in peers.values():
+            peer.wait_ready()
+        yield peers
+    finally:
+        stop_all(list(peers.values()))
+
+
+@pytest.fixture(scope="module")
+def remote(swarm: dict[str, PeerProcess]) -> Iterator[RemoteModel]:
+    config = ClientConfig(wire_dtype="fp32", step_timeout=30, ban_seconds=300)
+    with RemoteModel(initial_peers=[swarm["a"].maddr], config=config) as client:
+        yield client
+
+
+def batches(model: LoadedModel, rows: int, length: int, steps: int) -> list[torch.Tensor]:
+    ids = torch.tensor(model.tokenizer.encode(TEXT))
+    return [torch.stack([ids[s + r : s + r + length] for r in range(rows)]) for s in range(steps)]
+
+
+def peft_name(name: str) -> str:
+    """peft's name of an adapter tensor in a model it wrapped: layers.0.mlp.down_proj.lora_A ->
+    base_model.model.layers.0.mlp.down_proj.lora_A.default.weight."""
+    return f"base_model.model.{name}.default.weight"
+
+
+def one_process_twin(model: LoadedModel, tuned: RemoteCausalLM) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The same model in this process, with peft's LoRA on every layer and the same starting values."""
+    span: LlamaSpan = copy.deepcopy(model.span).float().requires_grad_(False)
+    net: torch.nn.Module = span
+    params: list[torch.nn.Parameter] = []
+    if tuned.lora_rank:
+        lora = LoraConfig(
+            r=tuned.lora_rank, lora_alpha=tuned.lora_alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0
+        )
+        net = get_peft_model(span, lora)
+        named = dict(net.named_parameters())
+        for name, value in tuned.adapters().items():
+            p = named[peft_name(name)]
+            with torch.no_grad():
+                p.copy_(value)
+            params.append(p)
+    prompt = None
+    if tuned.prompt is not None:
+        prompt = torch.nn.Parameter(tuned.prompt.detach().clone())
+        params.insert(0, prompt)
+
+    class Twin(torch.nn.Module):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = span.embed(ids)
+            skip = 0
+            if prompt is not None:
+                skip = prompt.shape[0]
+                h = torch.cat([prompt.expand(h.shape[0], -1, -1), h], dim=1)
+            return net(h, torch.arange(h.shape[1]))[:, skip:]
+
+    return Twin(), params
+
+
+def loss_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def test_prompt_tuning_and_lora_through_the_swarm_match_one_process(
+    remote: RemoteModel, swarm: dict[str, PeerProcess], model: LoadedModel, tmp_path: Path
+) -> None:
+    tuned = remote.fine_tuning(prompt_tokens=4, lora_rank=4, seed=1)
+    twin, twin_params = one_process_twin(model, tuned)
+    assert len(twin_params) == len(tuned.trainable_parameters())
+    optimizer = torch.optim.AdamW(tuned.trainable_parameters(), lr=1e-2)
+    twin_optimizer = torch.optim.AdamW(twin_params, lr=1e-2)
+    failovers = remote.stats.failovers
+    data = batches(model, rows=2, length=12, steps=4)
+    for step, ids in enumerate(data):
+        loss = tuned.loss(ids)
+        if step == 2:  # a peer of this step's route dies between its forward and its backward pass
+            victim = next(swarm[n] for n in ("b", "d") if swarm[n].peer_id in tuned.body.last_peers)
+            victim.crash()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        twin_loss = loss_of(twin(ids[:, :-1]), ids)
+        twin_loss.backward()
+        twin_optimizer.step()
+        twin_optimizer.zero_grad()
+        assert abs(loss.item() - twin_loss.item()) < 1e-4, (step, loss.item(), twin_loss.item())
+    assert remote.stats.failovers > failovers  # the backward pass went around the dead peer
+    assert victim.peer_id not in tuned.body.last_peers
+    for ours, theirs in zip(tuned.trainable_parameters(), twin_params, strict=True):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-4, rtol=1e-3)
+
+    # The adapters save as a peft adapter that peft itself loads.
+    tuned.save_adapter(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model.span).float(), str(tmp_path / "adapter"))
+    named = dict(loaded.named_parameters())
+    for name, value in tuned.adapters().items():
+        torch.testing.assert_close(named[peft_name(name)], value.detach())
+
+
+def test_training_passes_refuse_bad_requests_clearly(remote: RemoteModel, swarm: dict[str, PeerProcess]) -> None:
+    body = remote.fine_tuning().body
+    peer = swarm["a"].peer_id  # layers 0:10
+    hidden = torch.zeros(1, 3, 576)
+
+    def refusal(request: GradRequest) -> str:
+        with pytest.raises(RemoteError) as e:
+            remote.manager.run(body.send(peer, request), 30)
+        return str(e.value)
+
+    model_id = remote.model_id
+    assert "layers 0:10, not" in refusal(GradRequest(model_id, 5, 15, hidden))
+    assert "expected hidden states" in refusal(GradRequest(model_id, 0, 10, torch.zeros(3, 576)))
+    grad = torch.zeros(1, 2, 576)
+    assert "output gradient" in refusal(GradRequest(model_id, 0, 10, hidden, grad))
+    a = torch.zeros(4, 576)
+    name = "layers.3.self_attn.o_proj.lora_"
+    assert "without its" in refusal(GradRequest(model_id, 0, 10, hidden, adapters={name + "A": a}))
+    wrong_rank = {name + "A": torch.zeros(4, 576), name + "B": torch.zeros(576, 2)}
+    assert "several ranks ([2, 4])" in refusal(GradRequest(model_id, 0, 10, hidden, adapters=wrong_rank))
+    wrong_shape = {name + "A": torch.zeros(4, 500), name + "B": torch.zeros(576, 4)}
+    assert "needs [rank, 576]" in refusal(GradRequest(model_id, 0, 10, hidden, adapters=wrong_shape))
+    outside = {n.replace("layers.3", "layers.12"): t for n, t in wrong_shape.items()}
+    assert "outside layers 0:10" in refusal(GradRequest(model_id, 0, 10, hidden, adapters=outside))
+
+
+def test_a_peer_without_gradients_refuses_and_is_not_routed_through(tiny_llama: Path) -> None:
+    only = PeerProcess("--model", str(tiny_llama), "--layers", "0:4", "--no-gradients").wait_ready()
+    try:
+        with RemoteModel(str(tiny_llama), initial_peers=[only.maddr], config=ClientConfig(route_timeout=2)) as client:
+            tuned = client.fine_tuning(prompt_tokens=2)
+            with pytest.raises(NoRouteError):
+                tuned.loss(torch.tensor([[1, 2, 3, 4]]))
+            request = GradRequest(client.model_id, 0, 4, torch.zeros(1, 2, 64), torch.zeros(1, 2, 64))
+            with pytest.raises(RemoteError, match="--no-gradients"):
+                client.manager.run(tuned.body.send(only.peer_id, request), 30)
+    finally:
+        only.stop()
