@@ -9,7 +9,9 @@ plus the embeddings when start == 0 and the final norm and head when end == num_
 never holds weights it does not serve.
 
 Inference passes an `AttentionBackend` (the engine's KV cache) that sees every layer's new keys and
-values and returns the attention output; training passes none and gets plain causal attention.
+values and returns the attention output; training passes none and gets plain causal attention. LoRA
+adapters come in the same way, as a `LoraBackend` that adds its part to each adaptable linear layer's
+output (model/lora.py: one adapter for a whole batch, or one per sequence of a batched step).
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ class AttentionBackend(Protocol):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Tensor:
         """q: [T, heads, D]; k, v: [T, kv_heads, D] for the T new tokens. Returns [T, heads, D]."""
         ...
+
+
+class LoraBackend(Protocol):
+    def add(self, name: str, x: Tensor, out: Tensor) -> Tensor:
+        """`out`, the output of linear layer `name` (e.g. layers.3.mlp.down_proj) for input `x`, with the
+        adapters' part added."""
+        ...
+
+
+def project(linear: nn.Module, x: Tensor, lora: LoraBackend | None, name: str) -> Tensor:
+    out = linear(x)
+    return out if lora is None else lora.add(name, x, out)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_start: int, spec: AttentionSpec) -> Tensor:
@@ -154,6 +168,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, local: int) -> None:
         super().__init__()
         self.layer, self.rope_kind = local, cfg.rope_kind(layer)  # local: the index in the span's KV cache
+        self.name = f"layers.{layer}.self_attn."  # of its linear layers, for LoRA: by the model's layer index
         self.spec = AttentionSpec(cfg.attn_scale, cfg.attn_softcap, cfg.window(layer))
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k and v in one matmul (as vLLM does): a third of the kernel launches when decoding.
@@ -165,9 +180,11 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.gemma_norms)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.gemma_norms)
 
-    def forward(self, x: Tensor, ropes: dict[str, Rope], backend: AttentionBackend | None) -> Tensor:
+    def forward(
+        self, x: Tensor, ropes: dict[str, Rope], backend: AttentionBackend | None, lora: LoraBackend | None
+    ) -> Tensor:
         *lead, _ = x.shape
-        qk, v = self.qkv_proj(x).split(self.qk_v_split, dim=-1)
+        qk, v = project(self.qkv_proj, x, lora, self.name + "qkv_proj").split(self.qk_v_split, dim=-1)
         qk = qk.reshape(*lead, self.heads + self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = qk.split([self.heads, self.kv_heads], dim=-2)
@@ -180,7 +197,7 @@ class Attention(nn.Module):
             out = backend.attend(self.layer, q, k, v, self.spec)
         else:  # training: x is [B, L, hidden], one causal sequence per row
             out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, self.spec).transpose(1, 2)
-        return self.o_proj(out.reshape(*lead, self.heads * self.head_dim))
+        return project(self.o_proj, out.reshape(*lead, self.heads * self.head_dim), lora, self.name + "o_proj")
 
 
 def activation(name: str, x: Tensor) -> Tensor:
@@ -188,15 +205,15 @@ def activation(name: str, x: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.act = cfg.hidden_act
+        self.act, self.name = cfg.hidden_act, f"layers.{layer}.mlp."
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # fused
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(activation(self.act, gate) * up)
+    def forward(self, x: Tensor, lora: LoraBackend | None) -> Tensor:
+        gate, up = project(self.gate_up_proj, x, lora, self.name + "gate_up_proj").chunk(2, dim=-1)
+        return project(self.down_proj, activation(self.act, gate) * up, lora, self.name + "down_proj")
 
 
 class Experts(nn.Module):
@@ -219,7 +236,7 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
         self.experts = Experts(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lora: LoraBackend | None) -> Tensor:  # experts take no adapters
         flat = x.reshape(-1, x.shape[-1])
         weights, chosen = self.gate(flat).softmax(dim=-1, dtype=torch.float32).topk(self.top_k, dim=-1)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
@@ -239,18 +256,20 @@ class Block(nn.Module):
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer, local)
         self.post_attention_layernorm = norm()  # Gemma: on the attention output; others: before the MLP
-        self.mlp = SparseMoE(cfg) if cfg.num_experts else MLP(cfg)
+        self.mlp = SparseMoE(cfg) if cfg.num_experts else MLP(cfg, layer)
         # Gemma's "sandwich": norms before and after the MLP as well.
         self.pre_feedforward_layernorm = norm() if cfg.gemma_norms else None
         self.post_feedforward_layernorm = norm() if cfg.gemma_norms else None
 
-    def forward(self, x: Tensor, ropes: dict[str, Rope], backend: AttentionBackend | None) -> Tensor:
-        attn = self.self_attn(self.input_layernorm(x), ropes, backend)
+    def forward(
+        self, x: Tensor, ropes: dict[str, Rope], backend: AttentionBackend | None, lora: LoraBackend | None = None
+    ) -> Tensor:
+        attn = self.self_attn(self.input_layernorm(x), ropes, backend, lora)
         if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
             x = x + attn
-            return x + self.mlp(self.post_attention_layernorm(x))
+            return x + self.mlp(self.post_attention_layernorm(x), lora)
         x = x + self.post_attention_layernorm(attn)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), lora))
 
 
 class LlamaSpan(nn.Module):
@@ -321,6 +340,7 @@ class LlamaSpan(nn.Module):
         backend: AttentionBackend | None = None,
         logits_rows: Tensor | None = None,
         blocks: tuple[int, int] | None = None,
+        lora: LoraBackend | None = None,
     ) -> Tensor:
         """Run the span (or only its blocks [i, j) when `blocks` is given: a swarm session that uses part
         of a peer's span).
@@ -331,12 +351,13 @@ class LlamaSpan(nn.Module):
         positions: each token's position in its sequence, shaped like x's leading dims ([T] or [L]).
         logits_rows: with a head, the rows whose logits are wanted (the head is the single largest
         matmul, and a prefill chunk needs logits for its last token only); all rows when None.
+        lora: LoRA adapters to apply (model/lora.py), if any.
         Returns hidden states, or fp32 logits with a head.
         """
         h = x if x.is_floating_point() else self.embed(x)
         ropes = {kind: rotary.tables(positions, h.dtype) for kind, rotary in self.rotary.items()}
         for block in self.layers if blocks is None else self.layers[blocks[0] : blocks[1]]:
-            h = block(h, ropes, backend)
+            h = block(h, ropes, backend, lora)
         if not self.has_head:
             return h
         if logits_rows is not None:

@@ -1,23 +1,25 @@
 """LoRA adapters held apart from the model: named tensors that a forward pass applies to a `LlamaSpan`.
 
 Fine-tuning through a swarm keeps the adapters on the client and sends each peer those of its layers with
-every forward and backward request (`swarm/span_gradients.py`); the peer applies them to its frozen span.
-The arithmetic is peft's LoRA layer on an `nn.Linear`, `base(x) + B(A(x)) * scale` in the same order, and
-the names are peft's (`layers.3.self_attn.qkv_proj.lora_A`), so a run here and the same run with peft in
-one process give the same numbers, and the adapters save as a peft adapter.
+every forward and backward request (`swarm/span_gradients.py`); serving loads adapters once (`--adapters
+NAME=PATH`) and applies to each sequence of a batched step its own (`LoraRows`). The arithmetic is peft's
+LoRA layer on an `nn.Linear`, `base(x) + B(A(x)) * scale` in the same order, and the names are peft's
+(`layers.3.self_attn.qkv_proj.lora_A`), so a run here and the same run with peft in one process give the
+same numbers, and adapters save and load as peft adapter folders.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 
 from swarmlm.model.model_config import ModelConfig
 
@@ -96,31 +98,76 @@ def check_adapters(cfg: ModelConfig, adapters: dict[str, Tensor], start: int, en
     return ranks.pop() if ranks else 0
 
 
-@contextmanager
-def lora_applied(span: nn.Module, first_layer: int, adapters: dict[str, Tensor], scale: float) -> Iterator[None]:
-    """Within the block, forward passes of `span` (whose block 0 is model layer `first_layer`) *made by
-    this thread* add the adapters' `B(A(x)) * scale` to their layers' outputs. Other threads are not
-    affected: a peer's inference engine runs the same modules meanwhile."""
-    owner = threading.get_ident()
+class LoraAdapter:
+    """One adapter as a `LoraBackend` (model/llama.py) that adds itself to every row: A and B for each
+    adapted linear layer, and the scale (lora_alpha / rank)."""
 
-    def hook(a: Tensor, b: Tensor) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor | None]:
-        def add_lora(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
-            if threading.get_ident() != owner:
-                return None
-            return out + F.linear(F.linear(args[0], a.to(out.dtype)), b.to(out.dtype)) * scale
+    def __init__(self, tensors: dict[str, Tensor], scale: float) -> None:
+        self.tensors, self.scale = tensors, scale
+        self.pairs = {n.removesuffix(".lora_A"): (a, tensors[n[:-1] + "B"]) for n, a in tensors.items() if n[-1] == "A"}
 
-        return add_lora
+    @property
+    def rank(self) -> int:
+        return next(iter(self.pairs.values()))[0].shape[0] if self.pairs else 0
 
-    handles = []
+    def delta(self, name: str, x: Tensor) -> Tensor | None:
+        """B(A(x)) * scale for linear layer `name`, or None if this adapter leaves it alone."""
+        pair = self.pairs.get(name)
+        if pair is None:
+            return None
+        a, b = pair
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scale
+
+    def add(self, name: str, x: Tensor, out: Tensor) -> Tensor:
+        delta = self.delta(name, x)
+        return out if delta is None else out + delta
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LoraAdapter:
+        return LoraAdapter({n: t.to(device, dtype) for n, t in self.tensors.items()}, self.scale)
+
+
+class LoraRows:
+    """Several adapters in one batched inference step: each adapter adds itself to its rows only (rows of
+    no group run the base model). Adds in place: no autograd."""
+
+    def __init__(self, groups: list[tuple[LoraAdapter, Tensor]]) -> None:
+        self.groups = groups  # (adapter, indices of its rows)
+
+    def add(self, name: str, x: Tensor, out: Tensor) -> Tensor:
+        for adapter, rows in self.groups:
+            delta = adapter.delta(name, x[rows])
+            if delta is not None:
+                out.index_add_(0, rows, delta)
+        return out
+
+
+def load_adapter(path: str | Path, cfg: ModelConfig, layers: range) -> LoraAdapter:
+    """A peft LoRA adapter folder (as `RemoteCausalLM.save_adapter` or `swarmlm train --lora` write it),
+    only its tensors for `layers`. LoraError, with what is wrong, for anything else."""
+    folder = Path(path)
     try:
-        for name, a in adapters.items():
-            if not name.endswith(".lora_A"):
-                continue
-            match = _NAME.fullmatch(name)
-            assert match is not None  # check_adapters ran
-            module = span.get_submodule(f"layers.{int(match[1]) - first_layer}.{match[2]}")
-            handles.append(module.register_forward_hook(hook(a, adapters[name[:-1] + "B"])))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise LoraError(
+            f"{folder} is not a readable peft adapter (adapter_config.json, adapter_model.safetensors): {e}"
+        ) from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise LoraError(f"{folder}: adapter_config.json is not a LoRA adapter's (peft_type LORA)")
+    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, int | float):
+        raise LoraError(f"{folder}: adapter_config.json needs a rank r >= 1 and a lora_alpha")
+    named = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix("base_model.model.").removesuffix(".weight")
+        if _NAME.fullmatch(name) is None:
+            raise LoraError(
+                f"{folder}: {key} is not a LoRA weight of this model's layers (adapters for swarmlm's fused "
+                "qkv_proj / gate_up_proj, as swarmlm's fine-tuning writes them)"
+            )
+        named[name] = tensor.float()
+    if check_adapters(cfg, named, 0, cfg.num_layers) != rank:
+        raise LoraError(f"{folder}: its tensors do not have the rank r={rank} its config says")
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    ours = {n: t for n, t in named.items() if int(n.split(".")[1]) in layers}
+    return LoraAdapter(ours, scale)

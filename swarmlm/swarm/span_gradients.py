@@ -7,8 +7,8 @@ plain causal forward pass that training uses (no KV cache), and for a backward r
 autograd on and returns the gradients with respect to the input and to each adapter. The peer keeps
 nothing between calls, so a retry may go to any peer serving those layers.
 
-Passes run one at a time on a thread of their own, beside the inference engine's thread: they share the
-weights, and LoRA is applied only to this thread's passes (`model/lora.py`).
+Passes run one at a time on a thread of their own, beside the inference engine's thread (they share the
+weights; the adapters are an argument of the forward pass, so they reach only these passes).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from swarmlm.model.llama import LlamaSpan
-from swarmlm.model.lora import LoraError, check_adapters, lora_applied
+from swarmlm.model.lora import LoraAdapter, LoraError, check_adapters
 from swarmlm.swarm.grad_messages import GradReply, GradRequest
 
 MAX_TOKENS = 1 << 16  # batch x length of one request: its activations are kept for the backward pass
@@ -68,17 +68,18 @@ class SpanGradients:
         weight = next(span.parameters())
         x = r.hidden.to(weight.device, weight.dtype)
         adapters = {n: t.to(weight.device, torch.float32) for n, t in r.adapters.items()}
+        lora = LoraAdapter(adapters, r.lora_scale) if adapters else None
         blocks = (r.start - first_layer, r.end - first_layer)
         positions = torch.arange(x.shape[1], device=x.device)
         if r.grad_output is None:
-            with torch.no_grad(), lora_applied(span, first_layer, adapters, r.lora_scale):
-                out = span(x, positions, blocks=blocks)
+            with torch.no_grad():
+                out = span(x, positions, blocks=blocks, lora=lora)
             return GradReply(output=out.to("cpu", r.hidden.dtype))
         leaves = [x, *adapters.values()]
         for leaf in leaves:
             leaf.requires_grad_(True)
-        with torch.enable_grad(), lora_applied(span, first_layer, adapters, r.lora_scale):
-            out = span(x, positions, blocks=blocks)
+        with torch.enable_grad():
+            out = span(x, positions, blocks=blocks, lora=lora)
             grads = torch.autograd.grad(out, leaves, r.grad_output.to(out.device, out.dtype))
         return GradReply(
             grad_input=grads[0].to("cpu", r.hidden.dtype),
