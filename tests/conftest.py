@@ -15,6 +15,7 @@ import torch
 from swarmlm.launch.random_model import Shape, write_random_model
 from swarmlm.launch.servers import ServerProcess
 from swarmlm.model.loading import LoadedModel, default_model_path, load_model
+from swarmlm.model.lora import random_adapter, save_adapter
 
 pytest_plugins = ("tests.training_runs",)
 
@@ -110,9 +111,18 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[ServerProcess]:
-    """One server for the API tests; a small batch so queueing and cancellation are observable."""
-    srv = ServerProcess("--max-batch-seqs", "8")
+def lora_adapter(model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A peft LoRA adapter folder for the embedded model (rank 4, random A and B: it changes the text)."""
+    out = tmp_path_factory.mktemp("adapter") / "tuned"
+    save_adapter(out, random_adapter(model.config, rank=4, seed=3), alpha=8.0, base_model=model.model_id)
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(lora_adapter: Path) -> Iterator[ServerProcess]:
+    """One server for the API tests; a small batch so queueing and cancellation are observable; the LoRA
+    adapter `tuned` (tests/test_adapters.py)."""
+    srv = ServerProcess("--max-batch-seqs", "8", "--adapters", f"tuned={lora_adapter}")
     try:
         yield srv.wait_ready()
     finally:

@@ -34,7 +34,7 @@ def metric(server: ServerProcess, name: str, **labels: str) -> float:
 
 
 def test_models_and_health(client: OpenAI, server: ServerProcess) -> None:
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, f"{MODEL}:tuned"]  # with its LoRA adapter
     assert httpx.get(f"{server.base}/health").json()["status"] == "ok"
 
 

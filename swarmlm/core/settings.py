@@ -21,6 +21,9 @@ METAVAR = "metavar"
 FLAGS = "flags"  # extra spellings, e.g. ("-o",)
 
 LOCALHOST_MADDRS = ("/ip4/127.0.0.1/tcp/0",)  # where a peer listens unless told: this machine, any free port
+ADAPTERS_HELP = (
+    "NAME=PATH: also serve the peft LoRA adapter in folder PATH; requests name it as model MODEL:NAME (repeatable)"
+)
 
 
 def setting(

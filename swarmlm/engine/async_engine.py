@@ -68,6 +68,7 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     user: str
+    adapter: str | None
 
 
 class AsyncEngine:
@@ -124,12 +125,14 @@ class AsyncEngine:
     def num_queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1, user: str = "") -> RequestHandle:
-        """Validate and queue a request. Raises ValueError (bad request), QueueFullError (overload) or
-        EngineDeadError."""
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, user: str = "", adapter: str | None = None
+    ) -> RequestHandle:
+        """Validate and queue a request (with the LoRA adapter named `adapter`, if any). Raises ValueError
+        (bad request), QueueFullError (overload) or EngineDeadError."""
         if self.error is not None or not self._running or self._loop is None:
             raise EngineDeadError(f"the engine is not running ({self.error or 'stopped'})")
-        self.engine.validate(prompt_ids, params)
+        self.engine.validate(prompt_ids, params, adapter)
         queued_tokens = sum(self._pending.values())
         if len(self._pending) >= self.max_queued_requests or queued_tokens + len(prompt_ids) > self.max_queued_tokens:
             wait = (
@@ -144,7 +147,7 @@ class AsyncEngine:
         handle = RequestHandle(f"cmpl-{next(self._ids)}", n, len(prompt_ids))
         self._handles[handle.request_id] = handle
         self._pending[handle.request_id] = len(prompt_ids) * n
-        self._commands.put(_Add(handle, list(prompt_ids), params, user))
+        self._commands.put(_Add(handle, list(prompt_ids), params, user, adapter))
         self._wake.set()
         return handle
 
@@ -219,7 +222,7 @@ class AsyncEngine:
                 continue
             try:
                 cmd.handle.seqs = self.engine.add(
-                    cmd.prompt_ids, cmd.params, cmd.handle.n, cmd.user, cmd.handle.request_id
+                    cmd.prompt_ids, cmd.params, cmd.handle.n, cmd.user, cmd.handle.request_id, cmd.adapter
                 )
                 unscheduled.add(cmd.handle.request_id)
             except ValueError as e:  # validated already; only a race with a config change lands here

@@ -60,8 +60,10 @@ class Engine:
         self._ids = itertools.count()
 
     # ----- requests -------------------------------------------------------------------------------
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> None:
         """Raise ValueError, with a message for the client, for a request this engine cannot serve."""
+        if adapter is not None and adapter not in (names := self.executor.adapter_names()):
+            raise ValueError(f"no LoRA adapter {adapter!r} here; adapters: {', '.join(names) or 'none'}")
         self.stopper.validate(prompt_ids, params)
         need = len(prompt_ids) + params.max_tokens
         if need > self.executor.capacity_tokens:
@@ -73,15 +75,23 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary")
 
     def add(
-        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, user: str = "", request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        n: int = 1,
+        user: str = "",
+        request_id: str | None = None,
+        adapter: str | None = None,
     ) -> list[Sequence]:
-        """Queue a request; returns its n sequences."""
-        self.validate(prompt_ids, params)
+        """Queue a request (run with the LoRA adapter named `adapter`, if any); returns its n sequences."""
+        self.validate(prompt_ids, params, adapter)
         request_id = request_id or f"req-{next(self._ids)}"
         now = self.clock()
         seqs = []
         for i in range(n):
-            seq = Sequence(request_id, i, list(prompt_ids), params, user, now, choice_generator(params, i))
+            seq = Sequence(
+                request_id, i, list(prompt_ids), params, user, now, choice_generator(params, i), adapter=adapter
+            )
             self.scheduler.admit(seq, now, self.prefill_seconds_per_token * len(prompt_ids))
             seqs.append(seq)
         self.active.extend(seqs)

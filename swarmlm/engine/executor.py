@@ -19,6 +19,7 @@ from swarmlm.engine.kv_cache import KVCacheManager, KVLayout
 from swarmlm.engine.runner import ModelRunner, Segment
 from swarmlm.engine.sequence import Sequence
 from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.lora import LoraAdapter
 from swarmlm.model.memory import MemoryBudget
 
 
@@ -49,6 +50,10 @@ class Executor(Protocol):
         """The sequence finished or was aborted: free what it holds."""
         ...
 
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters a request may name."""
+        ...
+
     @property
     def kv_usage(self) -> float: ...  # fraction of the KV budget in use (0-1)
 
@@ -64,10 +69,18 @@ class LocalExecutor:
 
     in_flight = False
 
-    def __init__(self, span: LlamaSpan, kv_budget_bytes: int | None, prefix_block: int = 16) -> None:
+    def __init__(
+        self,
+        span: LlamaSpan,
+        kv_budget_bytes: int | None,
+        prefix_block: int = 16,
+        adapters: dict[str, LoraAdapter] | None = None,
+    ) -> None:
+        """`adapters`: LoRA adapters by name, for requests that name one (on the model's device and dtype)."""
         if not span.is_whole:
             raise ValueError("a local executor needs the whole model (layers 0:N)")
         self.runner = ModelRunner(span)
+        self.adapters = adapters or {}
         cfg = span.cfg
         layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.runner.dtype, self.runner.device)
         self.kv = KVCacheManager(layout, kv_budget_bytes or default_kv_budget(self.runner.device), prefix_block)
@@ -108,7 +121,7 @@ class LocalExecutor:
                 seq.num_computed = self.kv.restore(seq.kv, seq.host_kv)
                 seq.host_kv = None
             elif seq.num_computed == 0:
-                seq.num_computed = self.kv.reuse_prefix(seq.kv, seq.prompt_ids)
+                seq.num_computed = self.kv.reuse_prefix(seq.kv, seq.prompt_ids, seq.adapter or "")
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -123,7 +136,8 @@ class LocalExecutor:
         segments, inputs, rows, sampled = [], [], [], []
         row = 0
         for seq, n in batch:
-            segments.append(Segment(seq.kv, seq.num_computed, n))
+            adapter = self.adapters[seq.adapter] if seq.adapter is not None else None
+            segments.append(Segment(seq.kv, seq.num_computed, n, adapter))
             inputs.extend(seq.token_slice(seq.num_computed, seq.num_computed + n))
             row += n
             if seq.num_computed + n == seq.num_tokens:
@@ -132,13 +146,16 @@ class LocalExecutor:
         logits = self.runner.forward(segments, torch.tensor(inputs), rows)
         for seq, n in batch:
             if not seq.prefix_stored and seq.num_computed + n >= len(seq.prompt_ids):
-                self.kv.store_prefix(seq.kv, seq.prompt_ids)
+                self.kv.store_prefix(seq.kv, seq.prompt_ids, seq.adapter or "")
                 seq.prefix_stored = True
         return StepResult(batch, logits, sampled)
 
     def release(self, seq: Sequence) -> None:
         self.kv.free(seq.kv)
         seq.kv = seq.host_kv = None
+
+    def adapter_names(self) -> list[str]:
+        return sorted(self.adapters)
 
 
 def default_kv_budget(device: torch.device) -> int:

@@ -127,12 +127,13 @@ class KVCacheManager:
         kv.length = host.length
         return host.length
 
-    def reuse_prefix(self, kv: SequenceKV, prompt: list[int]) -> int:
+    def reuse_prefix(self, kv: SequenceKV, prompt: list[int], salt: str = "") -> int:
         """Copy cached blocks of the prompt's prefix into `kv`; return how many tokens were filled.
-        At least the last prompt token is always left to compute, since its logits are needed."""
+        At least the last prompt token is always left to compute, since its logits are needed. `salt`
+        tells apart caches of the same tokens computed by other weights (a LoRA adapter's name)."""
         self.prefix_queries += len(prompt)
         filled = 0
-        for key, end in self.prefix.keys(prompt[:-1]):
+        for key, end in self.prefix.keys(prompt[:-1], salt):
             block = self.prefix.get(key)
             if block is None or end > kv.capacity:
                 break
@@ -143,10 +144,10 @@ class KVCacheManager:
         self.prefix_hits += filled
         return filled
 
-    def store_prefix(self, kv: SequenceKV, prompt: list[int]) -> None:
+    def store_prefix(self, kv: SequenceKV, prompt: list[int], salt: str = "") -> None:
         """Remember the prompt's full blocks (whose KV is now computed) if the budget has room."""
         start = 0
-        for key, end in self.prefix.keys(prompt[: kv.length]):
+        for key, end in self.prefix.keys(prompt[: kv.length], salt):
             if key not in self.prefix and self.capacity_tokens - self.used_tokens - self.prefix.tokens >= end - start:
                 self.prefix.put(key, kv.k[:, :, start:end].clone(), kv.v[:, :, start:end].clone())
             start = end
@@ -167,9 +168,9 @@ class PrefixCache:
     def __contains__(self, key: bytes) -> bool:
         return key in self.blocks
 
-    def keys(self, tokens: list[int]) -> list[tuple[bytes, int]]:
-        """(chained hash, end offset) for each full block of `tokens`."""
-        out, digest = [], b""
+    def keys(self, tokens: list[int], salt: str = "") -> list[tuple[bytes, int]]:
+        """(chained hash, end offset) for each full block of `tokens`, the chain starting from `salt`."""
+        out, digest = [], salt.encode()
         for end in range(self.block_size, len(tokens) + 1, self.block_size):
             block = tokens[end - self.block_size : end]
             digest = hashlib.blake2b(digest + str(block).encode(), digest_size=16).digest()

@@ -2,7 +2,8 @@
 
 All new tokens of a step are concatenated into one [T] (or [T, hidden]) batch, so every matmul reads the
 weights once per step whatever the number of sequences. Attention is the only per-sequence part: each
-sequence attends over its own contiguous KV cache.
+sequence attends over its own contiguous KV cache. A sequence with a LoRA adapter adds it to its own rows
+(sequences with different adapters share the step: model/lora.py's `LoraRows`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from torch import Tensor
 
 from swarmlm.engine.kv_cache import SequenceKV
-from swarmlm.model.llama import AttentionSpec, LlamaSpan, attention
+from swarmlm.model.llama import AttentionSpec, LlamaSpan, LoraBackend, attention
+from swarmlm.model.lora import LoraAdapter, LoraRows
 
 
 @dataclass
@@ -21,6 +23,7 @@ class Segment:
     kv: SequenceKV
     start: int  # position of the first new token (= tokens already in the cache)
     length: int  # new tokens this step
+    adapter: LoraAdapter | None = None
 
 
 class BatchAttention:
@@ -69,7 +72,22 @@ class ModelRunner:
     ) -> Tensor:
         positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(self.device)
         rows = None if logits_rows is None else torch.tensor(logits_rows, dtype=torch.long, device=self.device)
-        out = self.span(inputs.to(self.device), positions, BatchAttention(segments), rows, blocks)
+        lora = self._lora(segments)
+        out = self.span(inputs.to(self.device), positions, BatchAttention(segments), rows, blocks, lora)
         for seg in segments:
             seg.kv.length = seg.start + seg.length
         return out
+
+    def _lora(self, segments: list[Segment]) -> LoraBackend | None:
+        """The step's adapters: none, one for every row, or each adapter's rows."""
+        rows: dict[LoraAdapter, list[Tensor]] = {}
+        at = 0
+        for seg in segments:
+            if seg.adapter is not None:
+                rows.setdefault(seg.adapter, []).append(torch.arange(at, at + seg.length))
+            at += seg.length
+        if not rows:
+            return None
+        if len(rows) == 1 and all(seg.adapter is not None for seg in segments):
+            return next(iter(rows))
+        return LoraRows([(adapter, torch.cat(r).to(self.device)) for adapter, r in rows.items()])

@@ -29,6 +29,7 @@ class Sequence:
     user: str
     arrival: float
     generator: torch.Generator | None
+    adapter: str | None = None  # the LoRA adapter it runs with (`--adapters`), None: the base model
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     kv: SequenceKV | None = None

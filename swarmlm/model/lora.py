@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from swarmlm.core.files import atomic_directory
 from swarmlm.model.model_config import ModelConfig
 
 # Module paths inside a block, by peft's target name (`swarmlm train --lora` targets the same four).
@@ -31,6 +32,9 @@ LORA_TARGETS = {
     "down_proj": "mlp.down_proj",
 }
 _NAME = re.compile(r"layers\.(\d+)\.(" + "|".join(re.escape(p) for p in LORA_TARGETS.values()) + r")\.lora_([AB])")
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class LoraError(ValueError):
@@ -62,6 +66,16 @@ def init_lora(cfg: ModelConfig, layers: range, rank: int, seed: int = 0) -> dict
             a = torch.rand(rank, fan_in, generator=gen) * 2 * bound - bound
             adapters[f"layers.{layer}.{path}.lora_A"] = a
             adapters[f"layers.{layer}.{path}.lora_B"] = torch.zeros(fan_out, rank)
+    return adapters
+
+
+def random_adapter(cfg: ModelConfig, rank: int, seed: int, std: float = 0.05) -> dict[str, Tensor]:
+    """An adapter that changes the model (B drawn too, not zero), for tests and benches."""
+    adapters = init_lora(cfg, range(cfg.num_layers), rank, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, tensor in adapters.items():
+        if name.endswith("lora_B"):
+            tensor.normal_(0, std, generator=gen)
     return adapters
 
 
@@ -139,6 +153,48 @@ class LoraRows:
             if delta is not None:
                 out.index_add_(0, rows, delta)
         return out
+
+
+def save_adapter(out_dir: str | Path, adapters: dict[str, Tensor], alpha: float, base_model: str) -> None:
+    """`adapters` (all of one rank) as a peft LoRA adapter folder: adapter_config.json and
+    adapter_model.safetensors, written whole or not at all."""
+    rank = next(t.shape[0] for n, t in adapters.items() if n.endswith("lora_A"))
+    tensors = {f"base_model.model.{n}.weight": t.detach().float().contiguous() for n, t in adapters.items()}
+    config = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(LORA_TARGETS),
+        "bias": "none",
+        "task_type": None,
+    }
+    with atomic_directory(out_dir) as out:
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
+    """`--adapters NAME=PATH ...` -> {name: folder}; ValueError with what is wrong."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path or _ADAPTER_NAME.fullmatch(name) is None:
+            raise ValueError(f"--adapters {spec!r}: give NAME=PATH, NAME of letters, digits, '.', '_' or '-'")
+        if name in out:
+            raise ValueError(f"--adapters: {name!r} is given twice")
+        out[name] = Path(path)
+    return out
+
+
+def load_adapters(
+    specs: list[str], cfg: ModelConfig, layers: range, device: torch.device, dtype: torch.dtype
+) -> dict[str, LoraAdapter]:
+    """The adapters `--adapters` names, their tensors for `layers`, on the model's device and dtype."""
+    return {
+        name: load_adapter(path, cfg, layers).to(device, dtype) for name, path in parse_adapter_specs(specs).items()
+    }
 
 
 def load_adapter(path: str | Path, cfg: ModelConfig, layers: range) -> LoraAdapter:

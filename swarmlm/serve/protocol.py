@@ -146,6 +146,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "swarmlm"
     max_model_len: int
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):

@@ -13,10 +13,11 @@ from fastapi import FastAPI
 from swarmlm.core.sizes import KV_DEFAULT_MAX
 from swarmlm.engine.async_engine import AsyncEngine
 from swarmlm.engine.engine import Engine, EngineConfig
-from swarmlm.engine.executor import Executor
+from swarmlm.engine.executor import Executor, LocalExecutor
 from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import LoadedModel, load_model, resolve_device, resolve_dtype, resolve_model
+from swarmlm.model.lora import load_adapters, parse_adapter_specs
 from swarmlm.model.memory import MemoryBudget, span_need
 from swarmlm.serve.api import create_app
 from swarmlm.serve.auth import KeyChecker, load_keys
@@ -38,7 +39,13 @@ def build_app(
     kv_budget = cfg.kv_budget
     if model is None:
         kv_budget = whole_model_kv_budget(cfg)  # a model too large for the memory budget fails before loading
+        parse_adapter_specs(cfg.adapters)  # and so does a malformed --adapters
         model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
+        weight = next(model.span.parameters())
+        adapters = load_adapters(
+            cfg.adapters, model.config, range(model.config.num_layers), weight.device, weight.dtype
+        )
+        executor = LocalExecutor(model.span, kv_budget, adapters=adapters)
     scheduler = (
         make_scheduler(cfg.scheduler, cfg.fair, base_quantum=cfg.mlfq_quantum, starvation=cfg.starvation)
         if cfg.scheduler == "mlfq"

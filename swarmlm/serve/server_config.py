@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swarmlm.core.settings import setting, size_setting
+from swarmlm.core.settings import ADAPTERS_HELP, setting, size_setting
 from swarmlm.core.sizes import KV_DEFAULT_MAX, KV_RESERVE_TOKENS, MAX_MEMORY_HELP
 
 MODEL_HELP = "A .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)"
@@ -31,6 +31,7 @@ class ServeConfig:
     dtype: str = setting("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     quant: str = setting("none", help="Weight-only quantization on CPU: none, int8 or int4")
     device: str = setting("auto", help="auto, cpu or cuda")
+    adapters: list[str] = setting(help=ADAPTERS_HELP, factory=list, metavar="NAME=PATH")
     max_batch_seqs: int = setting(32, help="Most sequences in one step")
     max_step_tokens: int = setting(256, help="Most tokens in one step (prefill chunk budget)")
     max_model_len: int | None = setting(None, help="Context limit (default: the model's)")

@@ -50,11 +50,22 @@ class OpenAIServing:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_id, created=self.created, max_model_len=self.max_model_len)])
+        """The base model, and each LoRA adapter as MODEL:ADAPTER with the base as its parent (vLLM's way)."""
+        base = ModelCard(id=self.model_id, created=self.created, max_model_len=self.max_model_len)
+        adapters = [
+            ModelCard(
+                id=f"{self.model_id}:{name}",
+                created=self.created,
+                max_model_len=self.max_model_len,
+                parent=self.model_id,
+            )
+            for name in self.engine.engine.executor.adapter_names()
+        ]
+        return ModelList(data=[base, *adapters])
 
     # ----- generation -------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, request: Request) -> Any:
-        self._check_model(req.model, request)
+        adapter = self._check_model(req.model, request)
         if isinstance(req.prompt, str):
             prompts = [await self._encode(req.prompt)]
         elif req.prompt and isinstance(req.prompt[0], int):
@@ -66,13 +77,13 @@ class OpenAIServing:
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt must not be empty", param="prompt")
         params = req.sampling(req.max_tokens or 16, req.logprobs)
-        handles = self._submit(prompts, params, req.n, _user_of(request, req.user))
+        handles = self._submit(prompts, params, req.n, _user_of(request, req.user), adapter)
         echo = [self.tokenizer.decode(p) for p in prompts] if req.echo else None
         fmt = TextChoices(self.tokenizer, req.logprobs is not None, echo)
         return await self._answer(request, req, handles, prompts, fmt, handles[0].request_id)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
-        self._check_model(req.model, request)
+        adapter = self._check_model(req.model, request)
         if not self.tokenizer.has_chat_template:
             raise APIError(400, f"model {self.model_id!r} has no chat template; use /v1/completions")
         try:
@@ -90,7 +101,7 @@ class OpenAIServing:
             )
         max_tokens = req.max_completion_tokens or req.max_tokens or room
         params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        handles = self._submit([prompt], params, req.n, _user_of(request, req.user))
+        handles = self._submit([prompt], params, req.n, _user_of(request, req.user), adapter)
         fmt = ChatChoices(self.tokenizer, bool(req.logprobs))
         return await self._answer(request, req, handles, [prompt], fmt, "chat" + handles[0].request_id)
 
@@ -108,27 +119,36 @@ class OpenAIServing:
             return answer.streaming(bool(req.stream_options and req.stream_options.include_usage))
         return await answer.body(request)
 
-    def _check_model(self, name: str, request: Request) -> None:
+    def _check_model(self, name: str, request: Request) -> str | None:
+        """The LoRA adapter the request's model names (MODEL:ADAPTER), None for the base model; 404 for
+        any other model, 403 for one the caller's key may not use."""
         key: ApiKey | None = getattr(request.state, "api_key", None)
         if key is not None and not key.allows(name):
             raise APIError(
                 403, f"key {key.name!r} may not use model {name!r}", "permission_error", "model", "model_not_allowed"
             )
-        if name != self.model_id:
+        if name == self.model_id:
+            return None
+        base, _, adapter = name.rpartition(":")
+        served = [card.id for card in self.models().data]
+        if base != self.model_id or adapter not in self.engine.engine.executor.adapter_names():
             raise APIError(
                 404,
-                f"model {name!r} does not exist; this server serves {self.model_id!r}",
+                f"model {name!r} does not exist; this server serves {', '.join(map(repr, served))}",
                 "not_found_error",
                 "model",
                 "model_not_found",
             )
+        return adapter
 
-    def _submit(self, prompts: list[list[int]], params: SamplingParams, n: int, user: str) -> list[RequestHandle]:
+    def _submit(
+        self, prompts: list[list[int]], params: SamplingParams, n: int, user: str, adapter: str | None
+    ) -> list[RequestHandle]:
         """One engine request per prompt, all or none: a refusal aborts those already queued."""
         handles: list[RequestHandle] = []
         try:
             for ids in prompts:
-                handles.append(self.engine.submit(ids, params, n, user))
+                handles.append(self.engine.submit(ids, params, n, user, adapter))
         except (ValueError, QueueFullError, EngineDeadError) as e:
             for h in handles:
                 self.engine.abort(h.request_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from swarmlm.core.network_config import NetworkConfig
-from swarmlm.core.settings import internal, setting, size_setting
+from swarmlm.core.settings import ADAPTERS_HELP, internal, setting, size_setting
 from swarmlm.core.sizes import KV_RESERVE_TOKENS, MAX_MEMORY_HELP
 
 DEFAULT_TTL = 15.0  # seconds a peer's DHT record lives unless refreshed (every ttl / 3)
@@ -24,6 +24,9 @@ class PeerConfig(NetworkConfig):
     dtype: str = setting("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     device: str = setting("auto", help="auto, cpu or cuda (cuda:N): where the span runs")
     quant: str = setting("none", help="Weight-only quantization on CPU: none, int8 or int4")
+    adapters: list[str] = setting(
+        help=ADAPTERS_HELP + "; this peer holds their tensors for its layers", factory=list, metavar="NAME=PATH"
+    )
     kv_budget: int | None = size_setting(
         help=f"KV cache budget, e.g. 1GiB, taken out of --max-memory (default: {KV_RESERVE_TOKENS} tokens through "
         "each served layer)"

@@ -15,17 +15,14 @@ through `RemoteSequential`, so `loss.backward()` reaches the adapters and the pr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from swarmlm.core.files import atomic_directory
 from swarmlm.model.llama import LlamaSpan
-from swarmlm.model.lora import LORA_TARGETS, init_lora
+from swarmlm.model.lora import init_lora, save_adapter
 from swarmlm.swarm.remote_sequential import RemoteSequential
 from swarmlm.swarm.sequence_manager import RemoteSequenceManager
 
@@ -92,20 +89,7 @@ class RemoteCausalLM(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
     def save_adapter(self, out_dir: str | Path) -> None:
-        """The LoRA adapters as a peft adapter folder (adapter_config.json, adapter_model.safetensors)."""
+        """The LoRA adapters as a peft adapter folder, which `--adapters NAME=FOLDER` serves."""
         if not self.lora_rank:
             raise ValueError("this model trains no LoRA adapters (lora_rank=0)")
-        tensors = {f"base_model.model.{n}.weight": t.detach().contiguous() for n, t in self.adapters().items()}
-        config = {
-            "peft_type": "LORA",
-            "base_model_name_or_path": self.model_id,
-            "r": self.lora_rank,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": 0.0,
-            "target_modules": sorted(LORA_TARGETS),
-            "bias": "none",
-            "task_type": None,
-        }
-        with atomic_directory(out_dir) as out:
-            save_file(tensors, str(out / "adapter_model.safetensors"))
-            (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_adapter(out_dir, self.adapters(), self.lora_alpha, self.model_id)
