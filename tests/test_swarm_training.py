@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from openai import NotFoundError, OpenAI
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from swarmlm.launch.peers import PeerProcess, stop_all
+from swarmlm.launch.peers import PeerProcess, free_port, stop_all
 from swarmlm.model.llama import LlamaSpan
 from swarmlm.model.loading import LoadedModel
 from swarmlm.model.lora import LORA_TARGETS
@@ -19,6 +22,7 @@ from swarmlm.swarm.grad_messages import GradRequest
 from swarmlm.swarm.messages import RemoteError
 from swarmlm.swarm.remote_training import RemoteCausalLM
 from swarmlm.swarm.routing import NoRouteError
+from tests.test_adapters import peft_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -173,3 +177,53 @@ def test_a_peer_without_gradients_refuses_and_is_not_routed_through(tiny_llama: 
                 client.manager.run(tuned.body.send(only.peer_id, request), 30)
     finally:
         only.stop()
+
+
+def test_an_adapter_trained_through_the_swarm_is_served_by_peers_that_hold_it(
+    remote: RemoteModel, swarm: dict[str, PeerProcess], model: LoadedModel, tmp_path: Path
+) -> None:
+    tuned = remote.fine_tuning(lora_rank=4, seed=2)
+    optimizer = torch.optim.AdamW(tuned.trainable_parameters(), lr=2e-2)
+    for ids in batches(model, rows=2, length=12, steps=3):
+        tuned.loss(ids).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tuned.save_adapter(tmp_path / "tuned")
+    api = f"127.0.0.1:{free_port()}"
+    holder = PeerProcess(
+        "--layers",
+        "0:30",
+        "--adapters",
+        f"tuned={tmp_path / 'tuned'}",
+        "--api",
+        api,
+        "--wire-dtype",
+        "fp32",
+        initial=swarm["a"].maddr,
+    )
+    try:
+        holder.wait_ready()
+        client = OpenAI(base_url=f"http://{api}/v1", api_key="none", max_retries=0, timeout=120)
+        name = f"{remote.model_id}:tuned"
+        deadline = time.monotonic() + 30  # the gateway sees the adapter once the peer's record is in the DHT
+        while name not in [m.id for m in client.models.list().data]:
+            assert time.monotonic() < deadline, "the gateway never listed the adapter"
+            time.sleep(1)
+
+        def complete(model_name: str) -> str:
+            return (
+                client.completions.create(model=model_name, prompt=TEXT[:40], max_tokens=8, temperature=0)
+                .choices[0]
+                .text
+            )
+
+        with ThreadPoolExecutor(4) as pool:  # adapter and base requests in the same steps
+            texts = list(pool.map(complete, [name, remote.model_id, name, remote.model_id]))
+        prompt = model.tokenizer.encode(TEXT[:40])
+        assert texts[0] == texts[2] == peft_greedy(model, tmp_path / "tuned", prompt, 8)
+        assert texts[1] == texts[3] == peft_greedy(model, None, prompt, 8)
+        assert texts[0] != texts[1]
+        with pytest.raises(NotFoundError):
+            client.completions.create(model=f"{remote.model_id}:other", prompt="Hi", max_tokens=2)
+    finally:
+        holder.stop()

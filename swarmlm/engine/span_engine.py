@@ -25,6 +25,7 @@ from swarmlm.engine.kv_cache import KVCacheError, KVCacheManager, KVLayout, Sequ
 from swarmlm.engine.runner import ModelRunner, Segment
 from swarmlm.engine.scheduler import SchedState, Scheduler
 from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.lora import LoraAdapter
 
 
 class SessionError(ValueError):
@@ -38,6 +39,7 @@ class SpanSession:
     user: str
     arrival: float
     blocks: tuple[int, int]  # which of the span's blocks this session runs through
+    adapter: LoraAdapter | None = None
     sched: SchedState = field(default_factory=SchedState)
     kv: SequenceKV | None = None
     closed: bool = False
@@ -73,8 +75,11 @@ class SpanEngine:
         kv_budget_bytes: int,
         max_step_tokens: int = 2048,
         clock: Callable[[], float] = time.monotonic,
+        adapters: dict[str, LoraAdapter] | None = None,
     ) -> None:
+        """`adapters`: LoRA adapters by name (their tensors for this span's layers) that sessions may use."""
         self.span = span
+        self.adapters = adapters or {}
         self.runner = ModelRunner(span)
         cfg = span.cfg
         layout = KVLayout(len(span.layers), cfg.num_kv_heads, cfg.head_dim, self.runner.dtype, self.runner.device)
@@ -93,14 +98,24 @@ class SpanEngine:
 
     # ----- any thread -----------------------------------------------------------------------------
     def open(
-        self, session_id: str, max_length: int, user: str = "", blocks: tuple[int, int] | None = None
+        self,
+        session_id: str,
+        max_length: int,
+        user: str = "",
+        blocks: tuple[int, int] | None = None,
+        adapter: str | None = None,
     ) -> SpanSession:
+        if adapter is not None and adapter not in self.adapters:
+            raise SessionError(
+                f"this peer has no LoRA adapter {adapter!r} (it has: {', '.join(self.adapters) or 'none'})"
+            )
         if max_length > min(self.kv.capacity_tokens, self.span.cfg.max_position_embeddings):
             raise SessionError(
                 f"a session of {max_length} tokens does not fit this peer "
                 f"(KV budget {self.kv.capacity_tokens} tokens, context {self.span.cfg.max_position_embeddings})"
             )
         session = SpanSession(session_id, max_length, user, self.clock(), blocks or (0, len(self.span.layers)))
+        session.adapter = self.adapters[adapter] if adapter is not None else None
         self.sessions[session_id] = session
         self._inbox.put(_Open(session))  # the scheduler is only ever touched by the engine thread
         return session
@@ -208,7 +223,7 @@ class SpanEngine:
             tokens += n
         if not batch:
             return
-        segments = [Segment(s.session.kv, s.start, s.hidden.shape[0]) for s in batch]
+        segments = [Segment(s.session.kv, s.start, s.hidden.shape[0], s.session.adapter) for s in batch]
         inputs = torch.cat([s.hidden for s in batch]).to(self.runner.dtype)
         try:
             out = self.runner.forward(segments, inputs, blocks=blocks).cpu()  # one host copy: replies go on the wire

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from swarmlm.core.files import atomic_directory
+from swarmlm.core.files import atomic_directory, sha256_file
 from swarmlm.model.model_config import ModelConfig
 
 # Module paths inside a block, by peft's target name (`swarmlm train --lora` targets the same four).
@@ -116,8 +116,10 @@ class LoraAdapter:
     """One adapter as a `LoraBackend` (model/llama.py) that adds itself to every row: A and B for each
     adapted linear layer, and the scale (lora_alpha / rank)."""
 
-    def __init__(self, tensors: dict[str, Tensor], scale: float) -> None:
-        self.tensors, self.scale = tensors, scale
+    def __init__(self, tensors: dict[str, Tensor], scale: float, digest: str = "") -> None:
+        """`digest`: of the file it was loaded from (peers holding one adapter name announce it, so a
+        route never mixes two different adapters of one name)."""
+        self.tensors, self.scale, self.digest = tensors, scale, digest
         self.pairs = {n.removesuffix(".lora_A"): (a, tensors[n[:-1] + "B"]) for n, a in tensors.items() if n[-1] == "A"}
 
     @property
@@ -137,7 +139,7 @@ class LoraAdapter:
         return out if delta is None else out + delta
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LoraAdapter:
-        return LoraAdapter({n: t.to(device, dtype) for n, t in self.tensors.items()}, self.scale)
+        return LoraAdapter({n: t.to(device, dtype) for n, t in self.tensors.items()}, self.scale, self.digest)
 
 
 class LoraRows:
@@ -226,4 +228,4 @@ def load_adapter(path: str | Path, cfg: ModelConfig, layers: range) -> LoraAdapt
         raise LoraError(f"{folder}: its tensors do not have the rank r={rank} its config says")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     ours = {n: t for n, t in named.items() if int(n.split(".")[1]) in layers}
-    return LoraAdapter(ours, scale)
+    return LoraAdapter(ours, scale, f"{sha256_file(folder / 'adapter_model.safetensors')[:16]}/{scale:g}")

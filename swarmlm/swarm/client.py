@@ -107,36 +107,47 @@ class RemoteModel:
         )
 
     # ----- generation ------------------------------------------------------------------------------
-    def inference_session(self, max_length: int | None) -> InferenceSession:
-        """A session of one sequence of `max_length` tokens, or (None) of rows added to it later."""
-        return InferenceSession(self.manager, max_length)
+    def inference_session(self, max_length: int | None, adapter: str | None = None) -> InferenceSession:
+        """A session of one sequence of `max_length` tokens (with LoRA adapter `adapter`), or (None) of rows
+        added to it later."""
+        return InferenceSession(self.manager, max_length, adapter)
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams, *, choice: int = 0) -> Iterator[int]:
+    def stream(
+        self, prompt_ids: list[int], params: SamplingParams, *, choice: int = 0, adapter: str | None = None
+    ) -> Iterator[int]:
         """Yield the generated token ids of choice `choice` of this request (seeded as the engine seeds it)
         one by one, up to where `swarmlm serve` would stop: a stop token or EOS, a stop string (the token
-        that completes it is the last), `max_tokens`, or the context. ValueError, at once, for a request
-        the context cannot hold."""
+        that completes it is the last), `max_tokens`, or the context. With `adapter`, the peers apply that
+        LoRA adapter (`swarmlm peer --adapters`). ValueError, at once, for a request the context cannot
+        hold."""
         self.stopper.validate(prompt_ids, params)
-        return (out.token_id for out in self._decode(prompt_ids, params, choice) if out.token_id is not None)
+        outs = self._decode(prompt_ids, params, choice, adapter)
+        return (out.token_id for out in outs if out.token_id is not None)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, *, choice: int = 0) -> list[int]:
-        return list(self.stream(prompt_ids, params, choice=choice))
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, choice: int = 0, adapter: str | None = None
+    ) -> list[int]:
+        return list(self.stream(prompt_ids, params, choice=choice, adapter=adapter))
 
-    def complete(self, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> list[GeneratedSequence]:
+    def complete(
+        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, adapter: str | None = None
+    ) -> list[GeneratedSequence]:
         """The request's n choices, one after another, as the engine reports them: each one's `output_ids`,
         `text` (cut before a stop string) and `finish_reason`."""
         self.stopper.validate(prompt_ids, params)
-        return [[*self._decode(prompt_ids, params, i)][-1].seq for i in range(n)]
+        return [[*self._decode(prompt_ids, params, i, adapter)][-1].seq for i in range(n)]
 
     @torch.inference_mode()
-    def _decode(self, prompt_ids: list[int], params: SamplingParams, choice: int) -> Iterator[StepOutput]:
+    def _decode(
+        self, prompt_ids: list[int], params: SamplingParams, choice: int, adapter: str | None
+    ) -> Iterator[StepOutput]:
         """The engine's decode loop for one sequence, with its layers run by a session through the swarm."""
         span = self.local.span
         request_id = f"remote-{uuid.uuid4().hex[:8]}"
         seq = GeneratedSequence(
             request_id, choice, list(prompt_ids), params, "", time.monotonic(), choice_generator(params, choice)
         )
-        with self.inference_session(len(prompt_ids) + params.max_tokens) as session:
+        with self.inference_session(len(prompt_ids) + params.max_tokens, adapter) as session:
             new = seq.prompt_ids
             while not seq.finished:
                 hidden = session.step(span.embed(torch.tensor(new)))

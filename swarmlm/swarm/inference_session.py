@@ -37,14 +37,18 @@ log = logging.getLogger("swarmlm.client")
 class _RowState:
     position: int  # tokens of this row already through every hop
     max_length: int
+    adapter: str | None = None  # its LoRA adapter: every hop of the chain must hold it
 
 
 class InferenceSession:
     """A chain of hops for some rows; `step()` runs their new tokens' hidden states through every layer."""
 
-    def __init__(self, manager: RemoteSequenceManager, max_length: int | None = None) -> None:
-        """With `max_length`, the session carries one row ("0") and `step` takes and gives plain tensors;
-        without, rows come and go with `add` and `remove`, and `step_rows` runs them."""
+    def __init__(
+        self, manager: RemoteSequenceManager, max_length: int | None = None, adapter: str | None = None
+    ) -> None:
+        """With `max_length`, the session carries one row ("0", with LoRA adapter `adapter`) and `step`
+        takes and gives plain tensors; without, rows come and go with `add` and `remove`, and `step_rows`
+        runs them."""
         self.manager = manager
         self.session_id = uuid.uuid4().hex
         self.num_layers = manager.num_layers
@@ -55,10 +59,15 @@ class InferenceSession:
         self._step_ids = itertools.count(1)
         manager.opened(self)
         if max_length is not None:
-            self.add("0", max_length)
+            self.add("0", max_length, adapter)
 
-    def add(self, key: str, max_length: int) -> None:
-        self.rows[key] = _RowState(0, max_length)
+    def add(self, key: str, max_length: int, adapter: str | None = None) -> None:
+        """A new row (with the LoRA adapter named `adapter`); the chain is rerouted from the first hop
+        that lacks that adapter (the rows so far are replayed into the new hops)."""
+        self.rows[key] = _RowState(0, max_length, adapter)
+        lacking = [i for i, hop in enumerate(self.hops) if adapter is not None and adapter not in hop.record.adapters]
+        if lacking:
+            self._drop_hops(lacking[0])
 
     def remove(self, key: str) -> None:
         """Forget a row; a session left without rows gives up its chain (the next row routes afresh)."""
@@ -85,7 +94,7 @@ class InferenceSession:
             state = self.rows[key]
             if state.position + hidden.shape[0] > state.max_length:
                 raise ValueError(f"row {key} holds {state.max_length} tokens")
-            rows.append(Row(key, state.position, hidden.shape[0], state.max_length))
+            rows.append(Row(key, state.position, hidden.shape[0], state.max_length, state.adapter))
         config = self.manager.config
         current = {0: torch.cat(list(inputs.values()))}  # this step's input at each boundary
         layer, i = 0, 0
@@ -140,7 +149,8 @@ class InferenceSession:
             new = _split(current[hop.start], rows)[r]
             inputs = new if past is None else torch.cat([past, new])
             output = _split(current[hop.end], rows)[r]
-            if self.manager.spot_check(hop, inputs, output, records) == hop.record.peer_id:
+            adapter = self.rows[row.key].adapter
+            if self.manager.spot_check(hop, inputs, output, records, adapter) == hop.record.peer_id:
                 return i
         return None
 
@@ -181,7 +191,8 @@ class InferenceSession:
         first_new = len(self.hops)
         while True:
             try:
-                for route in self.manager.make_route(layer):
+                adapters = {row.adapter for row in self.rows.values() if row.adapter is not None}
+                for route in self.manager.make_route(layer, adapters=adapters):
                     hop = SpanStream(self.manager, route, self.session_id)
                     if self.hops:
                         self.hops[-1].on_push_error = hop.fail_step
@@ -202,7 +213,11 @@ class InferenceSession:
         """Open a new hop's stream; with history, replay it (every boundary's history is kept, see
         step_rows) to rebuild this peer's KV for the session so far."""
         history = self._inputs.get(hop.start, {})
-        rows = [Row(k, 0, h.shape[0], self.rows[k].max_length) for k, h in history.items() if k in self.rows]
+        rows = [
+            Row(k, 0, h.shape[0], self.rows[k].max_length, self.rows[k].adapter)
+            for k, h in history.items()
+            if k in self.rows
+        ]
         if not rows:
             await hop.open()
             return

@@ -40,6 +40,7 @@ class Row:
     position: int  # of its first new token
     length: int  # how many new tokens
     max_length: int  # the most tokens this sequence will hold (sizes its KV reservation)
+    adapter: str | None = None  # the LoRA adapter it runs with (read when its session opens on a peer)
 
 
 @dataclass
@@ -67,7 +68,9 @@ class StepRequest:
     def to_proto(self) -> runtime_pb2.ExpertRequest:
         meta: dict[str, Any] = {
             "step": self.step_id,
-            "rows": [[r.key, r.position, r.length, r.max_length] for r in self.rows],
+            "rows": [
+                [r.key, r.position, r.length, r.max_length, *([r.adapter] if r.adapter else [])] for r in self.rows
+            ],
         }
         if self.header:
             meta["header"] = self.header
@@ -88,7 +91,7 @@ class StepRequest:
                 raise ProtocolError("a message carries an integer step id")
             rows = [Row(*r) for r in _list(meta, "rows")]
             if any(not _row_ok(r) for r in rows) or len({r.key for r in rows}) != len(rows):
-                raise ProtocolError("each row is [distinct name, position >= 0, length >= 1, max_length]")
+                raise ProtocolError("each row is [distinct name, position >= 0, length >= 1, max_length, adapter?]")
             header = meta.get("header")
             if header is not None and not isinstance(header, dict):
                 raise ProtocolError("malformed session header")
@@ -130,7 +133,8 @@ def _list(meta: dict[str, Any], name: str) -> list[Any]:
 
 def _row_ok(r: Row) -> bool:
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (r.position, r.length, r.max_length))
-    return isinstance(r.key, str) and ints and r.position >= 0 and r.length >= 1
+    adapter_ok = r.adapter is None or isinstance(r.adapter, str)
+    return isinstance(r.key, str) and ints and adapter_ok and r.position >= 0 and r.length >= 1
 
 
 @dataclass

@@ -37,6 +37,7 @@ from swarmlm.ledger.store import Ledger, ledger_path
 from swarmlm.ledger.sync import LedgerSync
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import checkpoint_digests, load_model, resolve_model
+from swarmlm.model.lora import load_adapter, load_adapters, parse_adapter_specs
 from swarmlm.swarm.peer_config import PeerConfig, parse_layers
 from swarmlm.swarm.placement import Placement, host_fingerprint, place
 from swarmlm.swarm.records import announce, fetch_records, withdraw
@@ -79,6 +80,8 @@ def run_peer(cfg: PeerConfig, sidecar: SidecarFactory | None = None) -> int:
     model = open_checkpoint(path).config
     span = None if cfg.layers == "auto" else parse_layers(cfg.layers, model.num_layers)  # fail early on a bad value
     placement = place(cfg, model, span)  # a budget too small for the span fails here, before joining
+    for folder in parse_adapter_specs(cfg.adapters).values():
+        load_adapter(folder, model, range(0))  # and so does an adapter that does not fit the model
     log.info(
         "%s, memory budget %s: %d layers of %s",
         placement.device,
@@ -218,9 +221,12 @@ class Peer:
         cfg = self.cfg
         dtype = self.placement.dtype
         model = load_model(cfg.model, layers=span, dtype=dtype, device=cfg.device, quant=cfg.quant, edges=False)
-        engine = SpanEngine(model.span, make_scheduler(cfg.scheduler), self.placement.kv_budget)
+        weight = next(model.span.parameters())
+        adapters = load_adapters(cfg.adapters, model.config, range(*span), weight.device, weight.dtype)
+        engine = SpanEngine(model.span, make_scheduler(cfg.scheduler), self.placement.kv_budget, adapters=adapters)
         r = self.record
         r.start, r.end, r.digest, r.dtype = span[0], span[1], model.digest, dtype
+        r.adapters = {name: adapter.digest for name, adapter in adapters.items()}
         r.throughput = engine.measure_throughput()
         r.state = "online"
         self.engine = self.servicer.engine = engine

@@ -33,8 +33,10 @@ from swarmlm.engine.executor import StepResult
 from swarmlm.engine.sequence import Sequence
 from swarmlm.swarm.client import RemoteModel
 from swarmlm.swarm.inference_session import InferenceSession
+from swarmlm.swarm.routing import holding_adapter, uncovered_layers
 
 MACHINES_REFRESH_SECONDS = 30.0
+ADAPTERS_REFRESH_SECONDS = 5.0
 MAX_AUTO_GROUPS = 4
 
 
@@ -59,6 +61,7 @@ class SwarmExecutor:
         self.capacity_tokens = remote.config_model.max_position_embeddings
         self.micro_batches = micro_batches
         self._machines = (1, -math.inf)  # (machines serving layers, when counted)
+        self._adapters: tuple[list[str], float] = ([], -math.inf)  # (adapters the swarm covers, when looked)
         self.groups: list[_Group] = []
         self._group_of: dict[Sequence, _Group] = {}
         self._keys: dict[Sequence, str] = {}
@@ -78,8 +81,20 @@ class SwarmExecutor:
             group.seqs.add(seq)
             self._group_of[seq] = group
             self._keys[seq] = key = str(next(self._ids))
-            group.session.add(key, min(len(seq.prompt_ids) + seq.params.max_tokens, self.capacity_tokens))
+            length = min(len(seq.prompt_ids) + seq.params.max_tokens, self.capacity_tokens)
+            group.session.add(key, length, seq.adapter)
         return group.future is None
+
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters whose holders cover every layer (looked up every few seconds)."""
+        names, when = self._adapters
+        if time.monotonic() - when > ADAPTERS_REFRESH_SECONDS:
+            records = self.remote.routable_records()
+            layers = self.remote.config_model.num_layers
+            candidates = sorted({name for r in records for name in r.adapters})
+            names = [n for n in candidates if not uncovered_layers(holding_adapter(records, n), 0, layers)]
+            self._adapters = (names, time.monotonic())
+        return names
 
     def _group_limit(self) -> int:
         if self.micro_batches > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -68,6 +69,16 @@ def uncovered_layers(records: Iterable[SpanRecord], start: int, end: int) -> lis
     for r in records:
         covered.update(range(max(r.start, start), min(r.end, end)))
     return [layer for layer in range(start, end) if layer not in covered]
+
+
+def holding_adapter(records: Iterable[SpanRecord], name: str) -> list[SpanRecord]:
+    """The records of peers holding LoRA adapter `name`, as the same file as most of its holders: two files
+    under one name are never mixed in one route."""
+    holders = [r for r in records if name in r.adapters]
+    if not holders:
+        return []
+    common, _ = Counter(r.adapters[name] for r in holders).most_common(1)[0]
+    return [r for r in holders if r.adapters[name] == common]
 
 
 @dataclass(frozen=True)

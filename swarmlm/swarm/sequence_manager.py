@@ -37,7 +37,7 @@ from swarmlm.ledger.store import Ledger
 from swarmlm.ledger.sync import SYNC_TIMEOUT, pull, push
 from swarmlm.swarm.messages import WIRE_DTYPES, Row
 from swarmlm.swarm.records import fetch_records
-from swarmlm.swarm.routing import RouteHop, find_route
+from swarmlm.swarm.routing import NoRouteError, RouteHop, find_route, holding_adapter
 from swarmlm.swarm.servicer import PING_HANDLER, reach_directly
 from swarmlm.swarm.span_record import SpanRecord
 from swarmlm.swarm.span_stream import HopFailure, SpanStream
@@ -209,17 +209,26 @@ class RemoteSequenceManager:
             version = model_version(self.ledger.entries, self.model_id, self.config.trusted_authors)
         return version
 
-    def make_route(self, start: int, end: int | None = None, *, training: bool = False) -> list[RouteHop]:
+    def make_route(
+        self, start: int, end: int | None = None, *, training: bool = False, adapters: set[str] | None = None
+    ) -> list[RouteHop]:
         """The best chain from layer `start` to `end` (default: the last layer) through allowed, unbanned
-        peers with the model's weights (for `training` passes, those that answer them); NoRouteError when
-        there is none now."""
+        peers with the model's weights (for `training` passes, those that answer them; with `adapters`,
+        those holding each of these LoRA adapters); NoRouteError when there is none now."""
         records = self.routable_records()
         if allowed := self.config.allowed_peers:
             records = [r for r in records if r.peer_id in allowed]
         if training:
             records = [r for r in records if r.gradients]
+        for name in sorted(adapters or ()):
+            records = holding_adapter(records, name)
         end = self.num_layers if end is None else end
-        return find_route(records, start, end, self.banned_peers(), self.round_trips(records))
+        try:
+            return find_route(records, start, end, self.banned_peers(), self.round_trips(records))
+        except NoRouteError as e:
+            if adapters:
+                raise NoRouteError(f"{e} (with LoRA adapter {', '.join(sorted(adapters))})") from None
+            raise
 
     def round_trips(self, records: list[SpanRecord]) -> dict[str, float]:
         """Seconds of a round trip to each peer of `records` that answers a ping (the best of two, measured
@@ -272,14 +281,19 @@ class RemoteSequenceManager:
         return dict(Counter(peer for session in list(self.sessions) for peer in session.peers()))
 
     # ----- verification ----------------------------------------------------------------------------
-    def spot_check(self, hop: SpanStream, inputs: Tensor, output: Tensor, records: list[SpanRecord]) -> str | None:
-        """Recompute `hop`'s last step on another peer among `records` covering its layers, from the
-        session's whole input history into that hop (`inputs`); `output` is what the hop answered for the
-        last rows. Outputs agree up to the wire format's rounding. On a mismatch a third peer decides who
-        lied: that peer is banned for good and accused in the ledger. Returns the liar's peer id, or None."""
+    def spot_check(
+        self, hop: SpanStream, inputs: Tensor, output: Tensor, records: list[SpanRecord], adapter: str | None = None
+    ) -> str | None:
+        """Recompute `hop`'s last step on another peer among `records` covering its layers (and holding the
+        row's LoRA `adapter`, the same file), from the session's whole input history into that hop
+        (`inputs`); `output` is what the hop answered for the last rows. Outputs agree up to the wire
+        format's rounding. On a mismatch a third peer decides who lied: that peer is banned for good and
+        accused in the ledger. Returns the liar's peer id, or None."""
         start, end, suspect = hop.start, hop.end, hop.record.peer_id
         banned = self.banned_peers() | {suspect}
         others = [r for r in records if r.start <= start and end <= r.end and r.peer_id not in banned]
+        if adapter is not None:
+            others = [r for r in others if r.adapters.get(adapter) == hop.record.adapters.get(adapter)]
         if not others:
             return None  # nobody to compare with: this step goes unchecked
         random.shuffle(others)
@@ -290,7 +304,8 @@ class RemoteSequenceManager:
         for record in others:
             checker = SpanStream(self, RouteHop(record, start, end), uuid.uuid4().hex)
             try:
-                recomputed = checker.step(inputs, [Row("0", 0, inputs.shape[0], inputs.shape[0])])[-n:]
+                row = Row("0", 0, inputs.shape[0], inputs.shape[0], adapter)
+                recomputed = checker.step(inputs, [row])[-n:]
             except HopFailure:
                 continue  # an unreachable checker proves nothing; try the next one
             finally:

@@ -111,7 +111,8 @@ class SpanServicer(ServicerBase):
                 for row in step.rows:
                     if row.key not in sessions:
                         name = f"{stream.key[0]}/{row.key}"
-                        sessions[row.key] = engine.open(name, row.max_length, str(context.remote_id), blocks)
+                        user = str(context.remote_id)
+                        sessions[row.key] = engine.open(name, row.max_length, user, blocks, row.adapter)
                 hidden = step.hidden.split([r.length for r in step.rows])
                 work = [(sessions[r.key], h, r.position) for r, h in zip(step.rows, hidden, strict=True)]
                 outs = await asyncio.gather(*(asyncio.wrap_future(f) for f in engine.submit(work)))

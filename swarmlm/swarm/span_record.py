@@ -29,6 +29,7 @@ class SpanRecord:
     sessions: int = 0
     version: str = ""
     gradients: bool = True  # answers fine-tuning clients' forward and backward passes (rpc_train)
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters it holds: name -> digest of its file
     api: str | None = None  # host:port of its OpenAI-compatible API, if it runs one
     state: str = "online"  # "offline" once it withdraws
     expires: float = field(default=0.0, compare=False)
@@ -53,6 +54,8 @@ class SpanRecord:
                 all(isinstance(getattr(record, k), int) for k in ints)
                 and isinstance(record.device, str)
                 and isinstance(record.host, str)
+                and isinstance(record.adapters, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in record.adapters.items())
             )
             if not types_ok or not 0 <= record.start <= record.end or not isinstance(record.peer_id, str):
                 return None
