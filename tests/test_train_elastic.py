@@ -66,6 +66,7 @@ def test_lora_fine_tune_of_the_embedded_model(tmp_path: Path) -> None:
     """Two peers fine-tune SmolLM2 with LoRA: only the adapters travel, both end with the same adapters,
     and the export folds them into a plain checkpoint that the serving stack loads."""
     from swarmlm.model.loading import default_model_path, load_model
+    from swarmlm.model.lora import load_adapter
 
     data = tmp_path / "data"
     prepare(default_corpus_files()[:1], data, block_size=32)  # the embedded model's own tokenizer
@@ -86,6 +87,17 @@ def test_lora_fine_tune_of_the_embedded_model(tmp_path: Path) -> None:
     assert tuned.keys() == base.keys()  # adapters folded in: no LoRA tensors left
     changed = {name for name in base if not torch.equal(tuned[name], base[name])}
     assert changed and all(name.endswith("proj.weight") for name in changed)  # only adapted layers moved
+    # The adapters alone, as `--adapters` loads them: over the base weights they give the merged model's logits.
+    adapter = tmp_path / "adapter"
+    cli = [sys.executable, "-m", "swarmlm.cli", "export", str(peers[0].run_dir), "--out", str(adapter), "--adapter"]
+    assert subprocess.run(cli).returncode == 0
+    base_model, merged = load_model(str(default_model_path())), load_model(str(export))
+    lora = load_adapter(adapter, base_model.config, range(base_model.config.num_layers))
+    ids = torch.tensor([base_model.tokenizer.encode("To be, or not to be")])
+    with torch.no_grad():
+        want = merged.span(ids, torch.arange(ids.shape[1]))
+        got = base_model.span(ids, torch.arange(ids.shape[1]), lora=lora)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def assert_ends_well(peer: TrainerProcess, data: Path, rounds: int) -> None:

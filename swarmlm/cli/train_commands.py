@@ -50,11 +50,17 @@ def evaluate(
 def export_model(
     checkpoint: CheckpointArgument,
     out: Annotated[Path, typer.Option(help="The HF directory to write (config, safetensors, tokenizer)")],
+    adapter: Annotated[
+        bool,
+        typer.Option(
+            "--adapter", help="A LoRA run: write its adapters alone, a peft adapter folder for --adapters NAME=OUT"
+        ),
+    ] = False,
 ) -> None:
     """Export a trained model as an HF directory that `swarmlm serve` and `swarmlm peer` load."""
     from swarmlm.train.evaluation import export_checkpoint
 
-    exit_with(export_checkpoint, checkpoint, out)
+    exit_with(export_checkpoint, checkpoint, out, adapter)
 
 
 data_app = typer.Typer(

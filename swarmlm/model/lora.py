@@ -34,6 +34,7 @@ LORA_TARGETS = {
 _NAME = re.compile(r"layers\.(\d+)\.(" + "|".join(re.escape(p) for p in LORA_TARGETS.values()) + r")\.lora_([AB])")
 
 
+LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 x rank unless told: the scale swarmlm's fine-tuning uses
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from swarmlm.model.llama import LlamaSpan
-from swarmlm.model.lora import init_lora, save_adapter
+from swarmlm.model.lora import LORA_ALPHA_PER_RANK, init_lora, save_adapter
 from swarmlm.swarm.remote_sequential import RemoteSequential
 from swarmlm.swarm.sequence_manager import RemoteSequenceManager
 
@@ -57,7 +57,7 @@ class RemoteCausalLM(nn.Module):
         self.lora_names = list(adapters)
         self.lora = nn.ParameterList(nn.Parameter(t) for t in adapters.values())
         self.lora_rank = lora_rank
-        self.lora_alpha = float(lora_alpha if lora_alpha is not None else 2 * lora_rank)
+        self.lora_alpha = float(lora_alpha if lora_alpha is not None else LORA_ALPHA_PER_RANK * lora_rank)
         if train_head:  # a copy of its own: with tied weights the head is also the (frozen) embeddings
             assert edges.lm_head is not None
             edges.lm_head.weight = nn.Parameter(edges.lm_head.weight.detach().clone())

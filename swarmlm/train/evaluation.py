@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from swarmlm.model.loading import resolve_model
 from swarmlm.train.checkpointer import best_round, load_checkpoint
 from swarmlm.train.data import TokenShards, load_data_tokenizer
 from swarmlm.train.model import TrainableModel, build_model
@@ -96,9 +97,15 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, blocks: int = 256) -> int:
     return 0
 
 
-def export_checkpoint(checkpoint: Path, out: Path) -> int:
-    """`swarmlm export`: the run's best round as an HF directory (config, safetensors, tokenizer)."""
+def export_checkpoint(checkpoint: Path, out: Path, adapter: bool = False) -> int:
+    """`swarmlm export`: the run's best round as an HF directory (config, safetensors, tokenizer), or with
+    `adapter` (a LoRA run) its adapters alone as a peft adapter folder."""
     model, meta = load_run_model(checkpoint)
-    model.export_hf(out, load_data_tokenizer(Path(meta["model"]["data"])))
-    print(f"exported round {meta['round']} (val loss {meta['val_loss']:.4f}) to {out}")
+    if adapter:
+        base = meta["model"]["base_model"]
+        model.export_adapter(out, resolve_model(base)[0] if base else "")
+    else:
+        model.export_hf(out, load_data_tokenizer(Path(meta["model"]["data"])))
+    what = "adapters" if adapter else "model"
+    print(f"exported the {what} of round {meta['round']} (val loss {meta['val_loss']:.4f}) to {out}")
     return 0

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from swarmlm.model.checkpoint import save_hf_checkpoint
 from swarmlm.model.llama import LlamaSpan
-from swarmlm.model.lora import LORA_TARGETS
+from swarmlm.model.lora import LORA_ALPHA_PER_RANK, LORA_TARGETS, save_adapter
 from swarmlm.model.model_config import ModelConfig
 from swarmlm.model.tokenizer import Tokenizer
 from swarmlm.train.train_config import TrainConfig, preset_config
@@ -43,6 +43,18 @@ class TrainableModel:
 
             module = copy.deepcopy(module).merge_and_unload()
         return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    def export_adapter(self, out_dir: Path, base_model: str) -> None:
+        """The LoRA adapters alone, as a peft adapter folder that `--adapters NAME=FOLDER` serves beside
+        the base model. ValueError for a run that trained every weight."""
+        if not hasattr(self.module, "merge_and_unload"):
+            raise ValueError("this run trained every weight, not LoRA adapters: export it whole (without --adapter)")
+        adapters = {
+            n.removeprefix("base_model.model.").removesuffix(".default.weight"): p
+            for n, p in zip(self.names, self.params, strict=True)
+        }
+        rank = next(p.shape[0] for n, p in adapters.items() if n.endswith("lora_A"))
+        save_adapter(out_dir, adapters, LORA_ALPHA_PER_RANK * rank, base_model)
 
     def export_hf(self, out_dir: Path, tokenizer: Tokenizer) -> None:
         """An HF directory (config, safetensors, tokenizer) that `swarmlm serve` and `swarmlm peer` load."""
@@ -80,7 +92,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, context: int, eos_token_id: i
 
         span.requires_grad_(False)
         targets = list(LORA_TARGETS)
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=targets, lora_dropout=0.0)
+        alpha = LORA_ALPHA_PER_RANK * cfg.lora_rank
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
         torch.manual_seed(cfg.seed)  # adapters' A matrices are random: identical on every peer
         module = get_peft_model(span, lora)
     else:
