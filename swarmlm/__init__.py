@@ -11,15 +11,16 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("USE_LEGACY_BFLOAT16", "0")
 
 if TYPE_CHECKING:
+    from swarmlm.swarm.client import RemoteModel
     from swarmlm.train.distributed_model import DistributedModel
 
-__all__ = ["DistributedModel", "__version__"]
+__all__ = ["DistributedModel", "RemoteModel", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    """`from swarmlm import DistributedModel` imports torch and hivemind only when it is asked for, and
-    `__version__` importlib.metadata (~30 ms): the CLI imports `swarmlm` for every command and must stay
-    quick to start."""
+    """`from swarmlm import DistributedModel` (or `RemoteModel`) imports torch and hivemind only when it is
+    asked for, and `__version__` importlib.metadata (~30 ms): the CLI imports `swarmlm` for every command
+    and must stay quick to start."""
     if name == "__version__":
         from swarmlm.core.version import __version__
 
@@ -28,4 +29,8 @@ def __getattr__(name: str) -> Any:
         from swarmlm.train.distributed_model import DistributedModel
 
         return DistributedModel
+    if name == "RemoteModel":
+        from swarmlm.swarm.client import RemoteModel
+
+        return RemoteModel
     raise AttributeError(f"module 'swarmlm' has no attribute {name!r}")
