@@ -11,16 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from openai import NotFoundError, OpenAI
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from swarmlm.launch.peers import PeerProcess, free_port, stop_all
-from swarmlm.model.llama import LlamaSpan
+from swarmlm.launch.peft_twin import PeftTwin, peft_name
 from swarmlm.model.loading import LoadedModel
-from swarmlm.model.lora import LORA_TARGETS
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.grad_messages import GradRequest
 from swarmlm.swarm.messages import RemoteError
-from swarmlm.swarm.remote_training import RemoteCausalLM
 from swarmlm.swarm.routing import NoRouteError
 from tests.test_adapters import peft_greedy
 
@@ -60,54 +58,12 @@ def batches(model: LoadedModel, rows: int, length: int, steps: int) -> list[torc
     return [torch.stack([ids[s + r : s + r + length] for r in range(rows)]) for s in range(steps)]
 
 
-def peft_name(name: str) -> str:
-    """peft's name of an adapter tensor in a model it wrapped: layers.0.mlp.down_proj.lora_A ->
-    base_model.model.layers.0.mlp.down_proj.lora_A.default.weight."""
-    return f"base_model.model.{name}.default.weight"
-
-
-def one_process_twin(model: LoadedModel, tuned: RemoteCausalLM) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """The same model in this process, with peft's LoRA on every layer and the same starting values."""
-    span: LlamaSpan = copy.deepcopy(model.span).float().requires_grad_(False)
-    net: torch.nn.Module = span
-    params: list[torch.nn.Parameter] = []
-    if tuned.lora_rank:
-        lora = LoraConfig(
-            r=tuned.lora_rank, lora_alpha=tuned.lora_alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0
-        )
-        net = get_peft_model(span, lora)
-        named = dict(net.named_parameters())
-        for name, value in tuned.adapters().items():
-            p = named[peft_name(name)]
-            with torch.no_grad():
-                p.copy_(value)
-            params.append(p)
-    prompt = None
-    if tuned.prompt is not None:
-        prompt = torch.nn.Parameter(tuned.prompt.detach().clone())
-        params.insert(0, prompt)
-
-    class Twin(torch.nn.Module):
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            h = span.embed(ids)
-            skip = 0
-            if prompt is not None:
-                skip = prompt.shape[0]
-                h = torch.cat([prompt.expand(h.shape[0], -1, -1), h], dim=1)
-            return net(h, torch.arange(h.shape[1]))[:, skip:]
-
-    return Twin(), params
-
-
-def loss_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
 def test_prompt_tuning_and_lora_through_the_swarm_match_one_process(
     remote: RemoteModel, swarm: dict[str, PeerProcess], model: LoadedModel, tmp_path: Path
 ) -> None:
     tuned = remote.fine_tuning(prompt_tokens=4, lora_rank=4, seed=1)
-    twin, twin_params = one_process_twin(model, tuned)
+    twin = PeftTwin(model.span, tuned)
+    twin_params = twin.params
     assert len(twin_params) == len(tuned.trainable_parameters())
     optimizer = torch.optim.AdamW(tuned.trainable_parameters(), lr=1e-2)
     twin_optimizer = torch.optim.AdamW(twin_params, lr=1e-2)
@@ -121,7 +77,7 @@ def test_prompt_tuning_and_lora_through_the_swarm_match_one_process(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        twin_loss = loss_of(twin(ids[:, :-1]), ids)
+        twin_loss = twin.loss(ids)
         twin_loss.backward()
         twin_optimizer.step()
         twin_optimizer.zero_grad()
