@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hivemind.p2p import P2P
-from hivemind.proto import runtime_pb2
 from torch import Tensor, nn
 
+from swarmlm.core.stream_call import request_reply
 from swarmlm.swarm.grad_messages import GradReply, GradRequest
-from swarmlm.swarm.messages import RemoteError
 from swarmlm.swarm.routing import NoRouteError, RouteHop
 from swarmlm.swarm.sequence_manager import RemoteSequenceManager
 from swarmlm.swarm.servicer import TRAIN_HANDLER
@@ -163,14 +161,7 @@ class RemoteSequential(nn.Module):
     async def send(self, peer_id: str, request: GradRequest) -> GradReply:
         """One request to one peer, on the manager's loop (no retries); RemoteError if it refused."""
         reader, writer = await self.manager.open_stream(peer_id, TRAIN_HANDLER)
-        try:
-            await P2P.send_protobuf(request.to_proto(), writer)
-            msg, err = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
-            if err is not None or msg is None:
-                raise RemoteError(err.message if err is not None else "no reply")
-            return GradReply.from_proto(msg, request.backward)
-        finally:
-            writer.close()
+        return GradReply.from_proto(await request_reply(reader, writer, request.to_proto()), request.backward)
 
 
 def _layer(name: str) -> int:

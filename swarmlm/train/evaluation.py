@@ -46,6 +46,7 @@ def run_identity(cfg: TrainConfig, model: TrainableModel) -> dict[str, Any]:
         "seed": cfg.seed,
         "config": model.config.to_hf(),
         "data": str(cfg.data),
+        "pipeline_stages": cfg.pipeline_stages,
     }
 
 
@@ -67,6 +68,10 @@ def load_run_model(checkpoint: Path) -> tuple[TrainableModel, dict[str, Any]]:
     marker = _round_file(Path(checkpoint))
     tensors, meta = load_checkpoint(marker)
     ident = meta["model"]
+    if ident.get("pipeline_stages"):
+        raise ValueError(
+            f"{checkpoint}: a pipeline peer's checkpoint holds one stage of {ident['pipeline_stages']}, not the model"
+        )
     cfg = TrainConfig(
         data=Path(ident["data"]),
         run_dir=marker.parent,

@@ -7,6 +7,8 @@ on every peer because it comes from the same checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,20 @@ class TrainableModel:
         """An HF directory (config, safetensors, tokenizer) that `swarmlm serve` and `swarmlm peer` load."""
         save_hf_checkpoint(self.merged_state(), self.config, out_dir)
         tokenizer.hf.save_pretrained(str(out_dir))
+
+
+def init_weights_by_name(span: LlamaSpan, seed: int) -> None:
+    """GPT-2 style init (normal, std 0.02) with one generator per tensor, seeded by `seed` and the tensor's
+    name in the whole model: a pipeline stage (a span of layers) starts from exactly the values that the
+    whole model, initialised the same way, holds for those layers."""
+    for name, p in span.named_parameters():
+        whole = re.sub(r"^layers\.(\d+)", lambda m: f"layers.{int(m[1]) + span.start}", name)
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+            continue
+        key = int.from_bytes(hashlib.sha256(f"{seed}:{whole}".encode()).digest()[:8], "little")
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(key)) * 0.02)
 
 
 def _init_weights(span: LlamaSpan, seed: int) -> None:

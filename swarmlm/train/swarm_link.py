@@ -73,10 +73,16 @@ class SwarmLink:
     """Joins the run's swarm on creation (DHT, membership, ledger service, averager); `close` leaves it."""
 
     def __init__(
-        self, cfg: TrainConfig, identity: Identity, replica: Replica, like: list[Tensor], names: list[str]
+        self,
+        cfg: TrainConfig,
+        identity: Identity,
+        replica: Replica,
+        like: list[Tensor],
+        names: list[str],
+        dht: DHT | None = None,
     ) -> None:
         """`like`: tensors shaped as what is averaged; `names`: the trained tensors' names, which a download
-        must match."""
+        must match; `dht`: a node already started (the link owns it from then on), else it starts one."""
         from swarmlm.core.dht import DAEMON_START_TIMEOUT, start_dht
 
         self.cfg, self.replica, self.names = cfg, replica, names
@@ -84,13 +90,15 @@ class SwarmLink:
         self.averager: RobustAverager | None = None
         cert = load_membership(cfg.swarm_cert, identity) if cfg.swarm_cert else None
         ledger = Ledger(cfg.run_dir / "ledger.jsonl", identity)  # a tampered copy stops us here
-        self.dht: DHT = start_dht(cfg.initial_peers, cfg.host_maddrs, identity, cert=cert)
+        self.dht: DHT = dht or start_dht(cfg.initial_peers, cfg.host_maddrs, identity, cert=cert)
         try:
             self.membership = Membership(self.dht, cert)
             self.membership.publish()
-            loop = LoopThread("swarmlm-ledger")
-            p2p = loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
-            self.ledger = RoundLedger(LedgerSync(ledger, loop, p2p, self.membership), cfg, identity.peer_id)
+            # The one P2P replica of our DHT in this process (a second one's handlers never get registered):
+            # the ledger's service runs on it, and a pipeline stage's (pipeline_trainer.py).
+            self.loop = LoopThread("swarmlm-ledger")
+            self.p2p = self.loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
+            self.ledger = RoundLedger(LedgerSync(ledger, self.loop, self.p2p, self.membership), cfg, identity.peer_id)
             self.averager = RobustAverager(
                 [torch.zeros_like(t) for t in like],
                 self.dht,

@@ -59,6 +59,11 @@ class TrainConfig:
     model: str | None = setting(None, help="Fine-tune this .gguf / HF directory instead")
     lora_rank: int = setting(0, help="> 0: train LoRA adapters of this rank only (peft); only they travel")
     seed: int = setting(0, help="Initial weights' seed (the same on every peer of a run)")
+    pipeline_stages: int = setting(
+        0,
+        help="> 0: split the model into this many stages across peers (SWARM pipeline training); this peer "
+        "trains the stage fewest peers hold and averages with that stage's peers",
+    )
     # Data
     data_part: tuple[int, int] | None = setting(
         None, help="RANK/WORLD: train on every WORLD-th block from RANK only", parse=parse_part, metavar="RANK/WORLD"
@@ -130,6 +135,13 @@ class TrainConfig:
             raise ValueError("differential privacy needs --dp-delta: epsilon is meaningless without it")
         if self.byzantine not in (None, "sign_flip", "noise"):
             raise ValueError(f"byzantine must be sign_flip or noise, not {self.byzantine!r}")
+        if self.pipeline_stages < 0:
+            raise ValueError("--pipeline-stages must not be negative")
+        if self.pipeline_stages and (self.model is not None or self.lora_rank or self.mode != "diloco"):
+            raise ValueError(
+                "--pipeline-stages trains a model from scratch (--size) with DiLoCo; to fine-tune a model split "
+                "across peers use RemoteModel.fine_tuning"
+            )
         if self.data_part is not None and not 0 <= self.data_part[0] < self.data_part[1]:
             raise ValueError(f"--data-part {self.data_part[0]}/{self.data_part[1]}: need 0 <= rank < world")
 

@@ -22,11 +22,13 @@ the files: the trainer is `Stateful`, and its `state_dict()` is what a checkpoin
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -71,7 +73,9 @@ class Trainer:
             raise ValueError(f"{cfg.data}: no training blocks for this peer")
         self.val_blocks = val.blocks(range(min(cfg.eval_blocks, len(val))))
         eos = self.tokenizer.eos_token_ids[0] if self.tokenizer.eos_token_ids else None
-        self.model: TrainableModel = build_model(cfg, train.vocab_size, train.block_size, eos)
+        # Held wherever the weights change: a pipeline stage's server reads them from another thread.
+        self.weights_lock: AbstractContextManager[Any] = contextlib.nullcontext()
+        self.model: TrainableModel = self._build_model(train.vocab_size, train.block_size, eos)
         params = self.model.params
         self.outer = OuterOptimizer(params, cfg.outer_lr, cfg.outer_momentum)
         self.inner = InnerOptimizer(params, cfg)
@@ -90,6 +94,9 @@ class Trainer:
         self.link: SwarmLink | None = None
         self.group: list[str] = []  # peer ids of the last round's group, sorted
         self.update_digest: str | None = None  # of the last round's averaged pseudo-gradient (DiLoCo)
+
+    def _build_model(self, vocab_size: int, context: int, eos: int | None) -> TrainableModel:
+        return build_model(self.cfg, vocab_size, context, eos)
 
     @property
     def global_params(self) -> list[Tensor]:
@@ -131,7 +138,7 @@ class Trainer:
 
     def load_shared(self, meta: StateMeta, tensors: list[Tensor]) -> None:
         n = len(self.global_params)
-        with torch.no_grad():
+        with torch.no_grad(), self.weights_lock:
             copy_into(self.global_params, tensors[:n])
             if self.cfg.mode == "ddp":
                 self.inner.load_moments(tensors[n:])
@@ -171,7 +178,8 @@ class Trainer:
         return loss.item()
 
     def _clip_and_step(self) -> None:
-        self.inner.step()
+        with self.weights_lock:
+            self.inner.step()
 
     def _diloco_round(self, batches: Batches, on_step: StepCallback) -> tuple[list[float], float, int]:
         compute, losses, early = 0.0, [], None
@@ -209,8 +217,9 @@ class Trainer:
             self._resync(base)
             return losses, compute, len(gathered)
         t0 = time.perf_counter()
-        self.outer.step(averaged)
-        copy_into(self.model.params, self.global_params)
+        with self.weights_lock:
+            self.outer.step(averaged)
+            copy_into(self.model.params, self.global_params)
         self.round = base[0] + 1
         self.publish()
         compute += time.perf_counter() - t0
@@ -378,7 +387,8 @@ class Trainer:
         if state.get("names") != self.model.names:
             raise ValueError("checkpoint is of a different model than --size/--model")
         self.outer.load_state_dict(state)
-        copy_into(self.model.params, [state[f"local.{i}"] for i in range(len(self.model.params))])
+        with self.weights_lock:
+            copy_into(self.model.params, [state[f"local.{i}"] for i in range(len(self.model.params))])
         self.inner.load_state_dict(state)
         self.round, self.position = int(state["round"]), int(state["position"])
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))

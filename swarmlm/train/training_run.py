@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 from swarmlm.train.evaluation import export_checkpoint
+from swarmlm.train.pipeline_trainer import PipelineTrainer
 from swarmlm.train.progress import TrainMetrics, TrainProgress, run_summary
 from swarmlm.train.train_config import TrainConfig
 from swarmlm.train.trainer import NoPeersError, Trainer
@@ -44,11 +45,16 @@ def run_training(cfg: TrainConfig, export: Path | None = None) -> int:
     signal.signal(signal.SIGTERM, leave)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     hivemind_logs_to(cfg.run_dir / "hivemind.log")
-    trainer = Trainer(cfg)
+    trainer = PipelineTrainer(cfg) if cfg.pipeline_stages else Trainer(cfg)
     try:
         link = trainer.connect()
         # One parseable line: local swarms (demo, tests) read it to point later peers at this one.
         print(f"swarmlm train: peer {link.peer_id} at {' '.join(link.visible_maddrs())}", flush=True)
+        if isinstance(trainer, PipelineTrainer):
+            a, b = trainer.layers
+            print(
+                f"swarmlm train: pipeline stage {trainer.stage} of {cfg.pipeline_stages} (layers {a}:{b})", flush=True
+            )
         tokens_per_step = cfg.batch_size * (trainer.shards.block_size - 1)
         with TrainProgress(cfg.inner_steps, tokens_per_step, TrainMetrics(cfg.metrics_port)) as progress:
             reports = trainer.run(progress)

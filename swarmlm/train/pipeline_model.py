@@ -1,0 +1,225 @@
+"""A pipeline peer's model: its own stage here, every other stage on whichever live peer holds it.
+
+`PipelineModel.loss(blocks)` runs a micro-batch through every stage: its own in this process (autograd as
+usual), the others by calls to a peer of that stage chosen at random among the live ones (SWARM's
+stochastic wiring, Ryabinin et al. 2023), a failed call re-sent to another peer of the stage. Remote
+stages are autograd functions: `loss.backward()` sends each remote stage its input again with the
+gradient of its output (the last stage computes the loss and its gradient in the forward call already),
+so one backward pass trains every stage the micro-batch went through, here and on the other peers.
+
+Peers announce their stage in the DHT (`StagePeers`); a joining peer takes the stage with the fewest.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+from torch import Tensor
+
+from swarmlm.core.loop import LoopThread
+from swarmlm.core.stream_call import request_reply
+from swarmlm.train.model import TrainableModel
+from swarmlm.train.pipeline_messages import StageCall, StageReply
+from swarmlm.train.pipeline_stage import STAGE_HANDLER, next_token_loss
+from swarmlm.train.trainer import NoPeersError
+
+logger = logging.getLogger(__name__)
+
+ANNOUNCE_TTL = 20.0  # a peer's stage announcement lives this long unless refreshed (every third of it)
+CALL_TIMEOUT = 60.0
+BAN_SECONDS = 30.0
+
+
+class NoStagePeerError(NoPeersError):
+    """No live peer of a stage answered within the deadline."""
+
+
+def stages_key(run_id: str) -> str:
+    return f"{run_id}.pipeline"
+
+
+class StagePeers:
+    """Who holds which stage (from the DHT), and calls to them with retries."""
+
+    def __init__(self, dht: DHT, run_id: str, stages: int, retry_window: float) -> None:
+        self.dht, self.run_id, self.stages, self.retry_window = dht, run_id, stages, retry_window
+        self.me = str(dht.peer_id)
+        self.loop: LoopThread | None = None  # the training link's, once connected (`attach`)
+        self.p2p: P2P | None = None
+        self._banned: dict[str, float] = {}
+        self._holders: tuple[dict[int, list[str]], float] = ({}, -1.0)
+        self._training: set[str] = set()  # peers whose announcement says they still train
+        self._done = False
+        self._stop = threading.Event()
+        self._announcer: threading.Thread | None = None
+
+    def attach(self, loop: LoopThread, p2p: P2P) -> None:
+        """Call through the link's P2P replica (one replica per DHT and process)."""
+        self.loop, self.p2p = loop, p2p
+
+    # ----- announcements ------------------------------------------------------------------------
+    def holders(self, fresh: bool = False) -> dict[int, list[str]]:
+        """Stage -> the peers announcing it (read again after a few seconds, or at once with `fresh`)."""
+        found, when = self._holders
+        if fresh or time.monotonic() - when > 3.0:
+            found = {s: [] for s in range(self.stages)}
+            training = set()
+            entry = self.dht.get(stages_key(self.run_id), latest=True)
+            for peer, item in (entry.value if entry is not None and isinstance(entry.value, dict) else {}).items():
+                value = getattr(item, "value", None)
+                stage = value.get("stage") if isinstance(value, dict) else None
+                if type(stage) is int and 0 <= stage < self.stages:
+                    found[stage].append(str(peer))
+                    if not value.get("done"):
+                        training.add(str(peer))
+            self._holders, self._training = (found, time.monotonic()), training
+        return found
+
+    def least_served(self) -> int:
+        counts = {s: len(p) for s, p in self.holders(fresh=True).items()}
+        return min(counts, key=lambda s: (counts[s], s))
+
+    def others_training(self) -> int:
+        """Live peers of the run, other than us, that have not finished their rounds."""
+        self.holders(fresh=True)
+        return len(self._training - {self.me})
+
+    def mark_done(self) -> None:
+        """Our rounds are done (we still serve our stage: others may still need it)."""
+        self._done = True
+        self._store()
+
+    def _store(self) -> None:
+        value = {"stage": self._stage, "done": self._done}
+        self.dht.store(stages_key(self.run_id), value, get_dht_time() + ANNOUNCE_TTL, subkey=self.me)
+
+    def announce(self, stage: int) -> None:
+        """Announce `stage` now and every third of ANNOUNCE_TTL until `close`."""
+        self._stage = stage
+        store = self._store
+
+        store()
+
+        def loop() -> None:
+            while not self._stop.wait(ANNOUNCE_TTL / 3):
+                try:
+                    store()
+                except Exception as e:  # a DHT hiccup: the next refresh tries again
+                    logger.warning("could not announce our stage: %s", e)
+
+        self._announcer = threading.Thread(target=loop, name="swarmlm-stage-announce", daemon=True)
+        self._announcer.start()
+
+    def wait_for_every_stage(self, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while missing := [s for s, peers in self.holders(fresh=True).items() if not peers]:
+            if time.monotonic() > deadline:
+                raise NoStagePeerError(
+                    f"no peer holds pipeline stage {', '.join(map(str, missing))} after {wait:.0f} s"
+                )
+            time.sleep(1.0)
+
+    # ----- calls --------------------------------------------------------------------------------
+    def call(self, call: StageCall) -> StageReply:
+        """`call` answered by a live peer of its stage; failed peers are banned for a while and the call
+        re-sent to another, for up to `retry_window` seconds."""
+        first_failure: float | None = None
+        last: BaseException | None = None
+        while True:
+            now = time.monotonic()
+            live = [p for p in self.holders(fresh=last is not None)[call.stage] if self._banned.get(p, 0) < now]
+            if live:
+                peer = random.choice(live)
+                assert self.loop is not None, "not attached"
+                try:
+                    return self.loop.run(self._send(peer, call), CALL_TIMEOUT + 5)
+                except Exception as e:  # dead, hung, refusing: another peer of the stage takes it
+                    last = e
+                    self._banned[peer] = now + BAN_SECONDS
+                    logger.warning("stage %d peer %s… failed (%s): re-sending to another", call.stage, peer[:12], e)
+            first_failure = first_failure or now
+            if now - first_failure > self.retry_window:
+                why = f"the last one failed: {last}" if last is not None else "no live peer holds it"
+                raise NoStagePeerError(f"no peer of stage {call.stage} answered for {self.retry_window:.0f} s; {why}")
+            if not live:
+                time.sleep(1.0)
+
+    async def _send(self, peer: str, call: StageCall) -> StageReply:
+        assert self.p2p is not None
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), STAGE_HANDLER)
+        return StageReply.from_proto(await request_reply(reader, writer, call.to_proto()))
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class _RemoteStage(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, peers: StagePeers, stage: int, x: Tensor, anchor: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.peers, ctx.stage, ctx.x = peers, stage, x.detach()
+        return peers.call(StageCall("forward", stage, peers.run_id, {"x": ctx.x})).tensors["out"]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        reply = ctx.peers.call(StageCall("backward", ctx.stage, ctx.peers.run_id, {"x": ctx.x, "grad": grad}))
+        return None, None, reply.tensors.get("grad"), None
+
+
+class _RemoteLoss(torch.autograd.Function):
+    """The last stage on another peer: it computes the loss and its backward in one call, the gradient of
+    its input waits here for our backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, peers: StagePeers, stage: int, x: Tensor, targets: Tensor, anchor: Tensor) -> Tensor:  # type: ignore[override]
+        call = StageCall("loss", stage, peers.run_id, {"x": x.detach(), "targets": targets}, train=True)
+        reply = peers.call(call)
+        ctx.grad = reply.tensors.get("grad")
+        assert reply.loss is not None
+        return torch.tensor(reply.loss)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return None, None, None if ctx.grad is None else ctx.grad * grad, None, None
+
+
+@dataclass
+class PipelineModel(TrainableModel):
+    """`module` is this peer's stage; `loss` runs the whole model across the swarm."""
+
+    stage: int = 0
+    stages: int = 1
+    peers: StagePeers | None = field(default=None, repr=False)  # set once connected
+
+    def loss(self, blocks: Tensor) -> Tensor:
+        x, targets = blocks[:, :-1], blocks[:, 1:]
+        training = torch.is_grad_enabled()
+        anchor = torch.zeros((), requires_grad=True) if training else torch.zeros(())
+        h = x
+        for s in range(self.stages):
+            last = s == self.stages - 1
+            if s == self.stage:
+                h = self.module(h, torch.arange(x.shape[1]))
+                if last:
+                    return next_token_loss(h, targets)
+                continue
+            assert self.peers is not None, "not connected"
+            if last and training:
+                return _RemoteLoss.apply(self.peers, s, h, targets, anchor)
+            if last:
+                return torch.tensor(
+                    self.peers.call(StageCall("loss", s, self.peers.run_id, {"x": h, "targets": targets})).loss
+                )
+            if training:
+                h = _RemoteStage.apply(self.peers, s, h, anchor)
+            else:
+                h = self.peers.call(StageCall("forward", s, self.peers.run_id, {"x": h})).tensors["out"]
+        raise AssertionError("unreachable: the last stage returns the loss")

@@ -1,0 +1,152 @@
+"""A pipeline stage's server: other peers' micro-batches through this peer's stage of the model.
+
+Each peer of a pipeline-trained run (`swarmlm train --pipeline-stages K`) holds one stage: a contiguous
+range of layers, with the embeddings on the first stage and the final norm and head on the last. Peers
+driving micro-batches call it (pipeline_messages.py) for forward passes and, in their backward pass, for
+backward passes; the gradients of this stage's weights that those produce wait in `pending` and join the
+peer's own at its next optimizer step (`take_pending`), averaged over the micro-batches they came from.
+
+Calls run one at a time on a thread of their own while holding the trainer's weights lock, which its
+optimizer and outer steps take too: a call never sees weights half-updated, nor has its autograd graph's
+saved weights changed under it. The lock is never held across a call to another peer (two drivers
+waiting on each other's stages would deadlock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
+
+import torch
+import torch.nn.functional as F
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+from torch import Tensor, nn
+
+from swarmlm.model.llama import LlamaSpan
+from swarmlm.train.pipeline_messages import StageCall, StageCallError, StageReply
+
+MAX_TOKENS = 1 << 16  # batch x length of one call
+
+
+def stage_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    """Layers [start, end) of each stage: as even as can be, the extra layers on the middle stages (the
+    first holds the embeddings and the last the head as well)."""
+    if not 1 <= stages <= num_layers:
+        raise ValueError(f"{stages} pipeline stages for a model of {num_layers} layers: give 1 to {num_layers}")
+    base, extra = divmod(num_layers, stages)
+    order = sorted(range(stages), key=lambda s: (s in (0, stages - 1), s))  # middle stages first
+    sizes = [base + (1 if order.index(s) < extra else 0) for s in range(stages)]
+    starts = [sum(sizes[:s]) for s in range(stages)]
+    return [(a, a + n) for a, n in zip(starts, sizes, strict=True)]
+
+
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class StageServer(ServicerBase):
+    def __init__(
+        self, module: LlamaSpan, params: list[nn.Parameter], stage: int, stages: int, run_id: str, lock: threading.Lock
+    ) -> None:
+        self.module, self.params, self.stage, self.stages, self.run_id = module, params, stage, stages, run_id
+        self.lock = lock
+        self.pending: list[Tensor] | None = None  # summed gradients of others' micro-batches
+        self.pending_count = 0
+        self.calls = 0  # answered, for reports
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-stage")
+
+    async def rpc_stage(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        request = await anext(aiter(requests), None)
+        if request is None:
+            return
+        try:
+            call = StageCall.from_proto(request)
+            self._check(call)
+            reply = await asyncio.wrap_future(self._pool.submit(self._compute, call))
+        except (StageCallError, ValueError) as e:
+            reply = StageReply(error=str(e))
+        yield reply.to_proto()
+
+    def _check(self, call: StageCall) -> None:
+        if call.run_id != self.run_id or call.stage != self.stage:
+            raise StageCallError(
+                f"this peer trains stage {self.stage} of run {self.run_id}, not {call.stage} of {call.run_id}"
+            )
+        x = call.tensors["x"]
+        first = self.stage == 0
+        if (
+            (x.ndim != 2 or x.is_floating_point())
+            if first
+            else (x.ndim != 3 or x.shape[-1] != self.module.cfg.hidden_size)
+        ):
+            what = (
+                "token ids [batch, length]"
+                if first
+                else f"hidden states [batch, length, {self.module.cfg.hidden_size}]"
+            )
+            raise StageCallError(f"stage {self.stage} takes {what}, not {tuple(x.shape)}")
+        if x.shape[0] * x.shape[1] > MAX_TOKENS or x.shape[1] > self.module.cfg.max_position_embeddings:
+            raise StageCallError(f"{tuple(x.shape[:2])} tokens: too many for one call")
+        last = self.stage == self.stages - 1
+        if (call.kind == "loss") != last:
+            raise StageCallError(
+                f"stage {self.stage} of {self.stages} answers {'loss' if last else 'forward and backward'} calls"
+            )
+        if call.kind == "backward" and call.tensors.get("grad", torch.empty(0)).shape[:2] != x.shape[:2]:
+            raise StageCallError("a backward call carries the gradient of the stage's output, shaped like it")
+        if call.kind == "loss" and call.tensors.get("targets", torch.empty(0)).shape != x.shape[:2]:
+            raise StageCallError("a loss call carries the targets [batch, length]")
+
+    def _compute(self, call: StageCall) -> StageReply:
+        x = call.tensors["x"]
+        x = x.long() if self.stage == 0 else x.float()
+        positions = torch.arange(x.shape[1])
+        with self.lock:
+            self.calls += 1
+            if call.kind == "forward":
+                with torch.no_grad():
+                    return StageReply({"out": self.module(x, positions)})
+            wants_input = x.is_floating_point()
+            if wants_input:
+                x.requires_grad_(True)
+            inputs = [*self.params, *([x] if wants_input else [])]
+            with torch.enable_grad():
+                out = self.module(x, positions)
+                if call.kind == "loss":
+                    loss = next_token_loss(out, call.tensors["targets"].long())
+                    if not call.train:
+                        return StageReply(loss=loss.item())
+                    grads = torch.autograd.grad(loss, inputs)
+                else:
+                    loss = None
+                    grads = torch.autograd.grad(out, inputs, call.tensors["grad"].to(out.dtype))
+            self._add_pending(list(grads[: len(self.params)]))
+        reply = StageReply({"grad": grads[-1]} if wants_input else {})
+        reply.loss = None if loss is None else loss.item()
+        return reply
+
+    def _add_pending(self, grads: list[Tensor]) -> None:
+        if self.pending is None:
+            self.pending = grads
+        else:
+            for total, g in zip(self.pending, grads, strict=True):
+                total.add_(g)
+        self.pending_count += 1
+
+    def take_pending(self) -> tuple[list[Tensor] | None, int]:
+        """The gradients other peers' micro-batches left since the last call, and how many micro-batches
+        they came from (call with the lock held)."""
+        pending, count = self.pending, self.pending_count
+        self.pending, self.pending_count = None, 0
+        return pending, count
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+STAGE_HANDLER = StageServer._get_handle_name(None, "rpc_stage")

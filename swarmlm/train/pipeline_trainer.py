@@ -1,0 +1,137 @@
+"""A peer of a pipeline-trained run: the DiLoCo `Trainer`, holding and training one stage of the model.
+
+`swarmlm train --pipeline-stages K` splits the model into K stages (pipeline_stage.stage_layers). A peer
+joins the DHT, takes the stage the fewest peers announce (or the one its run folder says it had), and
+builds only that stage: its weights, gradients and optimizer state are all it holds. Its inner steps
+drive micro-batches of its own data through every stage (pipeline_model.py), and it serves the other
+peers' micro-batches through its stage (pipeline_stage.py). An optimizer step applies the gradients of
+its own micro-batch and of those it served since the last step, averaged. Rounds average the stage's
+weights with the other peers of the same stage: the stage is a DiLoCo run of its own (run id
+RUN-stageS), so matchmaking, robust aggregation, catch-up, checkpoints and the ledger are the Trainer's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+
+import torch
+
+from swarmlm.core.dht import start_dht
+from swarmlm.core.files import atomic_write
+from swarmlm.core.identity import Identity
+from swarmlm.model.llama import LlamaSpan
+from swarmlm.train.model import init_weights_by_name
+from swarmlm.train.pipeline_model import PipelineModel, StagePeers
+from swarmlm.train.pipeline_stage import StageServer, stage_layers
+from swarmlm.train.progress import TrainProgress
+from swarmlm.train.round_report import RoundReport
+from swarmlm.train.swarm_link import SwarmLink
+from swarmlm.train.train_config import TrainConfig, preset_config
+from swarmlm.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+LINGER_LIMIT = 1800.0  # at most this long serving others after our own rounds
+
+
+class PipelineTrainer(Trainer):
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.base_run_id, self.stages = cfg.run_id, cfg.pipeline_stages
+        identity = Identity.from_option(cfg.identity)
+        dht = start_dht(cfg.initial_peers, cfg.host_maddrs, identity)
+        self._dht: object = dht
+        try:
+            self.peers = StagePeers(dht, cfg.run_id, self.stages, retry_window=cfg.averaging_timeout)
+            self.stage = self._choose_stage(cfg)
+            super().__init__(dataclasses.replace(cfg, run_id=f"{cfg.run_id}-stage{self.stage}"))
+        except BaseException:
+            dht.shutdown()
+            raise
+        self.identity = identity  # the DHT's: it signs this peer's ledger entries
+        self.weights_lock = threading.RLock()
+        self.server: StageServer | None = None
+
+    def _choose_stage(self, cfg: TrainConfig) -> int:
+        """The stage this run folder held before (a restart), else the stage the fewest peers hold."""
+        marker = cfg.run_dir / "pipeline.json"
+        if marker.exists():
+            held = json.loads(marker.read_text())
+            if held.get("stages") == self.stages:
+                return int(held["stage"])
+        stage = self.peers.least_served()
+        atomic_write(marker, json.dumps({"stage": stage, "stages": self.stages}))
+        return stage
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        assert isinstance(self.model, PipelineModel)
+        return self.model.module.start, self.model.module.end  # type: ignore[return-value]
+
+    def _build_model(self, vocab_size: int, context: int, eos: int | None) -> PipelineModel:
+        # Untied: the embeddings live on the first stage, the head on the last.
+        config = dataclasses.replace(preset_config(self.cfg.size, vocab_size, context, eos), tie_word_embeddings=False)
+        start, end = stage_layers(config.num_layers, self.stages)[self.stage]
+        span = LlamaSpan(config, start, end)
+        init_weights_by_name(span, self.cfg.seed)
+        span.train().requires_grad_(True)
+        named = list(span.named_parameters())
+        return PipelineModel(
+            span, config, [n for n, _ in named], [p for _, p in named], self.stage, self.stages, self.peers
+        )
+
+    def connect(self) -> SwarmLink:
+        self.link = SwarmLink(self.cfg, self.identity, self, self.global_params, self.model.names, dht=self._dht)  # type: ignore[arg-type]
+        module = self.model.module
+        assert isinstance(module, LlamaSpan)
+        self.server = StageServer(
+            module,
+            self.model.params,
+            self.stage,
+            self.stages,
+            self.base_run_id,
+            self.weights_lock,  # type: ignore[arg-type]
+        )
+        self.peers.attach(self.link.loop, self.link.p2p)
+        self.link.loop.run(self.server.add_p2p_handlers(self.link.p2p), 30)
+        self.peers.announce(self.stage)
+        return self.link
+
+    def _clip_and_step(self) -> None:
+        """Our micro-batch's gradients and those of the micro-batches we served, averaged, in one step."""
+        assert self.server is not None
+        with self.weights_lock:
+            pending, count = self.server.take_pending()
+            with torch.no_grad():
+                for p, g in zip(self.model.params, pending or [], strict=False):
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+                if count:
+                    for p in self.model.params:
+                        if p.grad is not None:
+                            p.grad.div_(count + 1)
+            self.inner.step()
+
+    def run(self, progress: TrainProgress | None = None) -> list[RoundReport]:
+        """Wait (up to --start-wait) until every stage has a peer, then train."""
+        self.peers.wait_for_every_stage(self.cfg.start_wait)
+        return super().run(progress)
+
+    def finish(self) -> None:
+        """Our rounds are done: serve our stage while other peers of the run still train (their micro-batches
+        need every stage), then linger as every trainer does."""
+        self.peers.mark_done()
+        deadline = time.monotonic() + LINGER_LIMIT
+        while (training := self.peers.others_training()) and time.monotonic() < deadline:
+            logger.info("serving stage %d while %d other peer(s) still train", self.stage, training)
+            time.sleep(5.0)
+        super().finish()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.peers.close()
+        if self.link is None:  # never connected: the DHT is still ours to stop
+            self._dht.shutdown()  # type: ignore[attr-defined]
+        super().close()
