@@ -35,6 +35,7 @@ from swarmlm.train.trainer import NoPeersError
 logger = logging.getLogger(__name__)
 
 ANNOUNCE_TTL = 20.0  # a peer's stage announcement lives this long unless refreshed (every third of it)
+JOIN_SETTLE = 2.0  # seconds a joining peer waits for others joining at the same moment
 CALL_TIMEOUT = 60.0
 BAN_SECONDS = 30.0
 
@@ -58,6 +59,7 @@ class StagePeers:
         self._banned: dict[str, float] = {}
         self._holders: tuple[dict[int, list[str]], float] = ({}, -1.0)
         self._training: set[str] = set()  # peers whose announcement says they still train
+        self._joining: list[tuple[float, str]] = []  # (when, peer) of peers choosing their stage
         self._done = False
         self._stop = threading.Event()
         self._announcer: threading.Thread | None = None
@@ -72,7 +74,7 @@ class StagePeers:
         found, when = self._holders
         if fresh or time.monotonic() - when > 3.0:
             found = {s: [] for s in range(self.stages)}
-            training = set()
+            training, joining = set(), []
             entry = self.dht.get(stages_key(self.run_id), latest=True)
             for peer, item in (entry.value if entry is not None and isinstance(entry.value, dict) else {}).items():
                 value = getattr(item, "value", None)
@@ -81,12 +83,29 @@ class StagePeers:
                     found[stage].append(str(peer))
                     if not value.get("done"):
                         training.add(str(peer))
-            self._holders, self._training = (found, time.monotonic()), training
+                elif isinstance(value, dict) and isinstance(value.get("joined"), int | float):
+                    joining.append((float(value["joined"]), str(peer)))
+            self._holders, self._training, self._joining = (found, time.monotonic()), training, sorted(joining)
         return found
 
-    def least_served(self) -> int:
+    def choose_stage(self) -> int:
+        """The stage the swarm needs most. Peers starting at once would all see the same counts and take
+        the same stage, so a joining peer first says so, waits JOIN_SETTLE seconds, and then deals the
+        joining peers it sees (by when they joined) one by one to the least-served stage: each of them
+        deals the same way and takes the stage dealt to it."""
+        joined = get_dht_time()
+        self.dht.store(stages_key(self.run_id), {"joined": joined}, joined + ANNOUNCE_TTL, subkey=self.me)
+        time.sleep(JOIN_SETTLE)
         counts = {s: len(p) for s, p in self.holders(fresh=True).items()}
-        return min(counts, key=lambda s: (counts[s], s))
+        joining = [peer for _, peer in self._joining] or [self.me]
+        if self.me not in joining:  # our own note has not reached the DHT yet: deal ourselves last
+            joining.append(self.me)
+        for peer in joining:
+            stage = min(counts, key=lambda s: (counts[s], s))
+            counts[stage] += 1
+            if peer == self.me:
+                return stage
+        raise AssertionError("unreachable: we are among the joining peers")
 
     def others_training(self) -> int:
         """Live peers of the run, other than us, that have not finished their rounds."""

@@ -61,7 +61,7 @@ class PipelineTrainer(Trainer):
             held = json.loads(marker.read_text())
             if held.get("stages") == self.stages:
                 return int(held["stage"])
-        stage = self.peers.least_served()
+        stage = self.peers.choose_stage()
         atomic_write(marker, json.dumps({"stage": stage, "stages": self.stages}))
         return stage
 
