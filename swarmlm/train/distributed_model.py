@@ -7,6 +7,10 @@
     model.save("exported/")                                # what `swarmlm serve --model exported/` loads
     model.close()
 
+`fit(data, pipeline_stages=3)` (or the constructor's `pipeline_stages=3`) makes this peer one stage of a
+pipeline-trained model instead (pipeline_trainer.py): `fit` and `evaluate` run through every stage's
+peers; `generate` and `save` need the whole model and refuse.
+
 It composes the pieces `swarmlm train` is made of, in this process: a `Trainer` (trainer.py) built from a
 `TrainConfig`, connected to the swarm once and kept connected between `fit` calls (so the other peers can
 keep finding it and download its state), and the inference `Engine` that `swarmlm serve` runs.
@@ -28,6 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from swarmlm.model.loading import LoadedModel
+from swarmlm.train.pipeline_trainer import make_trainer
 from swarmlm.train.progress import TrainMetrics, TrainProgress
 from swarmlm.train.round_report import RoundReport
 from swarmlm.train.train_config import PRESETS, TrainConfig
@@ -203,6 +208,8 @@ class DistributedModel:
     def save(self, out_dir: str | Path) -> None:
         """Write the current weights (LoRA merged) and the tokenizer as an HF directory, the same as
         `swarmlm export`: `swarmlm serve --model OUT_DIR` and `swarmlm peer --model OUT_DIR` load it."""
+        if self._trainer is not None and self._trainer.cfg.pipeline_stages:
+            raise ValueError("this peer holds one stage of a pipeline-trained model: it cannot save the model alone")
         if self._trainer is not None:
             self._trainer.model.export_hf(Path(out_dir), self._trainer.tokenizer)
         else:
@@ -246,7 +253,7 @@ class DistributedModel:
                 "(the same run_dir resumes from its checkpoints)"
             )
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(cfg)
+        trainer = make_trainer(cfg)
         trainer.restore()  # evaluate/generate/save see a resumed run's weights before any fit
         self._trainer = trainer
         return trainer
@@ -272,6 +279,8 @@ class DistributedModel:
                 "so fit() or evaluate() it on a dataset (or pass data=) first"
             )
         trained = self._trainer.model
+        if self._trainer.cfg.pipeline_stages:
+            raise ValueError("this peer holds one stage of a pipeline-trained model: it cannot generate or save alone")
         span = LlamaSpan(trained.config)
         span.load_state_dict(trained.merged_state())
         span = span.eval().requires_grad_(False)

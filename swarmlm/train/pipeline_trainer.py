@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 LINGER_LIMIT = 1800.0  # at most this long serving others after our own rounds
 
 
+def make_trainer(cfg: TrainConfig) -> Trainer:
+    """The peer `cfg` asks for: a stage of a pipeline-trained model, or a whole-model DiLoCo trainer."""
+    return PipelineTrainer(cfg) if cfg.pipeline_stages else Trainer(cfg)
+
+
 class PipelineTrainer(Trainer):
     def __init__(self, cfg: TrainConfig) -> None:
         self.base_run_id, self.stages = cfg.run_id, cfg.pipeline_stages

@@ -12,10 +12,10 @@ import signal
 from pathlib import Path
 
 from swarmlm.train.evaluation import export_checkpoint
-from swarmlm.train.pipeline_trainer import PipelineTrainer
+from swarmlm.train.pipeline_trainer import PipelineTrainer, make_trainer
 from swarmlm.train.progress import TrainMetrics, TrainProgress, run_summary
 from swarmlm.train.train_config import TrainConfig
-from swarmlm.train.trainer import NoPeersError, Trainer
+from swarmlm.train.trainer import NoPeersError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def run_training(cfg: TrainConfig, export: Path | None = None) -> int:
     signal.signal(signal.SIGTERM, leave)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     hivemind_logs_to(cfg.run_dir / "hivemind.log")
-    trainer = PipelineTrainer(cfg) if cfg.pipeline_stages else Trainer(cfg)
+    trainer = make_trainer(cfg)
     try:
         link = trainer.connect()
         # One parseable line: local swarms (demo, tests) read it to point later peers at this one.

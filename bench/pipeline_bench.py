@@ -1,0 +1,251 @@
+"""Pipeline-parallel training (`swarmlm train --pipeline-stages 3`) against the same model in one process.
+
+The model: the `--size` preset (default small: 6 layers of 256) with the embedded tokenizer's 49,152-token
+vocabulary and untied embeddings, trained from the same seeded weights on the embedded plays (64-token
+blocks). Both phases train the same number of micro-batches of --batch-size blocks:
+
+  (a) one process: `--pipeline-stages 1`, one peer holding every layer, --rounds x 6 rounds;
+  (b) 3 stages x 2 peers, each driving its share of micro-batches through all three stages, --rounds
+      rounds; one stage-1 peer is killed (kill -9) once the run is --kill-at of the way through and
+      restarted 5 s later (it resumes its stage from its checkpoint).
+
+Reported: each phase's final validation loss (b: the median over its peers, each evaluating the whole
+pipeline) and their ratio (target <= 1.05), wall time and micro-batch tokens per second, each peer's
+peak RSS (its main process: weights, gradients, optimizer state) against (a)'s (target <= 0.5) beside the
+state's size counted from the parameters, each peer's CPU utilization (CPU seconds / wall seconds) by
+stage, and whether every round of every peer completed across the kill. Peers are left to the OS
+scheduler on this machine's cores, as `make bench-train` leaves DiLoCo's.
+
+    make bench-pipeline
+    .venv/bin/python bench/pipeline_bench.py [--size small] [--rounds 2] [--inner-steps 8] [--batch-size 4]
+
+Output: a table (stderr); the last line of stdout is `BENCH_JSON {...}`; the same JSON goes to
+bench/results/pipeline-<time>.json. Past runs: bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from swarmlm.launch.peers import stop_all
+from swarmlm.launch.trainers import TrainerProcess, start_run
+from swarmlm.train.data import default_corpus_files, prepare
+from swarmlm.train.pipeline_stage import stage_layers
+from swarmlm.train.train_config import PRESETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
+from bench_output import save_result
+from proc_stats import cpu_seconds, memory
+
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+VOCAB = 49152  # the embedded SmolLM2 tokenizer's
+STAGE = re.compile(r"pipeline stage (\d+) of \d+")
+
+
+def state_bytes(size: str, stages: int) -> list[int]:
+    """Per stage: fp32 weights, gradients, AdamW's two moments, DiLoCo's global copy and momentum (6 x 4
+    bytes a parameter), counted from the preset's shapes."""
+    hidden, layers, heads, kv_heads, mlp = PRESETS[size]
+    head_dim = hidden // heads
+    layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * mlp + 2 * hidden
+    out = []
+    for s, (a, b) in enumerate(stage_layers(layers, stages)):
+        params = (
+            (b - a) * layer + (VOCAB * hidden if s == 0 else 0) + (VOCAB * hidden + hidden if s == stages - 1 else 0)
+        )
+        out.append(params * 24)
+    return out
+
+
+class Watch:
+    """Samples each trainer's peak RSS and CPU time while it runs (a killed one keeps its last figures)."""
+
+    def __init__(self) -> None:
+        self.peers: list[TrainerProcess] = []
+        self.figures: dict[int, dict[str, float]] = {}  # index in `peers` -> peak_rss, cpu_s, wall_s
+        self.started: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def add(self, index: int, peer: TrainerProcess) -> None:
+        if index == len(self.peers):
+            self.peers.append(peer)
+        else:
+            self.peers[index] = peer
+        self.started.setdefault(index, time.monotonic())
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for i, peer in enumerate(list(self.peers)):
+                try:
+                    mem, cpu = memory(peer.proc.pid), cpu_seconds(peer.proc.pid)
+                except (OSError, KeyError):
+                    continue
+                f = self.figures.setdefault(i, {"peak_rss": 0.0, "cpu_s": 0.0, "cpu_before": 0.0})
+                if cpu < f["cpu_s"] - f["cpu_before"]:  # a restarted process: its CPU time starts again
+                    f["cpu_before"] = f["cpu_s"]
+                f["peak_rss"] = max(f["peak_rss"], mem["peak_rss_bytes"])
+                f["cpu_s"] = f["cpu_before"] + cpu
+                f["wall_s"] = time.monotonic() - self.started[i]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def final_val(peer: TrainerProcess) -> float:
+    reports = [r for r in peer.rounds() if r["val_loss"] == r["val_loss"]]  # not NaN
+    return reports[-1]["val_loss"]
+
+
+def run_phase(
+    data: Path, root: Path, n: int, args: tuple[str, ...], kill_at: float | None, rounds: int
+) -> dict[str, Any]:
+    watch = Watch()
+    t0 = time.monotonic()
+    peers = start_run(data, root, n, args)
+    for i, peer in enumerate(peers):
+        watch.add(i, peer)
+    watch.start()
+    killed = None
+    try:
+        if kill_at is not None:
+            stages = [int(STAGE.search(p.log.read_text()).group(1)) for p in peers]  # type: ignore[union-attr]
+            victim = stages.index(1)
+            while max((r["round"] for r in peers[victim].rounds()), default=0) < max(1, round(kill_at * rounds)):
+                time.sleep(0.5)
+            peers[victim].crash()
+            killed = {"peer": victim, "at": time.monotonic() - t0}
+            time.sleep(5)
+            peers[victim] = peers[victim].restart(peers[(victim + 1) % n].maddr)
+            watch.add(victim, peers[victim])
+        codes = [p.finish(3600) for p in peers]
+    finally:
+        watch.stop()
+        stop_all(peers)
+    wall = time.monotonic() - t0
+    stages = [int(m.group(1)) if (m := STAGE.search(p.log.read_text())) else 0 for p in peers]
+    return {
+        "wall_s": wall,
+        "exit_codes": codes,
+        "val_loss": statistics.median(final_val(p) for p in peers),
+        "val_losses": [final_val(p) for p in peers],
+        "stages": stages,
+        "rounds_done": [max((r["round"] for r in p.rounds()), default=0) for p in peers],
+        "peak_rss": [watch.figures.get(i, {}).get("peak_rss", 0) for i in range(n)],
+        "utilization": [watch.figures[i]["cpu_s"] / watch.figures[i]["wall_s"] for i in range(n)],
+        "killed": killed,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="pipeline-parallel training against one process")
+    ap.add_argument("--size", default="small", choices=tuple(PRESETS))
+    ap.add_argument("--rounds", type=int, default=2, help="(b)'s rounds; (a) runs 6x as many")
+    ap.add_argument("--inner-steps", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--inner-lr", type=float, default=3e-3)
+    ap.add_argument("--kill-at", type=float, default=0.5)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="swarmlm-pipeline-bench-"))
+    data = root / "data"
+    prepare(default_corpus_files()[:4], data, block_size=64)
+    common = ("--size", args.size, "--inner-steps", str(args.inner_steps), "--batch-size", str(args.batch_size))
+    common += (
+        "--inner-lr",
+        str(args.inner_lr),
+        "--eval-blocks",
+        "32",
+        "--matchmaking-time",
+        "2",
+        "--min-group-size",
+        "1",
+    )
+    tokens_per_batch = args.batch_size * 63
+    console.print("(a) one process ...")
+    one = run_phase(
+        data,
+        root / "one",
+        1,
+        ("--pipeline-stages", "1", "--rounds", str(6 * args.rounds), *common),
+        None,
+        6 * args.rounds,
+    )
+    console.print("(b) 3 stages x 2 peers ...")
+    pipe = run_phase(
+        data,
+        root / "pipe",
+        6,
+        ("--pipeline-stages", "3", "--rounds", str(args.rounds), "--min-peers", "2", *common),
+        args.kill_at,
+        args.rounds,
+    )
+    micro_batches = 6 * args.rounds * args.inner_steps
+    result = {
+        "settings": vars(args),
+        "micro_batches": micro_batches,
+        "tokens": micro_batches * tokens_per_batch,
+        "one": one,
+        "pipeline": pipe,
+        "loss_ratio": pipe["val_loss"] / one["val_loss"],
+        "memory_ratio": max(pipe["peak_rss"]) / one["peak_rss"][0],
+        "state_bytes": {"one": state_bytes(args.size, 1)[0], "stages": state_bytes(args.size, 3)},
+        "tokens_per_s": {
+            "one": micro_batches * tokens_per_batch / one["wall_s"],
+            "pipeline": micro_batches * tokens_per_batch / pipe["wall_s"],
+        },
+    }
+    report(result)
+    save_result("pipeline", result)
+
+
+def report(r: dict[str, Any]) -> None:
+    one, pipe = r["one"], r["pipeline"]
+    table = Table(title=f"pipeline training, {r['micro_batches']} micro-batches ({r['tokens']:,} tokens) each way")
+    for column in ("", "(a) one process", "(b) 3 stages x 2 peers", "(b)/(a)"):
+        table.add_column(column)
+    table.add_row("final val loss", f"{one['val_loss']:.4f}", f"{pipe['val_loss']:.4f}", f"{r['loss_ratio']:.3f}")
+    tps = r["tokens_per_s"]
+    table.add_row("tokens/s", f"{tps['one']:.0f}", f"{tps['pipeline']:.0f}", f"{tps['pipeline'] / tps['one']:.2f}")
+    table.add_row(
+        "peak RSS (largest peer)",
+        f"{one['peak_rss'][0] / 1e9:.2f} GB",
+        f"{max(pipe['peak_rss']) / 1e9:.2f} GB",
+        f"{r['memory_ratio']:.2f}",
+    )
+    state = r["state_bytes"]
+    table.add_row(
+        "training state (counted)",
+        f"{state['one'] / 1e9:.2f} GB",
+        f"{max(state['stages']) / 1e9:.2f} GB",
+        f"{max(state['stages']) / state['one']:.2f}",
+    )
+    for s in range(3):
+        util = [u for u, st in zip(pipe["utilization"], pipe["stages"], strict=True) if st == s]
+        table.add_row(f"stage {s} CPU utilization", "", " ".join(f"{u:.2f}" for u in util), "")
+    table.add_row("(a) CPU utilization", f"{one['utilization'][0]:.2f}", "", "")
+    table.add_row("rounds done (every peer)", str(one["rounds_done"]), str(pipe["rounds_done"]), "")
+    table.add_row("exit codes", str(one["exit_codes"]), str(pipe["exit_codes"]), "")
+    console.print(table)
+    if pipe["killed"]:
+        console.print(
+            f"killed peer {pipe['killed']['peer']} (stage 1) at {pipe['killed']['at']:.0f} s, restarted 5 s later"
+        )
+
+
+if __name__ == "__main__":
+    main()
