@@ -25,7 +25,8 @@ from swarmlm.train.train_config import TrainConfig
 
 @torch.no_grad()
 def evaluate(model: TrainableModel, blocks: Tensor, batch_size: int = 16) -> float:
-    """Mean next-token loss over validation blocks [N, L]."""
+    """Mean next-token loss over validation blocks [N, L], `batch_size` blocks at a time (a trainer passes
+    its training batch size: the logits of a batch over a large vocabulary are the peak of its memory)."""
     was_training = model.module.training
     model.module.eval()
     total, count = 0.0, 0

@@ -1,11 +1,12 @@
 """A pipeline peer's model: its own stage here, every other stage on whichever live peer holds it.
 
-`PipelineModel.loss(blocks)` runs a micro-batch through every stage: its own in this process (autograd as
-usual), the others by calls to a peer of that stage chosen at random among the live ones (SWARM's
-stochastic wiring, Ryabinin et al. 2023), a failed call re-sent to another peer of the stage. Remote
-stages are autograd functions: `loss.backward()` sends each remote stage its input again with the
-gradient of its output (the last stage computes the loss and its gradient in the forward call already),
-so one backward pass trains every stage the micro-batch went through, here and on the other peers.
+`PipelineModel.loss(blocks)` runs a micro-batch through every stage: its own through its server in this
+process, the others by calls to a peer of that stage chosen at random among the live ones (SWARM's
+stochastic wiring, Ryabinin et al. 2023), a failed call re-sent to another peer of the stage. Stages are
+autograd functions: `loss.backward()` sends each stage its input again with the gradient of its output
+(the last stage computes the loss and its gradient in the forward call already), and each stage's server
+recomputes its part and steps its weights, so one backward pass trains every stage the micro-batch went
+through, here and on the other peers.
 
 Peers announce their stage in the DHT (`StagePeers`); a joining peer takes the stage with the fewest.
 """
@@ -29,7 +30,7 @@ from swarmlm.core.loop import LoopThread
 from swarmlm.core.stream_call import request_reply
 from swarmlm.train.model import TrainableModel
 from swarmlm.train.pipeline_messages import StageCall, StageReply
-from swarmlm.train.pipeline_stage import STAGE_HANDLER, next_token_loss
+from swarmlm.train.pipeline_stage import STAGE_HANDLER, StageServer
 from swarmlm.train.trainer import NoPeersError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class StagePeers:
         self.me = str(dht.peer_id)
         self.loop: LoopThread | None = None  # the training link's, once connected (`attach`)
         self.p2p: P2P | None = None
+        self.server: StageServer | None = None  # our own stage
         self._banned: dict[str, float] = {}
         self._holders: tuple[dict[int, list[str]], float] = ({}, -1.0)
         self._training: set[str] = set()  # peers whose announcement says they still train
@@ -64,9 +66,10 @@ class StagePeers:
         self._stop = threading.Event()
         self._announcer: threading.Thread | None = None
 
-    def attach(self, loop: LoopThread, p2p: P2P) -> None:
-        """Call through the link's P2P replica (one replica per DHT and process)."""
-        self.loop, self.p2p = loop, p2p
+    def attach(self, loop: LoopThread, p2p: P2P, server: StageServer) -> None:
+        """Call other peers through the link's P2P replica (one replica per DHT and process), and our own
+        stage's `server` directly."""
+        self.loop, self.p2p, self.server = loop, p2p, server
 
     # ----- announcements ------------------------------------------------------------------------
     def holders(self, fresh: bool = False) -> dict[int, list[str]]:
@@ -150,7 +153,9 @@ class StagePeers:
     # ----- calls --------------------------------------------------------------------------------
     def call(self, call: StageCall) -> StageReply:
         """`call` answered by a live peer of its stage; failed peers are banned for a while and the call
-        re-sent to another, for up to `retry_window` seconds."""
+        re-sent to another, for up to `retry_window` seconds. Our own stage answers in this process."""
+        if self.server is not None and call.stage == self.server.stage:
+            return self.server.handle(call)
         first_failure: float | None = None
         last: BaseException | None = None
         while True:
@@ -182,6 +187,8 @@ class StagePeers:
 
 
 class _RemoteStage(torch.autograd.Function):
+    """A stage run by its server (another peer's, or ours): no graph here, the backward pass is a call."""
+
     @staticmethod
     def forward(ctx: Any, peers: StagePeers, stage: int, x: Tensor, anchor: Tensor) -> Tensor:  # type: ignore[override]
         ctx.peers, ctx.stage, ctx.x = peers, stage, x.detach()
@@ -194,8 +201,8 @@ class _RemoteStage(torch.autograd.Function):
 
 
 class _RemoteLoss(torch.autograd.Function):
-    """The last stage on another peer: it computes the loss and its backward in one call, the gradient of
-    its input waits here for our backward pass."""
+    """The last stage: its server computes the loss and its backward (stepping its weights) in one call;
+    the gradient of its input waits here for our backward pass."""
 
     @staticmethod
     def forward(ctx: Any, peers: StagePeers, stage: int, x: Tensor, targets: Tensor, anchor: Tensor) -> Tensor:  # type: ignore[override]
@@ -219,17 +226,14 @@ class PipelineModel(TrainableModel):
     peers: StagePeers | None = field(default=None, repr=False)  # set once connected
 
     def loss(self, blocks: Tensor) -> Tensor:
+        """The mean next-token loss of a micro-batch through every stage (ours too, through its server, so
+        that every stage steps the same way); its backward pass steps each stage's weights."""
         x, targets = blocks[:, :-1], blocks[:, 1:]
         training = torch.is_grad_enabled()
         anchor = torch.zeros((), requires_grad=True) if training else torch.zeros(())
         h = x
         for s in range(self.stages):
             last = s == self.stages - 1
-            if s == self.stage:
-                h = self.module(h, torch.arange(x.shape[1]))
-                if last:
-                    return next_token_loss(h, targets)
-                continue
             assert self.peers is not None, "not connected"
             if last and training:
                 return _RemoteLoss.apply(self.peers, s, h, targets, anchor)

@@ -1,23 +1,26 @@
-"""A pipeline stage's server: other peers' micro-batches through this peer's stage of the model.
+"""A pipeline stage's server: every micro-batch through this peer's stage of the model, its own included.
 
 Each peer of a pipeline-trained run (`swarmlm train --pipeline-stages K`) holds one stage: a contiguous
 range of layers, with the embeddings on the first stage and the final norm and head on the last. Peers
-driving micro-batches call it (pipeline_messages.py) for forward passes and, in their backward pass, for
-backward passes; the gradients of this stage's weights that those produce wait in `pending` and join the
-peer's own at its next optimizer step (`take_pending`), averaged over the micro-batches they came from.
+driving micro-batches call it (pipeline_messages.py; the peer's own driver calls it in-process) for
+forward passes without gradients and, in their backward pass, for backward passes: the stage recomputes
+its forward pass with autograd, and the gradients of its weights go straight into an optimizer step
+(`on_gradients`). So a stage's weights take one step per micro-batch that goes through them, whichever
+peer drove it, as one process training the whole model would.
 
-Calls run one at a time on a thread of their own while holding the trainer's weights lock, which its
-optimizer and outer steps take too: a call never sees weights half-updated, nor has its autograd graph's
-saved weights changed under it. The lock is never held across a call to another peer (two drivers
-waiting on each other's stages would deadlock).
+Calls run one at a time while holding the trainer's weights lock, which its outer step and state
+downloads take too: a call never sees weights half-updated. Nothing keeps an autograd graph across calls,
+and the lock is never held across a call to another peer (two drivers waiting on each other's stages
+would deadlock).
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
+from contextlib import AbstractContextManager
+from typing import Any, AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +52,18 @@ def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 class StageServer(ServicerBase):
     def __init__(
-        self, module: LlamaSpan, params: list[nn.Parameter], stage: int, stages: int, run_id: str, lock: threading.Lock
+        self,
+        module: LlamaSpan,
+        params: list[nn.Parameter],
+        stage: int,
+        stages: int,
+        run_id: str,
+        lock: AbstractContextManager[Any],
+        on_gradients: Callable[[list[Tensor]], None],
     ) -> None:
+        """`on_gradients(grads)`: one optimizer step with these gradients of `params` (called holding `lock`)."""
         self.module, self.params, self.stage, self.stages, self.run_id = module, params, stage, stages, run_id
-        self.lock = lock
-        self.pending: list[Tensor] | None = None  # summed gradients of others' micro-batches
-        self.pending_count = 0
+        self.lock, self.on_gradients = lock, on_gradients
         self.calls = 0  # answered, for reports
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-stage")
 
@@ -66,11 +75,15 @@ class StageServer(ServicerBase):
             return
         try:
             call = StageCall.from_proto(request)
-            self._check(call)
-            reply = await asyncio.wrap_future(self._pool.submit(self._compute, call))
+            reply = await asyncio.wrap_future(self._pool.submit(self.handle, call))
         except (StageCallError, ValueError) as e:
             reply = StageReply(error=str(e))
         yield reply.to_proto()
+
+    def handle(self, call: StageCall) -> StageReply:
+        """Answer one call (from another peer, or our own driver); StageCallError for a bad one."""
+        self._check(call)
+        return self._compute(call)
 
     def _check(self, call: StageCall) -> None:
         if call.run_id != self.run_id or call.stage != self.stage:
@@ -125,25 +138,10 @@ class StageServer(ServicerBase):
                 else:
                     loss = None
                     grads = torch.autograd.grad(out, inputs, call.tensors["grad"].to(out.dtype))
-            self._add_pending(list(grads[: len(self.params)]))
+            self.on_gradients(list(grads[: len(self.params)]))
         reply = StageReply({"grad": grads[-1]} if wants_input else {})
         reply.loss = None if loss is None else loss.item()
         return reply
-
-    def _add_pending(self, grads: list[Tensor]) -> None:
-        if self.pending is None:
-            self.pending = grads
-        else:
-            for total, g in zip(self.pending, grads, strict=True):
-                total.add_(g)
-        self.pending_count += 1
-
-    def take_pending(self) -> tuple[list[Tensor] | None, int]:
-        """The gradients other peers' micro-batches left since the last call, and how many micro-batches
-        they came from (call with the lock held)."""
-        pending, count = self.pending, self.pending_count
-        self.pending, self.pending_count = None, 0
-        return pending, count
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -4,8 +4,8 @@
 joins the DHT, takes the stage the fewest peers announce (or the one its run folder says it had), and
 builds only that stage: its weights, gradients and optimizer state are all it holds. Its inner steps
 drive micro-batches of its own data through every stage (pipeline_model.py), and it serves the other
-peers' micro-batches through its stage (pipeline_stage.py). An optimizer step applies the gradients of
-its own micro-batch and of those it served since the last step, averaged. Rounds average the stage's
+peers' micro-batches through its stage (pipeline_stage.py): each micro-batch's backward pass through the
+stage, its own or another peer's, is one optimizer step of the stage. Rounds average the stage's
 weights with the other peers of the same stage: the stage is a DiLoCo run of its own (run id
 RUN-stageS), so matchmaking, robust aggregation, catch-up, checkpoints and the ledger are the Trainer's.
 """
@@ -97,26 +97,22 @@ class PipelineTrainer(Trainer):
             self.stage,
             self.stages,
             self.base_run_id,
-            self.weights_lock,  # type: ignore[arg-type]
+            self.weights_lock,
+            self._step,
         )
-        self.peers.attach(self.link.loop, self.link.p2p)
+        self.peers.attach(self.link.loop, self.link.p2p, self.server)
         self.link.loop.run(self.server.add_p2p_handlers(self.link.p2p), 30)
         self.peers.announce(self.stage)
         return self.link
 
+    def _step(self, grads: list[torch.Tensor]) -> None:
+        """One optimizer step per micro-batch through our stage (the server calls it, holding the lock)."""
+        for p, g in zip(self.model.params, grads, strict=True):
+            p.grad = g
+        self.inner.step()
+
     def _clip_and_step(self) -> None:
-        """Our micro-batch's gradients and those of the micro-batches we served, averaged, in one step."""
-        assert self.server is not None
-        with self.weights_lock:
-            pending, count = self.server.take_pending()
-            with torch.no_grad():
-                for p, g in zip(self.model.params, pending or [], strict=False):
-                    p.grad = g if p.grad is None else p.grad.add_(g)
-                if count:
-                    for p in self.model.params:
-                        if p.grad is not None:
-                            p.grad.div_(count + 1)
-            self.inner.step()
+        """Nothing left to do after our micro-batch: its backward pass stepped every stage it went through."""
 
     def run(self, progress: TrainProgress | None = None) -> list[RoundReport]:
         """Wait (up to --start-wait) until every stage has a peer, then train."""

@@ -324,14 +324,14 @@ class Trainer:
                 if self.link is not None and self.link.ledger is not None:
                     self.link.ledger.record(reports[-1], self.group, self.update_digest)
         if not self.checkpointer.holds(self.round):  # the round we hold was taken by download
-            self.save(evaluate(self.model, self.val_blocks))
+            self.save(evaluate(self.model, self.val_blocks, self.cfg.batch_size))
         return reports
 
     def _report(
         self, losses: list[float], compute: float, group: int, wall0: float, sent: int, progress: TrainProgress | None
     ) -> RoundReport:
         """Evaluate (after an averaged round, or at the start), log to rounds.jsonl and the progress."""
-        val_loss = evaluate(self.model, self.val_blocks) if group or not losses else float("nan")
+        val_loss = evaluate(self.model, self.val_blocks, self.cfg.batch_size) if group or not losses else float("nan")
         report = RoundReport(
             round=self.round,
             train_loss=sum(losses) / len(losses) if losses else float("nan"),
