@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
+from typing import Any, AsyncIterator  # noqa: UP035 - hivemind's servicer recognises typing's alias, not collections.abc's
 
 import msgpack
 import torch
@@ -83,10 +83,11 @@ class SpanServicer(ServicerBase):
             try:
                 await self.membership.require(str(context.remote_id))
             except MembershipError:
-                # Refuse once the caller's first message is in: a refusal that closes the stream while the
-                # caller still writes breaks its pipe, and it would see a reset instead of the reason.
+                # Refuse once the caller has written what it will (its end of stream, or for a session that
+                # stays open its first message and REFUSAL_WAIT more): a refusal that closes the stream while
+                # the caller still writes breaks its pipe, and it would see a reset instead of the reason.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stream.inbox.get(), REFUSAL_WAIT)
+                    await asyncio.wait_for(_until_end(stream.inbox), REFUSAL_WAIT)
                 raise
             while (item := await stream.inbox.get()) is not None:
                 if isinstance(item, BaseException):
@@ -259,6 +260,12 @@ class SpanServicer(ServicerBase):
         if (stream := self._streams.get(key)) is None:
             raise SessionError(f"no open stream of session {key[0][:12]}… for layers from {key[1]} here")
         return stream
+
+
+async def _until_end(inbox: asyncio.Queue[Any]) -> None:
+    """Wait until the caller closes its side of the stream (its reader puts None in the inbox)."""
+    while await inbox.get() is not None:
+        pass
 
 
 PUSH_HANDLER = SpanServicer._get_handle_name(None, "rpc_push")  # the names add_p2p_handlers registers

@@ -62,6 +62,7 @@ class StagePeers:
         self._holders: tuple[dict[int, list[str]], float] = ({}, -1.0)
         self._training: set[str] = set()  # peers whose announcement says they still train
         self._joining: list[tuple[float, str]] = []  # (when, peer) of peers choosing their stage
+        self._stage: int | None = None  # ours, once announced
         self._done = False
         self._stop = threading.Event()
         self._announcer: threading.Thread | None = None
@@ -115,9 +116,10 @@ class StagePeers:
         self.holders(fresh=True)
         return len(self._training - {self.me})
 
-    def mark_done(self) -> None:
-        """Our rounds are done (we still serve our stage: others may still need it)."""
-        self._done = True
+    def mark_done(self, done: bool = True) -> None:
+        """Our rounds are done (we still serve our stage: others may still need it), or, with False, that
+        we train again (another `fit`)."""
+        self._done = done
         self._store()
 
     def _store(self) -> None:
@@ -127,14 +129,12 @@ class StagePeers:
     def announce(self, stage: int) -> None:
         """Announce `stage` now and every third of ANNOUNCE_TTL until `close`."""
         self._stage = stage
-        store = self._store
-
-        store()
+        self._store()
 
         def loop() -> None:
             while not self._stop.wait(ANNOUNCE_TTL / 3):
                 try:
-                    store()
+                    self._store()
                 except Exception as e:  # a DHT hiccup: the next refresh tries again
                     logger.warning("could not announce our stage: %s", e)
 

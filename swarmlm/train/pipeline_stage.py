@@ -64,7 +64,6 @@ class StageServer(ServicerBase):
         """`on_gradients(grads)`: one optimizer step with these gradients of `params` (called holding `lock`)."""
         self.module, self.params, self.stage, self.stages, self.run_id = module, params, stage, stages, run_id
         self.lock, self.on_gradients = lock, on_gradients
-        self.calls = 0  # answered, for reports
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="swarmlm-stage")
 
     async def rpc_stage(
@@ -120,7 +119,6 @@ class StageServer(ServicerBase):
         x = x.long() if self.stage == 0 else x.float()
         positions = torch.arange(x.shape[1])
         with self.lock:
-            self.calls += 1
             if call.kind == "forward":
                 with torch.no_grad():
                     return StageReply({"out": self.module(x, positions)})

@@ -47,7 +47,7 @@ class PipelineTrainer(Trainer):
         self.base_run_id, self.stages = cfg.run_id, cfg.pipeline_stages
         identity = Identity.from_option(cfg.identity)
         dht = start_dht(cfg.initial_peers, cfg.host_maddrs, identity)
-        self._dht: object = dht
+        self._dht = dht
         try:
             self.peers = StagePeers(dht, cfg.run_id, self.stages, retry_window=cfg.averaging_timeout)
             self.stage = self._choose_stage(cfg)
@@ -88,7 +88,7 @@ class PipelineTrainer(Trainer):
         )
 
     def connect(self) -> SwarmLink:
-        self.link = SwarmLink(self.cfg, self.identity, self, self.global_params, self.model.names, dht=self._dht)  # type: ignore[arg-type]
+        self.link = SwarmLink(self.cfg, self.identity, self, self.global_params, self.model.names, dht=self._dht)
         module = self.model.module
         assert isinstance(module, LlamaSpan)
         self.server = StageServer(
@@ -115,14 +115,17 @@ class PipelineTrainer(Trainer):
         """Nothing left to do after our micro-batch: its backward pass stepped every stage it went through."""
 
     def run(self, progress: TrainProgress | None = None) -> list[RoundReport]:
-        """Wait (up to --start-wait) until every stage has a peer, then train."""
+        """Wait (up to --start-wait) until every stage has a peer, then train; then say we are done
+        training (we go on serving our stage while connected: `finish` waits for the others)."""
         self.peers.wait_for_every_stage(self.cfg.start_wait)
-        return super().run(progress)
+        self.peers.mark_done(False)
+        reports = super().run(progress)
+        self.peers.mark_done()
+        return reports
 
     def finish(self) -> None:
         """Our rounds are done: serve our stage while other peers of the run still train (their micro-batches
         need every stage), then linger as every trainer does."""
-        self.peers.mark_done()
         deadline = time.monotonic() + LINGER_LIMIT
         while (training := self.peers.others_training()) and time.monotonic() < deadline:
             logger.info("serving stage %d while %d other peer(s) still train", self.stage, training)
@@ -134,5 +137,5 @@ class PipelineTrainer(Trainer):
             self.server.close()
         self.peers.close()
         if self.link is None:  # never connected: the DHT is still ours to stop
-            self._dht.shutdown()  # type: ignore[attr-defined]
+            self._dht.shutdown()
         super().close()
