@@ -233,7 +233,7 @@ def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str
     if mode == "diloco":  # give the outer optimizer a momentum to carry
         for g in ahead.global_params:
             g.grad = torch.ones_like(g)
-        ahead.outer_opt.step()
+        ahead.outer.sgd.step()
     ahead.round = 1
     ahead.publish()
     meta, tensors = ahead.shared()
@@ -242,7 +242,7 @@ def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str
     if mode == "diloco":  # the outer momentum travels; inner AdamW state is each peer's own
         for a, b in zip(ahead.global_params, behind.global_params, strict=True):
             assert torch.equal(
-                ahead.outer_opt.state[a]["momentum_buffer"], behind.outer_opt.state[b]["momentum_buffer"]
+                ahead.outer.sgd.state[a]["momentum_buffer"], behind.outer.sgd.state[b]["momentum_buffer"]
             )
         return
     for t in (ahead, behind):  # the same next step on both

@@ -123,10 +123,6 @@ class LoraAdapter:
         self.tensors, self.scale, self.digest = tensors, scale, digest
         self.pairs = {n.removesuffix(".lora_A"): (a, tensors[n[:-1] + "B"]) for n, a in tensors.items() if n[-1] == "A"}
 
-    @property
-    def rank(self) -> int:
-        return next(iter(self.pairs.values()))[0].shape[0] if self.pairs else 0
-
     def delta(self, name: str, x: Tensor) -> Tensor | None:
         """B(A(x)) * scale for linear layer `name`, or None if this adapter leaves it alone."""
         pair = self.pairs.get(name)

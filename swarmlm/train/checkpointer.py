@@ -16,6 +16,7 @@ checksum matches is used; a corrupt one is reported and skipped for the one befo
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -112,6 +113,15 @@ def flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> dict[str, Tens
         for index, state in opt.state_dict()["state"].items()
         for key, value in state.items()
     }
+
+
+def rng_state() -> str:
+    """PyTorch's global RNG state as text, for a checkpoint's JSON (`restore_rng_state` reads it back)."""
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def restore_rng_state(text: str) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
 
 
 def restore_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, Any]) -> None:

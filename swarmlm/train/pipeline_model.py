@@ -65,7 +65,6 @@ class StagePeers:
         self._stage: int | None = None  # ours, once announced
         self._done = False
         self._stop = threading.Event()
-        self._announcer: threading.Thread | None = None
 
     def attach(self, loop: LoopThread, p2p: P2P, server: StageServer) -> None:
         """Call other peers through the link's P2P replica (one replica per DHT and process), and our own
@@ -138,8 +137,7 @@ class StagePeers:
                 except Exception as e:  # a DHT hiccup: the next refresh tries again
                     logger.warning("could not announce our stage: %s", e)
 
-        self._announcer = threading.Thread(target=loop, name="swarmlm-stage-announce", daemon=True)
-        self._announcer.start()
+        threading.Thread(target=loop, name="swarmlm-stage-announce", daemon=True).start()
 
     def wait_for_every_stage(self, wait: float) -> None:
         deadline = time.monotonic() + wait

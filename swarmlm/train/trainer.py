@@ -21,14 +21,12 @@ the files: the trainer is `Stateful`, and its `state_dict()` is what a checkpoin
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -38,7 +36,7 @@ from torch import Tensor
 from swarmlm.core.identity import Identity
 from swarmlm.model.loading import tensors_digest
 from swarmlm.train.aggregation import poison_
-from swarmlm.train.checkpointer import Checkpointer
+from swarmlm.train.checkpointer import Checkpointer, restore_rng_state, rng_state
 from swarmlm.train.data import TokenShards, load_data_tokenizer
 from swarmlm.train.evaluation import evaluate, run_identity
 from swarmlm.train.inner import InnerOptimizer
@@ -74,7 +72,7 @@ class Trainer:
         self.val_blocks = val.blocks(range(min(cfg.eval_blocks, len(val))))
         eos = self.tokenizer.eos_token_ids[0] if self.tokenizer.eos_token_ids else None
         # Held wherever the weights change: a pipeline stage's server reads them from another thread.
-        self.weights_lock: AbstractContextManager[Any] = contextlib.nullcontext()
+        self.weights_lock: AbstractContextManager[Any] = nullcontext()
         self.model: TrainableModel = self._build_model(train.vocab_size, train.block_size, eos)
         params = self.model.params
         self.outer = OuterOptimizer(params, cfg.outer_lr, cfg.outer_momentum)
@@ -102,10 +100,6 @@ class Trainer:
     def global_params(self) -> list[Tensor]:
         """The swarm's agreed weights: what every round starts from and what the outer optimizer moves."""
         return self.outer.params
-
-    @property
-    def outer_opt(self) -> torch.optim.SGD:
-        return self.outer.sgd
 
     # ---- the swarm ---------------------------------------------------------------------------------
 
@@ -377,7 +371,7 @@ class Trainer:
                 "position": self.position,
                 "names": self.model.names,
                 "digest": self.digest(),
-                "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                "rng": rng_state(),
                 "dp_history": self.privacy.accountant.history if self.privacy is not None else None,
                 "model": run_identity(self.cfg, self.model),
             }
@@ -391,7 +385,7 @@ class Trainer:
             copy_into(self.model.params, [state[f"local.{i}"] for i in range(len(self.model.params))])
         self.inner.load_state_dict(state)
         self.round, self.position = int(state["round"]), int(state["position"])
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
+        restore_rng_state(state["rng"])
         if self.privacy is not None and state.get("dp_history"):
             self.privacy.accountant.history = [tuple(h) for h in state["dp_history"]]
 
