@@ -18,7 +18,7 @@ from typing import Protocol, TypedDict
 
 import torch
 from hivemind import DHT
-from hivemind.averaging.control import StepControl
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from torch import Tensor
@@ -227,12 +227,14 @@ class SwarmLink:
         so a straggler notices a finished run while its peers still linger (see `linger`)."""
         return 3 * self.cfg.matchmaking_time
 
-    def begin_average(self, base: tuple[int, str]) -> StepControl:
+    def begin_average(self, base: tuple[int, str], whole_round: bool = False) -> StepControl:
         """Start matchmaking in the background while the last inner steps run (as hivemind's Optimizer
         pre-schedules it): the group is formed by the time the update is ready, and its all-reduce waits
-        for `allow_allreduce`. The base sent along is already known: global weights do not change mid-round."""
+        for `allow_allreduce`. The base sent along is already known: global weights do not change mid-round.
+        `whole_round`: started at the round's first step, so the window is the averaging timeout."""
         self._match_within_round(base[0])
-        window = self._attempt_window() + self.cfg.matchmaking_time  # covers the steps still to run
+        # covers the steps still to run
+        window = self.cfg.averaging_timeout if whole_round else self._attempt_window() + self.cfg.matchmaking_time
         gather = {"round": base[0], "digest": base[1]}
         return self._averager().step(
             gather=gather, timeout=window, allow_retries=False, wait=False, require_trigger=True
@@ -254,7 +256,7 @@ class SwarmLink:
                 if early is not None:
                     control, early = early, None  # one try: a retry is a fresh step
                     control.allow_allreduce()
-                    gathered = control.result()
+                    gathered = self._early_result(control, base[0])
                 else:
                     remaining = deadline - time.monotonic()
                     if remaining <= self.cfg.matchmaking_time:
@@ -270,6 +272,17 @@ class SwarmLink:
             # A failure can be one-sided: the others may have finished this round. Then take their state.
             if self.catch_up() or time.monotonic() >= deadline:
                 return None
+
+    def _early_result(self, control: StepControl, round_: int) -> Gathered | None:
+        """The group of a step begun early; None, cancelling it, if the others finished `round_` while we
+        were still looking for them (a late peer's window is long: see `begin_average`)."""
+        while True:
+            try:
+                return control.result(timeout=self.cfg.matchmaking_time)
+            except TimeoutError:
+                if control.stage == AveragingStage.LOOKING_FOR_GROUP and self.best_shared_round() > round_:
+                    control.cancel()
+                    return None
 
     def bytes_sent(self) -> int:
         return int(self._averager().bytes_sent.value)

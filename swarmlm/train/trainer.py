@@ -88,6 +88,7 @@ class Trainer:
         self.failures = 0  # averaging attempts failed in a row
         self.curve: list[tuple[int, float]] = []  # (round, validation loss)
         self._step_seconds = 0.0  # the last round's mean inner step time
+        self._late = False  # took the others' state while they were mid-round: queue for their group at once
         self.identity = Identity.from_option(cfg.identity)  # signs this peer's ledger entries
         self.link: SwarmLink | None = None
         self.group: list[str] = []  # peer ids of the last round's group, sorted
@@ -143,6 +144,7 @@ class Trainer:
         if self.digest() != meta.get("digest"):
             raise RuntimeError("downloaded state does not match its digest")
         logger.info("caught up: downloaded round %d from a peer", self.round)
+        self._late = True
         self.publish()
 
     def publish(self) -> None:
@@ -158,10 +160,10 @@ class Trainer:
             self._sent_base = (self.round, self.digest())
         return self.link.average(tensors, self._sent_base, early)
 
-    def _begin_average(self) -> StepControl:
+    def _begin_average(self, whole_round: bool = False) -> StepControl:
         assert self.link is not None
         self._sent_base = (self.round, self.digest())
-        return self.link.begin_average(self._sent_base)
+        return self.link.begin_average(self._sent_base, whole_round)
 
     # ---- training ----------------------------------------------------------------------------------
 
@@ -179,10 +181,16 @@ class Trainer:
         compute, losses, early = 0.0, [], None
         h = self.cfg.inner_steps
         # Steps left when matchmaking starts: about the matchmaking time's worth (from the last round's pace).
+        # A peer that downloaded the state started this round after the others, by however long the download
+        # took: it queues for their group at its first step, so that the group waits for its update (up to
+        # hivemind's chunk timeout) instead of forming without it, which sent it to download again, forever
+        # on a slow machine.
+        late, self._late = self._late, False
         lead = math.ceil(self.cfg.matchmaking_time / self._step_seconds) if self._step_seconds else 0
+        begin = 0 if late else max(0, h - lead) if lead else None  # the step at which matchmaking starts
         for i in range(h):
-            if lead and i == max(0, h - lead) and self.link is not None:
-                early = self._begin_average()
+            if i == begin and self.link is not None:
+                early = self._begin_average(whole_round=late)
             self.position, batch = next(batches)
             t0 = time.perf_counter()
             losses.append(self._inner_step(batch, i))
