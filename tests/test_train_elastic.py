@@ -26,7 +26,7 @@ def test_join_crash_resume_and_a_corrupt_checkpoint(data: Path, tmp_path: Path) 
     """Two peers train; a third joins mid-run (downloads the state); one crashes (kill -9) and restarts
     from its checkpoints, the newest of which was corrupted meanwhile: it resumes from the one before
     and catches up. All end with the same weights."""
-    rounds = 20  # enough that the others are still training when the crashed peer is back
+    rounds = 16  # enough that the others are still training when the crashed peer is back
     peers = start_trainers(
         data, tmp_path, 2, rounds=rounds, extra=("--target-group-size", "3", "--min-group-size", "2")
     )
@@ -73,10 +73,10 @@ def test_lora_fine_tune_of_the_embedded_model(tmp_path: Path) -> None:
     extra = ("--model", "SmolLM2-135M-Instruct", "--lora-rank", "4", "--inner-steps", "3", "--batch-size", "2")
     extra += ("--warmup-steps", "1", "--inner-lr", "1e-3", "--matchmaking-time", "2")
     extra += ("--eval-blocks", "8")  # validation of the 135M model is most of a round's time on 2 cores
-    peers = start_trainers(data, tmp_path / "run", 2, rounds=2, extra=extra)
+    peers = start_trainers(data, tmp_path / "run", 2, rounds=1, extra=extra)
     finish(peers)
     reports = [averaged(p) for p in peers]
-    assert [r["round"] for r in reports[0]] == [1, 2]
+    assert [r["round"] for r in reports[0]] == [1]
     assert reports[0][-1]["digest"] == reports[1][-1]["digest"]
     # rank-4 adapters on 30 layers: about 1.6 M values, where the whole model has 135 M
     assert 0 < reports[0][-1]["bytes_sent"] < 20e6
