@@ -26,6 +26,7 @@ bench/results/pipeline-<time>.json. Past runs: bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import statistics
 import sys
@@ -40,9 +41,10 @@ from rich.table import Table
 
 from swarmlm.launch.peers import stop_all
 from swarmlm.launch.trainers import TrainerProcess, start_run
+from swarmlm.model.memory import span_weight_bytes
 from swarmlm.train.data import default_corpus_files, prepare
 from swarmlm.train.pipeline_stage import stage_layers
-from swarmlm.train.train_config import PRESETS
+from swarmlm.train.train_config import PRESETS, preset_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
 from bench_output import save_result
@@ -55,17 +57,9 @@ STAGE = re.compile(r"pipeline stage (\d+) of \d+")
 
 def state_bytes(size: str, stages: int) -> list[int]:
     """Per stage: fp32 weights, gradients, AdamW's two moments, DiLoCo's global copy and momentum (6 x 4
-    bytes a parameter), counted from the preset's shapes."""
-    hidden, layers, heads, kv_heads, mlp = PRESETS[size]
-    head_dim = hidden // heads
-    layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * mlp + 2 * hidden
-    out = []
-    for s, (a, b) in enumerate(stage_layers(layers, stages)):
-        params = (
-            (b - a) * layer + (VOCAB * hidden if s == 0 else 0) + (VOCAB * hidden + hidden if s == stages - 1 else 0)
-        )
-        out.append(params * 24)
-    return out
+    bytes a parameter), counted from the model's shapes (the stages `swarmlm train` splits it into)."""
+    config = dataclasses.replace(preset_config(size, VOCAB, 64, None), tie_word_embeddings=False)
+    return [span_weight_bytes(config, a, b, True, "fp32", "none") * 6 for a, b in stage_layers(config, stages)]
 
 
 class Watch:

@@ -107,9 +107,10 @@ def latest_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]] 
 
 
 def flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-    """An optimizer's buffers as named tensors (`prefix.index.key`), for a checkpoint's tensor file."""
+    """An optimizer's buffers as named tensors (`prefix.index.key`), for a checkpoint's tensor file: the
+    buffers themselves, not copies (the caller keeps the optimizer still while it writes them)."""
     return {
-        f"{prefix}.{index}.{key}": value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+        f"{prefix}.{index}.{key}": value.detach() if torch.is_tensor(value) else torch.tensor(value)
         for index, state in opt.state_dict()["state"].items()
         for key, value in state.items()
     }

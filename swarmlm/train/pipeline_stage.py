@@ -17,6 +17,7 @@ would deadlock).
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -29,21 +30,37 @@ from hivemind.proto import runtime_pb2
 from torch import Tensor, nn
 
 from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.memory import layer_weight_bytes, span_weight_bytes
+from swarmlm.model.model_config import ModelConfig
 from swarmlm.train.pipeline_messages import StageCall, StageCallError, StageReply
 
 MAX_TOKENS = 1 << 16  # batch x length of one call
 
 
-def stage_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
-    """Layers [start, end) of each stage: as even as can be, the extra layers on the middle stages (the
-    first holds the embeddings and the last the head as well)."""
-    if not 1 <= stages <= num_layers:
-        raise ValueError(f"{stages} pipeline stages for a model of {num_layers} layers: give 1 to {num_layers}")
-    base, extra = divmod(num_layers, stages)
-    order = sorted(range(stages), key=lambda s: (s in (0, stages - 1), s))  # middle stages first
-    sizes = [base + (1 if order.index(s) < extra else 0) for s in range(stages)]
-    starts = [sum(sizes[:s]) for s in range(stages)]
-    return [(a, a + n) for a, n in zip(starts, sizes, strict=True)]
+def stage_layers(cfg: ModelConfig, stages: int) -> list[tuple[int, int]]:
+    """Layers [start, end) of each stage (the first holds the embeddings as well, the last the final norm
+    and head), split so that the stage with the most parameters has as few as can be: each peer's memory
+    is its stage's weights times a fixed number of copies (gradients, AdamW, DiLoCo). A large vocabulary's
+    embeddings weigh many layers of a small model (49,152 x 576: seven layers of the base preset)."""
+    n = cfg.num_layers
+    if not 1 <= stages <= n:
+        raise ValueError(f"{stages} pipeline stages for a model of {n} layers: give 1 to {n}")
+    layer = layer_weight_bytes(cfg, "fp32", "none")
+    embeddings = span_weight_bytes(cfg, 0, 1, True, "fp32", "none") - layer[0]
+    head = span_weight_bytes(cfg, n - 1, n, True, "fp32", "none") - layer[-1]
+
+    def cost(a: int, b: int) -> int:
+        return sum(layer[a:b]) + (embeddings if a == 0 else 0) + (head if b == n else 0)
+
+    # best[k][i]: (the largest stage, the split) for layers [0, i) in k stages; ties keep later cuts
+    best: list[dict[int, tuple[int, list[int]]]] = [{0: (0, [0])}]
+    for k in range(1, stages + 1):
+        best.append({})
+        for i in range(k, n - (stages - k) + 1):
+            options = [(max(best[k - 1][j][0], cost(j, i)), best[k - 1][j][1] + [i]) for j in best[k - 1] if j < i]
+            best[k][i] = min(options, key=lambda o: (o[0], [-c for c in o[1]]))
+    cuts = best[stages][n][1]
+    return list(itertools.pairwise(cuts))
 
 
 def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:

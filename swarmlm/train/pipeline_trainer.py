@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
 import time
 
 import torch
@@ -56,7 +55,6 @@ class PipelineTrainer(Trainer):
             dht.shutdown()
             raise
         self.identity = identity  # the DHT's: it signs this peer's ledger entries
-        self.weights_lock = threading.RLock()
         self.server: StageServer | None = None
 
     def _choose_stage(self, cfg: TrainConfig) -> int:
@@ -78,7 +76,7 @@ class PipelineTrainer(Trainer):
     def _build_model(self, vocab_size: int, context: int, eos: int | None) -> PipelineModel:
         # Untied: the embeddings live on the first stage, the head on the last.
         config = dataclasses.replace(preset_config(self.cfg.size, vocab_size, context, eos), tie_word_embeddings=False)
-        start, end = stage_layers(config.num_layers, self.stages)[self.stage]
+        start, end = stage_layers(config, self.stages)[self.stage]
         span = LlamaSpan(config, start, end)
         init_weights_by_name(span, self.cfg.seed)
         span.train().requires_grad_(True)

@@ -26,7 +26,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -71,8 +70,9 @@ class Trainer:
             raise ValueError(f"{cfg.data}: no training blocks for this peer")
         self.val_blocks = val.blocks(range(min(cfg.eval_blocks, len(val))))
         eos = self.tokenizer.eos_token_ids[0] if self.tokenizer.eos_token_ids else None
-        # Held wherever the weights change: a pipeline stage's server reads them from another thread.
-        self.weights_lock: AbstractContextManager[Any] = nullcontext()
+        # Held wherever the weights or the round change: a pipeline stage's server and a newcomer's state
+        # download read them from other threads.
+        self.weights_lock = threading.RLock()
         self.model: TrainableModel = self._build_model(train.vocab_size, train.block_size, eos)
         params = self.model.params
         self.outer = OuterOptimizer(params, cfg.outer_lr, cfg.outer_momentum)
@@ -82,8 +82,7 @@ class Trainer:
         self.position = 0  # batches drawn from this peer's data so far
         self.checkpointer = Checkpointer(cfg.run_dir / "checkpoints")
         self.log_path = cfg.run_dir / "rounds.jsonl"
-        self._state_lock = threading.Lock()
-        self._shared_state: SharedState = self._snapshot()
+        self._shared_state: SharedState | None = None  # DDP's state at its last round's end (see `shared`)
         self._sent_base: tuple[int, str] = (0, "")
         self.failures = 0  # averaging attempts failed in a row
         self.curve: list[tuple[int, float]] = []  # (round, validation loss)
@@ -127,9 +126,12 @@ class Trainer:
         return meta, [g.detach().clone() for g in self.global_params] + common
 
     def shared(self) -> SharedState:
-        """The state a newcomer downloads from us (called from the averager's thread)."""
-        with self._state_lock:
-            return self._shared_state
+        """The state a newcomer downloads from us (called from the averager's thread). DiLoCo's global
+        weights and momentum change only at the outer step, with the round, under the weights lock: they are
+        copied when asked, so no second copy of them stands in memory between downloads. DDP's move at
+        every step: the copy taken at the round's end is what we offer."""
+        with self.weights_lock:
+            return self._shared_state if self._shared_state is not None else self._snapshot()
 
     def load_shared(self, meta: StateMeta, tensors: list[Tensor]) -> None:
         n = len(self.global_params)
@@ -140,7 +142,7 @@ class Trainer:
             else:
                 self.outer.load_momentum(tensors[n:])
             copy_into(self.model.params, self.global_params)
-        self.round = int(meta["round"])
+            self.round = int(meta["round"])
         if self.digest() != meta.get("digest"):
             raise RuntimeError("downloaded state does not match its digest")
         logger.info("caught up: downloaded round %d from a peer", self.round)
@@ -148,8 +150,8 @@ class Trainer:
         self.publish()
 
     def publish(self) -> None:
-        snapshot = self._snapshot()
-        with self._state_lock:
+        snapshot = self._snapshot() if self.cfg.mode == "ddp" else None
+        with self.weights_lock:
             self._shared_state = snapshot
         if self.link is not None:
             self.link.offer(self.round)
@@ -222,7 +224,7 @@ class Trainer:
         with self.weights_lock:
             self.outer.step(averaged)
             copy_into(self.model.params, self.global_params)
-        self.round = base[0] + 1
+            self.round = base[0] + 1
         self.publish()
         compute += time.perf_counter() - t0
         return losses, compute, len(gathered)
@@ -388,17 +390,18 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("names") != self.model.names:
             raise ValueError("checkpoint is of a different model than --size/--model")
-        self.outer.load_state_dict(state)
         with self.weights_lock:
+            self.outer.load_state_dict(state)
             copy_into(self.model.params, [state[f"local.{i}"] for i in range(len(self.model.params))])
-        self.inner.load_state_dict(state)
-        self.round, self.position = int(state["round"]), int(state["position"])
+            self.inner.load_state_dict(state)
+            self.round, self.position = int(state["round"]), int(state["position"])
         restore_rng_state(state["rng"])
         if self.privacy is not None and state.get("dp_history"):
             self.privacy.accountant.history = [tuple(h) for h in state["dp_history"]]
 
     def save(self, val_loss: float) -> None:
-        self.checkpointer.save(self, self.round, val_loss, keep=self.cfg.keep_checkpoints)
+        with self.weights_lock:  # the tensors are written as they are, uncopied: nothing may step meanwhile
+            self.checkpointer.save(self, self.round, val_loss, keep=self.cfg.keep_checkpoints)
 
     def restore(self) -> bool:
         """Resume from this peer's newest intact checkpoint (a corrupt one is skipped). False if none."""
