@@ -13,6 +13,8 @@ import pytest
 from openai import OpenAI
 
 from swarmlm.launch.servers import ServerProcess
+from swarmlm.model.loading import LoadedModel
+from tests.prompt_scoring import assert_scores_the_prompt
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -79,6 +81,10 @@ def test_completions_stream_n_seed_and_logprobs(client: OpenAI) -> None:
     )
     assert len(chat.choices[0].logprobs.content) == 3
     assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 2
+
+
+def test_echo_scores_the_prompt_as_lm_eval_asks(server: ServerProcess, model: LoadedModel) -> None:
+    assert_scores_the_prompt(server.base, MODEL, model, tolerance=1e-4)
 
 
 def test_stop_strings_through_the_api(client: OpenAI) -> None:

@@ -153,6 +153,25 @@ def test_logprobs_are_the_models_distribution(model: LoadedModel) -> None:
     assert all(a >= b for (_, a), (_, b) in zip(first.top, first.top[1:], strict=False))
 
 
+def test_prompt_logprobs_are_the_models_over_chunks_and_a_cached_prefix(model: LoadedModel) -> None:
+    """Each prompt token's logprob under the whole model's logits at the position before it (the first
+    token: none), whether the prompt runs in one chunk or in 7-token chunks beside another sequence, and
+    when the prompt's prefix is in the cache (a scored prompt runs every position again)."""
+    ids = prompts(model)[1]
+    with torch.no_grad():
+        logits = model.span(torch.tensor([ids]), torch.arange(len(ids)))[0].log_softmax(-1)
+    want = [float(logits[p - 1, ids[p]]) for p in range(1, len(ids))]
+    scored = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)
+    for engine in (make_engine(model), make_engine(model, max_step_tokens=7)):
+        run(engine, [(ids, GREEDY)])  # the prompt's prefix is now cached
+        seq, _ = run(engine, [(ids, scored), (prompts(model)[2], GREEDY)])
+        assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(ids)
+        got = [lp.logprob for lp in seq.prompt_logprobs[1:]]
+        assert got == pytest.approx(want, abs=1e-4)
+        top = seq.prompt_logprobs[5].top
+        assert [t for t, _ in top] == logits[4].topk(3).indices.tolist()
+
+
 def test_penalties_change_repetitive_output(model: LoadedModel) -> None:
     ids = model.tokenizer.encode("one one one one one one one one")
     plain = run(make_engine(model), [(ids, SamplingParams(max_tokens=8, temperature=0))])[0].output_ids

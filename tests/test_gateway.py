@@ -24,6 +24,7 @@ from swarmlm.engine.scheduler import make_scheduler
 from swarmlm.launch.peers import PeerProcess, free_port, start_swarm, stop_all
 from swarmlm.model.loading import LoadedModel, resolve_device
 from swarmlm.model.memory import device_label
+from tests.prompt_scoring import assert_scores_the_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +86,13 @@ def test_openai_client_streams_the_local_engines_answer(swarm: Swarm, model: Loa
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == expected_text(model, prompt_ids, 24)
     assert "Paris" in text
+
+
+def test_echo_scores_the_prompt_through_the_swarm(swarm: Swarm, model: LoadedModel) -> None:
+    """The gateway runs the head over every prompt position the peers return: the whole model's logprobs
+    in this process, to bf16's precision (the gateway's default wire; `--wire-dtype fp32` for evaluation:
+    tests/test_lm_eval.py)."""
+    assert_scores_the_prompt(swarm.base, MODEL, model, tolerance=0.05)
 
 
 def test_bad_requests_get_clear_errors(swarm: Swarm) -> None:

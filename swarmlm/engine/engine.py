@@ -131,6 +131,8 @@ class Engine:
             outputs.append(StepOutput(seq, None, "", None))
         completed = [(seq, n) for seq, n in result.completed if seq not in result.failed]
         for seq, n in completed:
+            if (scores := result.prompt_logits.get(seq)) is not None:
+                seq.score_prompt(scores)
             seq.num_computed += n
         for seq, row in zip(result.sampled, _host_rows(result.sampled, result.logits), strict=True):
             outputs.append(self._sample(seq, row, now))

@@ -29,6 +29,8 @@ class StepResult:
     logits: Tensor  # [len(sampled), vocab]: one row per completed sequence whose step reached its last token
     sampled: list[Sequence]
     failed: dict[Sequence, str] = field(default_factory=dict)  # sequences the executor gave up on, and why
+    # for each completed step of a sequence scoring its prompt (`scores_prompt`): [tokens, vocab] logits
+    prompt_logits: dict[Sequence, Tensor] = field(default_factory=dict)
 
 
 class Executor(Protocol):
@@ -120,7 +122,7 @@ class LocalExecutor:
             if seq.host_kv is not None:
                 seq.num_computed = self.kv.restore(seq.kv, seq.host_kv)
                 seq.host_kv = None
-            elif seq.num_computed == 0:
+            elif seq.num_computed == 0 and seq.params.prompt_logprobs is None:  # scored: every position runs
                 seq.num_computed = self.kv.reuse_prefix(seq.kv, seq.prompt_ids, seq.adapter or "")
         return True
 
@@ -133,22 +135,32 @@ class LocalExecutor:
         self.preemptions += 1
 
     def forward(self, batch: list[tuple[Sequence, int]]) -> StepResult:
-        segments, inputs, rows, sampled = [], [], [], []
+        segments, inputs, sampled = [], [], []
+        rows: list[int] = []  # the batch rows the head runs on
+        sampling: list[int] = []  # where each sampled sequence's row is in `rows`
+        scored: dict[Sequence, slice] = {}  # where a prompt-scoring sequence's rows are in `rows`
         row = 0
         for seq, n in batch:
             adapter = self.adapters[seq.adapter] if seq.adapter is not None else None
             segments.append(Segment(seq.kv, seq.num_computed, n, adapter))
             inputs.extend(seq.token_slice(seq.num_computed, seq.num_computed + n))
+            if seq.scores_prompt():
+                scored[seq] = slice(len(rows), len(rows) + n)
+                rows.extend(range(row, row + n))
             row += n
             if seq.num_computed + n == seq.num_tokens:
-                rows.append(row - 1)
+                if seq not in scored:
+                    rows.append(row - 1)
+                sampling.append(len(rows) - 1)
                 sampled.append(seq)
         logits = self.runner.forward(segments, torch.tensor(inputs), rows)
         for seq, n in batch:
             if not seq.prefix_stored and seq.num_computed + n >= len(seq.prompt_ids):
                 self.kv.store_prefix(seq.kv, seq.prompt_ids, seq.adapter or "")
                 seq.prefix_stored = True
-        return StepResult(batch, logits, sampled)
+        if not scored:  # the head ran on the sampling rows alone
+            return StepResult(batch, logits, sampled)
+        return StepResult(batch, logits[sampling], sampled, prompt_logits={s: logits[r] for s, r in scored.items()})
 
     def release(self, seq: Sequence) -> None:
         self.kv.free(seq.kv)

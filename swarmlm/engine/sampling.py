@@ -28,6 +28,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to report with each sampled token
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's name)
 
     def __post_init__(self) -> None:
         checks = [
@@ -39,6 +40,10 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -118,3 +123,15 @@ def token_logprob(raw_logits: Tensor, token_id: int, top: int) -> TokenLogprob:
         values, ids = logprobs.topk(top)
         alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
     return TokenLogprob(token_id, float(logprobs[token_id]), alternatives)
+
+
+def tokens_logprobs(raw_logits: Tensor, token_ids: list[int], top: int) -> list[TokenLogprob]:
+    """`token_logprob` for many rows at once: row i scores `token_ids[i]` (a prompt's tokens, each under
+    the logits of the position before it)."""
+    logprobs = raw_logits[: len(token_ids)].float().log_softmax(-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, dtype=torch.long, device=logprobs.device)[:, None])[:, 0]
+    values, ids = logprobs.topk(top) if top else (logprobs[:, :0], logprobs[:, :0].long())
+    return [
+        TokenLogprob(t, lp, list(zip(i, v, strict=True)))
+        for t, lp, i, v in zip(token_ids, chosen.tolist(), ids.tolist(), values.tolist(), strict=True)
+    ]

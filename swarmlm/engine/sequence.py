@@ -8,7 +8,14 @@ from enum import StrEnum
 import torch
 
 from swarmlm.engine.kv_cache import SequenceKV
-from swarmlm.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample_row, token_logprob
+from swarmlm.engine.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    apply_penalties,
+    sample_row,
+    token_logprob,
+    tokens_logprobs,
+)
 from swarmlm.engine.scheduler import SchedState
 
 
@@ -32,6 +39,9 @@ class Sequence:
     adapter: str | None = None  # the LoRA adapter it runs with (`--adapters`), None: the base model
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # with `params.prompt_logprobs`: each prompt token's, under the logits of the position before it (the
+    # first token has none), filled in as prefill chunks run
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     kv: SequenceKV | None = None
     host_kv: SequenceKV | None = None  # offloaded cache of a preempted sequence (accelerators only)
     num_computed: int = 0  # tokens whose keys and values the executor holds (in `kv` when local)
@@ -57,6 +67,21 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def scores_prompt(self) -> bool:
+        """Whether its next step's logits at every position are wanted: its prompt is being scored."""
+        return self.params.prompt_logprobs is not None and self.num_computed < len(self.prompt_ids)
+
+    def score_prompt(self, logits: torch.Tensor) -> None:
+        """Record the prompt logprobs of a prefill chunk from `num_computed` on, given the logits at each of
+        its positions (position p scores prompt token p + 1)."""
+        start, n = self.num_computed, len(self.prompt_ids)
+        if len(self.prompt_logprobs) != n:
+            self.prompt_logprobs = [None] * n
+        targets = self.prompt_ids[start + 1 : min(n, start + len(logits) + 1)]
+        assert self.params.prompt_logprobs is not None
+        for i, lp in enumerate(tokens_logprobs(logits, targets, self.params.prompt_logprobs)):
+            self.prompt_logprobs[start + 1 + i] = lp
 
     def sample_token(self, raw_logits: torch.Tensor | int) -> tuple[int, TokenLogprob | None]:
         """Draw the next token from the model's logits for this sequence (penalties, then its own sampler

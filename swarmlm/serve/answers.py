@@ -45,14 +45,21 @@ class ChoiceFormat(ABC):
     def choice(self, prompt: int, seq: Sequence, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
         """Fields of a finished choice in the body, given its tokens' `token_logprobs`."""
 
+    def generated(self, seq: Sequence) -> int:
+        """The tokens of `seq` its answer reports (usage's completion tokens)."""
+        return len(seq.output_ids)
+
 
 class TextChoices(ChoiceFormat):
     chunk_object = "text_completion"
     response = CompletionResponse
 
-    def __init__(self, tokenizer: Tokenizer, logprobs: bool, echo: list[str] | None) -> None:
+    def __init__(self, tokenizer: Tokenizer, logprobs: bool, echo: list[str] | None, generated: bool = True) -> None:
+        """`generated` False (max_tokens 0): the answer is the echoed prompt alone, its one sampled token
+        left out."""
         super().__init__(tokenizer, logprobs)
         self.echo = echo  # with `echo`: each prompt's text, which its choices start with
+        self.with_output = generated
 
     def opening(self, prompt: int) -> dict[str, Any] | None:
         return {"text": self.echo[prompt]} if self.echo is not None else None
@@ -73,13 +80,29 @@ class TextChoices(ChoiceFormat):
 
     def choice(self, prompt: int, seq: Sequence, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
         prefix = self.echo[prompt] if self.echo is not None else ""
-        merged_lps = None
-        if self.logprobs:
-            merged_lps = {
-                k: [x for lp in logprobs for x in lp[k]] for k in ("tokens", "token_logprobs", "top_logprobs")
-            }
-            merged_lps["text_offset"] = _offsets(merged_lps["tokens"], len(prefix))
-        return {"text": prefix + seq.text, "logprobs": merged_lps}
+        if not self.with_output:  # max_tokens 0
+            text, ending = prefix, {"finish_reason": "length"}
+        else:
+            text, ending = prefix + seq.text, {}
+        if not self.logprobs:
+            return {"text": text, "logprobs": None, **ending}
+        parts = ([self._prompt_logprobs(seq)] if self.echo is not None else []) + (logprobs if self.with_output else [])
+        merged_lps = {k: [x for lp in parts for x in lp[k]] for k in ("tokens", "token_logprobs", "top_logprobs")}
+        merged_lps["text_offset"] = _offsets(merged_lps["tokens"], 0)
+        return {"text": text, "logprobs": merged_lps, **ending}
+
+    def _prompt_logprobs(self, seq: Sequence) -> dict[str, Any]:
+        """The echoed prompt's tokens with their logprobs, the first one's null (as OpenAI and vLLM)."""
+        decode = self.tokenizer.decode
+        scored = seq.prompt_logprobs or [None] * len(seq.prompt_ids)
+        return {
+            "tokens": [decode([t]) for t in seq.prompt_ids],
+            "token_logprobs": [lp.logprob if lp is not None else None for lp in scored],
+            "top_logprobs": [{decode([t]): v for t, v in lp.top} if lp is not None else None for lp in scored],
+        }
+
+    def generated(self, seq: Sequence) -> int:
+        return len(seq.output_ids) if self.with_output else 0
 
 
 class ChatChoices(ChoiceFormat):
@@ -144,13 +167,13 @@ class Answer:
         choices = [
             {
                 "index": i * self.n + seq.index,
-                **self.fmt.choice(i, seq, pieces.get(i * self.n + seq.index, [])),
                 "finish_reason": seq.finish_reason.value if seq.finish_reason else None,
+                **self.fmt.choice(i, seq, pieces.get(i * self.n + seq.index, [])),
             }
             for i, h in enumerate(self.handles)
             for seq in h.seqs
         ]
-        total = sum(len(s.output_ids) for h in self.handles for s in h.seqs)
+        total = sum(self.fmt.generated(s) for h in self.handles for s in h.seqs)
         return self.fmt.response(
             id=self.answer_id,
             created=self.created,

@@ -56,9 +56,14 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 with `echo`: the prompt alone, scored (lm-eval's loglikelihood)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+
+    @property
+    def scores_prompt(self) -> bool:
+        """`echo` with `logprobs`: the answer carries the prompt's tokens and their logprobs."""
+        return self.echo and self.logprobs is not None
 
 
 class ContentPart(BaseModel):

@@ -4,6 +4,7 @@ keys and metrics), turning validated requests into answers. The routers only han
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from typing import Any
@@ -76,10 +77,19 @@ class OpenAIServing:
             prompts = [list(p) for p in req.prompt]  # type: ignore[union-attr]
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt must not be empty", param="prompt")
-        params = req.sampling(req.max_tokens or 16, req.logprobs)
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(
+                400, "max_tokens must be at least 1 (0 only with echo: the prompt alone)", param="max_tokens"
+            )
+        if req.stream and (req.scores_prompt or req.max_tokens == 0):
+            raise APIError(400, "echo with logprobs or max_tokens 0 scores the prompt: not streamed", param="stream")
+        # max_tokens 0: one token is generated (a step samples as it ends the prompt) and left out of the answer
+        params = req.sampling(1 if req.max_tokens == 0 else req.max_tokens or 16, req.logprobs)
+        if req.scores_prompt:
+            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         handles = self._submit(prompts, params, req.n, _user_of(request, req.user), adapter)
         echo = [self.tokenizer.decode(p) for p in prompts] if req.echo else None
-        fmt = TextChoices(self.tokenizer, req.logprobs is not None, echo)
+        fmt = TextChoices(self.tokenizer, req.logprobs is not None, echo, generated=req.max_tokens != 0)
         return await self._answer(request, req, handles, prompts, fmt, handles[0].request_id)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:

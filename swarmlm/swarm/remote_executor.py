@@ -121,14 +121,15 @@ class SwarmExecutor:
             inputs = {self._keys[seq]: self._embed(seq, n) for seq, n in steps}
             group.launched = steps
             sampling = [self._keys[seq] for seq, n in steps if seq.num_computed + n == seq.num_tokens]
+            scoring = [self._keys[seq] for seq, n in steps if seq.scores_prompt()]
             if alone:  # a single micro-batch runs inline: no thread hand-off on its critical path
                 group.future = Future()
                 try:
-                    group.future.set_result(self._step(group.session, inputs, sampling))
+                    group.future.set_result(self._step(group.session, inputs, sampling, scoring))
                 except Exception as e:
                     group.future.set_exception(e)
             else:
-                group.future = self._pool.submit(self._step, group.session, inputs, sampling)
+                group.future = self._pool.submit(self._step, group.session, inputs, sampling, scoring)
         running = [g.future for g in self.groups if g.future is not None]
         if not running:
             return StepResult([], torch.empty(0), [])
@@ -138,12 +139,12 @@ class SwarmExecutor:
     def _collect(self, done: list[_Group]) -> StepResult:
         completed: list[tuple[Sequence, int]] = []
         failed: dict[Sequence, str] = {}
-        sampled, logits = [], []
+        sampled, logits, prompt_logits = [], [], {}
         for group in done:
             assert group.future is not None
             future, group.future = group.future, None
             try:
-                head = future.result()
+                head, scores = future.result()
             except Exception as e:  # no route within the deadline, or peers that refuse: the group is lost
                 for seq in group.seqs - self._released:
                     failed[seq] = f"the swarm could not run this request: {e}"
@@ -158,18 +159,29 @@ class SwarmExecutor:
                     row += 1
                 if seq not in self._released:
                     completed.append((seq, n))
+                    if (key := self._keys[seq]) in scores:
+                        prompt_logits[seq] = scores[key]
             for seq in group.seqs & self._released:
                 self._forget(seq)
-        return StepResult(completed, torch.stack(logits) if logits else torch.empty(0), sampled, failed)
+        stacked = torch.stack(logits) if logits else torch.empty(0)
+        return StepResult(completed, stacked, sampled, failed, prompt_logits)
 
-    def _step(self, session: InferenceSession, inputs: dict[str, Tensor], sampling: list[str]) -> Tensor:
-        """One group's step through the chain, then the head over its sampling rows' last positions, in the
-        group's own thread: the engine loop is free meanwhile to sample and launch the groups already back."""
+    def _step(
+        self, session: InferenceSession, inputs: dict[str, Tensor], sampling: list[str], scoring: list[str]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One group's step through the chain, then the head over its sampling rows' last positions (and
+        over every position of the rows scoring their prompt), in the group's own thread: the engine loop is
+        free meanwhile to sample and launch the groups already back."""
         with torch.inference_mode():
             outs = session.step_rows(inputs)
+            scores = {key: self.span.head(outs[key]) for key in scoring}
             if not sampling:
-                return torch.empty(0)
-            return self.span.head(torch.stack([outs[key][-1] for key in sampling]))
+                return torch.empty(0), scores
+            plain = [key for key in sampling if key not in scores]  # one head call for all their last rows
+            heads = {}
+            if plain:
+                heads = dict(zip(plain, self.span.head(torch.stack([outs[k][-1] for k in plain])), strict=True))
+            return torch.stack([scores[k][-1] if k in scores else heads[k] for k in sampling]), scores
 
     def _embed(self, seq: Sequence, n: int) -> Tensor:
         return self.span.embed(torch.tensor(seq.token_slice(seq.num_computed, seq.num_computed + n)))
