@@ -87,6 +87,31 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(server: ServerProcess, model: Lo
     assert_scores_the_prompt(server.base, MODEL, model, tolerance=1e-4)
 
 
+def test_tokenize_detokenize_and_tokenizer_info(server: ServerProcess, model: LoadedModel) -> None:
+    """vLLM's tokenizer endpoints give the server's own tokens (what lm-eval's remote tokenizer uses)."""
+    tok, base = model.tokenizer, server.base
+    text = "To be, or not to be"
+    r = httpx.post(f"{base}/tokenize", json={"model": MODEL, "prompt": text}).json()
+    assert r["tokens"] == tok.encode(text) and r["count"] == len(r["tokens"]) and r["max_model_len"] >= 2048
+    bare = httpx.post(f"{base}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+    assert bare == tok.encode(text, add_special_tokens=False)
+    chat = httpx.post(f"{base}/tokenize", json={"messages": QUESTION}).json()["tokens"]
+    assert chat == tok.encode(tok.chat_prompt(QUESTION))
+    assert httpx.post(f"{base}/detokenize", json={"tokens": bare}).json() == {"prompt": text}
+    info = httpx.get(f"{base}/tokenizer_info").json()
+    assert info["eos_token"] == tok.hf.eos_token and "im_start" in info["chat_template"]
+    for path, body, status in [
+        ("/tokenize", {"model": MODEL}, 422),  # neither prompt nor messages
+        ("/tokenize", {"prompt": text, "messages": QUESTION}, 422),
+        ("/tokenize", {"model": "no-such-model", "prompt": text}, 404),
+        ("/detokenize", {"tokens": [10**9]}, 400),
+        ("/detokenize", {"tokens": "abc"}, 422),
+    ]:
+        r = httpx.post(f"{base}{path}", json=body)
+        assert r.status_code == status, (path, body, r.text)
+        assert r.json()["error"]["message"]
+
+
 def test_stop_strings_through_the_api(client: OpenAI) -> None:
     out = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=20, stop=["Paris"])
     assert "Paris" not in out.choices[0].message.content and out.choices[0].finish_reason == "stop"

@@ -28,11 +28,12 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.hf.chat_template)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's tokens, after the model's BOS token where it wants one (`add_special_tokens`)."""
         ids = self.hf.encode(text, add_special_tokens=False)
         bos = self.hf.bos_token_id
         # Chat templates often write the BOS token themselves: never add a second one.
-        return [bos, *ids] if self.add_bos and ids[:1] != [bos] else ids
+        return [bos, *ids] if add_special_tokens and self.add_bos and ids[:1] != [bos] else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)

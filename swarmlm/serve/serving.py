@@ -19,7 +19,18 @@ from swarmlm.serve.answers import Answer, ChatChoices, ChoiceFormat, TextChoices
 from swarmlm.serve.auth import ApiKey, KeyChecker
 from swarmlm.serve.errors import APIError, error_response
 from swarmlm.serve.metrics import ServingMetrics
-from swarmlm.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from swarmlm.serve.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+)
 
 
 class OpenAIServing:
@@ -94,13 +105,7 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
         adapter = self._check_model(req.model, request)
-        if not self.tokenizer.has_chat_template:
-            raise APIError(400, f"model {self.model_id!r} has no chat template; use /v1/completions")
-        try:
-            text = self.tokenizer.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
-        except Exception as e:  # jinja templates raise for unsupported role orders
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from e
-        prompt = await self._encode(text)
+        prompt = await self._encode(self._render_chat(req.messages))
         room = self.max_model_len - len(prompt)
         if room < 1:
             raise APIError(
@@ -168,6 +173,44 @@ class OpenAIServing:
                 raise  # 429 with Retry-After, 503: serve/errors.py
             raise APIError(400, str(e), "invalid_request_error", code="invalid_prompt") from e  # context, KV, vocab
         return handles
+
+    def _render_chat(self, messages: list[ChatMessage]) -> str:
+        if not self.tokenizer.has_chat_template:
+            raise APIError(400, f"model {self.model_id!r} has no chat template; use /v1/completions")
+        try:
+            return self.tokenizer.chat_prompt([{"role": m.role, "content": m.text()} for m in messages])
+        except Exception as e:  # jinja templates raise for unsupported role orders
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from e
+
+    # ----- tokenization (vLLM's endpoints) ------------------------------------------------------------
+    async def tokenize(self, req: TokenizeRequest, request: Request) -> TokenizeResponse:
+        if req.model is not None:
+            self._check_model(req.model, request)
+        if req.messages is not None:  # the tokens a chat completion of these messages would start from
+            text, special = self._render_chat(req.messages), True
+        else:
+            text, special = req.prompt or "", req.add_special_tokens
+        tokens = await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, text, special)
+        return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens)
+
+    def detokenize(self, req: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        if req.model is not None:
+            self._check_model(req.model, request)
+        vocab = len(self.tokenizer.hf)
+        if bad := [t for t in req.tokens if not 0 <= t < vocab]:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0 to {vocab - 1})", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens))
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        hf = self.tokenizer.hf
+        return TokenizerInfo(
+            tokenizer_class=type(hf).__name__,
+            eos_token=hf.eos_token,
+            bos_token=hf.bos_token,
+            pad_token=hf.pad_token,
+            chat_template=hf.chat_template if isinstance(hf.chat_template, str) else None,
+            model_max_length=self.max_model_len,
+        )
 
     async def _encode(self, text: str) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, text)
