@@ -51,6 +51,7 @@ LONGEST_FIRST = (
     "test_swarm_training",
     "test_pipeline_training",
     "test_python_api",
+    "test_lm_eval",
     "test_engine",
     "test_model_families",
     "test_model_families_gguf",

@@ -5,6 +5,8 @@ and LoRA: test_train_elastic.py."""
 from __future__ import annotations
 
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from swarmlm.launch.servers import ServerProcess
 from swarmlm.launch.trainers import TrainerProcess
 from swarmlm.ledger.chain import Entry
 from swarmlm.ledger.store import read_lines, verify_file
+from tests.lm_eval_tasks import write_tasks
 from tests.training_runs import averaged, finish, start_trainers, wait_for
 
 pytestmark = pytest.mark.slow
@@ -116,6 +119,30 @@ def test_eval_export_and_serve_the_trained_model(three_peers: list[TrainerProces
         assert r.json()["choices"][0]["text"] == tokenizer.decode(ids[len(prompt) :])
     finally:
         server.stop()
+
+
+def test_eval_scores_a_run_with_lm_eval_tasks(three_peers: list[TrainerProcess], tmp_path: Path) -> None:
+    """`swarmlm eval RUN --tasks`: lm-evaluation-harness scores the run's best round on tasks of one's own
+    (the model learned 4 plays in 5 rounds: the scores are numbers, not knowledge)."""
+    write_tasks(tmp_path)
+    run = three_peers[0].run_dir
+
+    def swarmlm_eval(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "swarmlm.cli", "eval", str(run), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    out = swarmlm_eval("--tasks", "swarmlm_choice,swarmlm_perplexity", "--include-path", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    scores = dict(re.findall(r"^  (\S+ \S+)=([0-9.]+)", out.stdout, re.MULTILINE))
+    assert 0 <= float(scores["swarmlm_choice acc"]) <= 1 and float(scores["swarmlm_perplexity word_perplexity"]) > 1
+    for args, words in [
+        (("--tasks", "no_such_task", "--include-path", str(tmp_path)), "unknown lm-eval task 'no_such_task'"),
+        ((), "give --data"),
+    ]:
+        out = swarmlm_eval(*args)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert out.returncode == 2 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr
+        assert words in errors[0]
 
 
 @pytest.mark.parametrize("rule", ["mean", "trimmed_mean", "centered_clip"])

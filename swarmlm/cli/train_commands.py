@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from swarmlm.cli.exits import exit_with
+from swarmlm.cli.exits import exit_with, fail
 from swarmlm.cli.input_checks import check_multiaddrs
 from swarmlm.cli.options import config_options
 from swarmlm.train.train_config import PrepareConfig, TrainConfig
@@ -38,10 +38,21 @@ def train(
 
 def evaluate(
     checkpoint: CheckpointArgument,
-    data: Annotated[Path, typer.Option(help="A prepared data folder: its validation split is used")],
+    data: Annotated[Path | None, typer.Option(help="A prepared data folder: its validation split is used")] = None,
     blocks: Annotated[int, typer.Option(help="Most validation blocks to use")] = 256,
+    tasks: Annotated[
+        str | None, typer.Option(help="lm-evaluation-harness tasks to score the model on, comma-separated")
+    ] = None,
+    include_path: Annotated[Path | None, typer.Option(help="With --tasks: a folder of task YAMLs of your own")] = None,
+    limit: Annotated[int | None, typer.Option(help="With --tasks: at most this many documents a task")] = None,
 ) -> None:
-    """Validation loss and perplexity of a training checkpoint."""
+    """Validation loss and perplexity of a training checkpoint (--data), or its lm-eval scores (--tasks)."""
+    if (data is None) == (tasks is None):
+        fail("give --data (validation loss) or --tasks (lm-evaluation-harness)")
+    if tasks is not None:
+        from swarmlm.train.harness import run_harness
+
+        exit_with(run_harness, checkpoint, [t for t in tasks.split(",") if t], include_path, limit)
     from swarmlm.train.evaluation import evaluate_checkpoint
 
     exit_with(evaluate_checkpoint, checkpoint, data, blocks)
