@@ -6,6 +6,7 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -110,6 +111,31 @@ def test_tokenize_detokenize_and_tokenizer_info(server: ServerProcess, model: Lo
         r = httpx.post(f"{base}{path}", json=body)
         assert r.status_code == status, (path, body, r.text)
         assert r.json()["error"]["message"]
+
+
+def test_served_name_chat_template_and_chat_length(tiny_llama: Path, tmp_path: Path) -> None:
+    """vLLM's --served-model-name and --chat-template, and a chat without max_tokens stopping at
+    --chat-max-tokens rather than at the end of the context."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    args = ("--model", str(tiny_llama), "--served-model-name", "house-model", "--chat-template", str(template))
+    server = ServerProcess(*args, "--chat-max-tokens", "5")
+    try:
+        server.wait_ready()
+        client = OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["house-model"]
+        messages = [{"role": "user", "content": "Hello there"}]
+        tokens = httpx.post(f"{server.base}/tokenize", json={"messages": messages}).json()["tokens"]
+        rendered = httpx.post(f"{server.base}/detokenize", json={"tokens": tokens}).json()["prompt"]
+        assert rendered == "user: Hello there\nassistant:"
+        chat = client.chat.completions.create(
+            model="house-model", messages=messages, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
+        r = httpx.post(f"{server.base}/v1/chat/completions", json={"model": tiny_llama.name, "messages": messages})
+        assert r.status_code == 404 and "house-model" in r.json()["error"]["message"]
+    finally:
+        server.stop()
 
 
 def test_stop_strings_through_the_api(client: OpenAI) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from swarmlm.core.identity import Identity
+from swarmlm.launch.peers import free_port
 
 USAGE, UNREACHABLE = 2, 3
 
@@ -169,6 +170,16 @@ def test_a_peer_whose_memory_cannot_hold_its_layers(args: tuple[str, ...], words
 @pytest.mark.parametrize("flag", ["--max-memory", "--kv-budget"])
 def test_a_size_that_is_not_one(flag: str) -> None:
     assert_error(swarmlm("peer", flag, "2XB"), USAGE, f"{flag} '2XB': not a size", "8GiB")
+
+
+@pytest.mark.parametrize("name", ["serve", "peer"])
+def test_a_chat_template_that_is_missing_or_broken(name: str, tmp_path: Path) -> None:
+    command = ("serve",) if name == "serve" else ("peer", "--api", f"127.0.0.1:{free_port()}")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }}")  # no endfor
+    missing = tmp_path / "missing.jinja"
+    assert_error(swarmlm(*command, "--chat-template", str(missing)), USAGE, f"--chat-template {missing}: cannot")
+    assert_error(swarmlm(*command, "--chat-template", str(broken)), USAGE, "not a Jinja template")
 
 
 def test_an_unknown_model() -> None:

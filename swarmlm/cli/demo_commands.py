@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from swarmlm.cli.exits import exit_with
+from swarmlm.cli.logs import setup_logging
 
 demo_app = typer.Typer(
     help="Demos on the embedded model and corpus (without a subcommand: serve a local swarm).",
@@ -42,5 +43,5 @@ def demo_train(
     """Three peers train a tiny model from scratch (one is killed and restarts), then a swarm serves it."""
     from swarmlm.launch.demo_train import run_train_demo
 
-    logging.basicConfig(level=logging.WARNING, force=True)
+    setup_logging(logging.WARNING)
     exit_with(run_train_demo, work_dir, rounds, inner_steps, port, prompt)

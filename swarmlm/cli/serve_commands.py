@@ -10,12 +10,11 @@ import typer
 
 from swarmlm.cli.exits import exit_with, fail
 from swarmlm.cli.input_checks import check_multiaddrs, check_port_free
+from swarmlm.cli.logs import setup_logging
 from swarmlm.cli.options import config_options
 from swarmlm.core.network_config import NetworkConfig
 from swarmlm.serve.server_config import GatewayConfig, ServeConfig, parse_address
 from swarmlm.swarm.peer_config import PeerConfig
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @config_options(cfg=ServeConfig)
@@ -24,7 +23,7 @@ def serve(cfg: ServeConfig) -> None:
     check_port_free(cfg.host, cfg.port, "--port")
     from swarmlm.serve.server import run_server
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    setup_logging(logging.INFO)
     exit_with(run_server, cfg)
 
 
@@ -40,7 +39,7 @@ def peer(cfg: PeerConfig, gateway: GatewayConfig) -> None:
         check_port_free(host, port, "--api")
     from swarmlm.serve.gateway import run_peer_with_gateway
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    setup_logging(logging.INFO)
     exit_with(run_peer_with_gateway, cfg, gateway)
 
 
@@ -50,7 +49,7 @@ def dht(cfg: NetworkConfig) -> None:
     check_network(cfg)
     from swarmlm.core.dht_node import run_dht_node
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    setup_logging(logging.INFO)
     exit_with(run_dht_node, cfg)
 
 

@@ -10,6 +10,7 @@ import typer
 
 from swarmlm.cli.exits import exit_with, fail
 from swarmlm.cli.input_checks import check_multiaddrs
+from swarmlm.cli.logs import setup_logging
 from swarmlm.cli.options import config_options
 from swarmlm.train.train_config import PrepareConfig, TrainConfig
 
@@ -27,8 +28,7 @@ def train(
     check_multiaddrs(cfg.host_maddrs, "--host-maddrs")
     from swarmlm.train.training_run import run_training
 
-    # force: opacus configures the root logger when imported
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    setup_logging(logging.INFO)  # after the import: opacus configures the root logger when imported
     if threads is not None:
         import torch
 

@@ -24,7 +24,7 @@ from swarmlm.engine.async_engine import AsyncEngine
 from swarmlm.serve.auth import load_keys
 from swarmlm.serve.dashboard import add_dashboard
 from swarmlm.serve.server import ApiServer, build_app
-from swarmlm.serve.server_config import GatewayConfig, ServeConfig, parse_address
+from swarmlm.serve.server_config import GatewayConfig, ServeConfig, check_tls, parse_address, read_chat_template
 from swarmlm.swarm.client import ClientConfig, RemoteModel
 from swarmlm.swarm.peer import PeerConfig, run_peer
 from swarmlm.swarm.records import fetch_records
@@ -52,7 +52,15 @@ def run_peer_with_gateway(peer: PeerConfig, gateway: GatewayConfig | None) -> in
         max_batch_seqs=gateway.max_batch_seqs,
         api_keys=gateway.api_keys,
         protect_metrics=gateway.protect_metrics,
+        served_model_name=gateway.served_model_name,
+        chat_template=gateway.chat_template,
+        chat_max_tokens=gateway.chat_max_tokens,
+        ssl_certfile=gateway.ssl_certfile,
+        ssl_keyfile=gateway.ssl_keyfile,
     )
+    check_tls(serve.ssl_certfile, serve.ssl_keyfile)
+    if serve.chat_template is not None:
+        read_chat_template(serve.chat_template)  # a bad template fails now, not when the gateway starts
     if gateway.micro_batches < 0:
         raise ValueError(f"--micro-batches must be 0 (automatic) or more, not {gateway.micro_batches}")
     # The gateway's client listens where its peer does (any free port): peers behind NAT dial it back there.
@@ -87,7 +95,7 @@ class Gateway:
         app, self.engine, self.metrics = build_app(cfg, self.remote.local, self.executor, profile=profile)
         self.remote.stats.on_recovery = self.metrics.failover_recovery.observe
         add_dashboard(app, self.state)
-        self.api = ApiServer(app, self.engine, cfg.host, cfg.port)
+        self.api = ApiServer(app, self.engine, cfg)
         self.address = f"{cfg.host}:{cfg.port}"
         self._rate: deque[tuple[float, int]] = deque()
 

@@ -22,7 +22,7 @@ from swarmlm.model.memory import MemoryBudget, span_need
 from swarmlm.serve.api import create_app
 from swarmlm.serve.auth import KeyChecker, load_keys
 from swarmlm.serve.metrics import ServingMetrics
-from swarmlm.serve.server_config import ServeConfig
+from swarmlm.serve.server_config import ServeConfig, check_tls, read_chat_template
 from swarmlm.serve.serving import OpenAIServing
 
 log = logging.getLogger("swarmlm.serve")
@@ -36,6 +36,10 @@ def build_app(
     if cfg.protect_metrics and not cfg.api_keys:
         raise ValueError("--protect-metrics needs --api-keys")
     keys = KeyChecker(load_keys(cfg.api_keys)) if cfg.api_keys else None  # a bad key file fails before loading
+    check_tls(cfg.ssl_certfile, cfg.ssl_keyfile)  # and so does a certificate that does not load
+    template = read_chat_template(cfg.chat_template) if cfg.chat_template is not None else None  # and a template
+    if cfg.chat_max_tokens < 1:
+        raise ValueError(f"--chat-max-tokens must be at least 1, not {cfg.chat_max_tokens}")
     kv_budget = cfg.kv_budget
     if model is None:
         kv_budget = whole_model_kv_budget(cfg)  # a model too large for the memory budget fails before loading
@@ -73,7 +77,10 @@ def build_app(
         engine.prefill_seconds_per_token * 1e3,
         engine.decode_step_seconds * 1e3,
     )
-    metrics = ServingMetrics(model.model_id)
+    if template is not None:
+        model.tokenizer.hf.chat_template = template
+    name = cfg.served_model_name or model.model_id
+    metrics = ServingMetrics(name)
     async_engine = AsyncEngine(
         engine,
         cfg.max_queued_requests,
@@ -81,7 +88,7 @@ def build_app(
         on_output=metrics.observe_output,
         on_step=metrics.observe_step,
     )
-    app = create_app(OpenAIServing(async_engine, model.model_id, metrics, keys, cfg.protect_metrics))
+    app = create_app(OpenAIServing(async_engine, name, metrics, keys, cfg.protect_metrics, cfg.chat_max_tokens))
     return app, async_engine, metrics
 
 
@@ -102,11 +109,21 @@ class ApiServer:
     """uvicorn in a thread of its own, beside the engine loop (which runs where the model was loaded: see
     async_engine.py)."""
 
-    def __init__(self, app: FastAPI, engine: AsyncEngine, host: str, port: int) -> None:
+    def __init__(self, app: FastAPI, engine: AsyncEngine, cfg: ServeConfig) -> None:
+        """Listens on `cfg.host:cfg.port`, over TLS with `cfg.ssl_certfile` and `cfg.ssl_keyfile`. uvicorn's
+        own log lines go to the root logger, in the format `swarmlm --log-format` chose."""
         self.engine = engine
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level="info",
+            log_config=None,
+            timeout_graceful_shutdown=5,
+            ssl_certfile=cfg.ssl_certfile,
+            ssl_keyfile=cfg.ssl_keyfile,
         )
+        self.server = uvicorn.Server(config)
         self._http = threading.Thread(target=self.server.run, name="swarmlm-http", daemon=True)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -131,7 +148,7 @@ class ApiServer:
 def run_server(cfg: ServeConfig) -> int:
     """Serve until SIGINT/SIGTERM; the engine loop runs in this (the main) thread. Returns an exit code."""
     app, engine, _ = build_app(cfg)
-    api = ApiServer(app, engine, cfg.host, cfg.port)
+    api = ApiServer(app, engine, cfg)
 
     def request_exit(signum: int, _frame: object) -> None:
         log.info("signal %d: shutting down", signum)

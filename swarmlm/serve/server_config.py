@@ -14,6 +14,11 @@ from swarmlm.core.sizes import KV_DEFAULT_MAX, KV_RESERVE_TOKENS, MAX_MEMORY_HEL
 MODEL_HELP = "A .gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)"
 API_KEYS_HELP = "API key file (`swarmlm keys create`): every /v1 call needs one of its keys"
 PROTECT_METRICS_HELP = "With --api-keys: /metrics and /dashboard need a key too"
+SERVED_NAME_HELP = "The model's name in the API (/v1/models, requests' model field; default: its folder's or file's)"
+CHAT_TEMPLATE_HELP = "A Jinja chat template file, for a model that has none (an exported base model) or another"
+CHAT_MAX_TOKENS_HELP = "Tokens a chat completion generates when the request gives no max_tokens (at most the context)"
+SSL_CERTFILE_HELP = "Serve HTTPS: the certificate chain (PEM), with --ssl-keyfile"
+SSL_KEYFILE_HELP = "Serve HTTPS: the certificate's private key (PEM)"
 
 
 @dataclass
@@ -41,6 +46,11 @@ class ServeConfig:
     starvation: float = setting(10.0, help="MLFQ: seconds of waiting before promotion to the top")
     api_keys: str | None = setting(None, help=API_KEYS_HELP)
     protect_metrics: bool = setting(False, help=PROTECT_METRICS_HELP)
+    served_model_name: str | None = setting(None, help=SERVED_NAME_HELP, metavar="NAME")
+    chat_template: str | None = setting(None, help=CHAT_TEMPLATE_HELP, metavar="FILE")
+    chat_max_tokens: int = setting(1024, help=CHAT_MAX_TOKENS_HELP)
+    ssl_certfile: str | None = setting(None, help=SSL_CERTFILE_HELP, metavar="FILE")
+    ssl_keyfile: str | None = setting(None, help=SSL_KEYFILE_HELP, metavar="FILE")
 
 
 @dataclass
@@ -62,6 +72,42 @@ class GatewayConfig:
     )
     api_keys: str | None = setting(None, help=API_KEYS_HELP)
     protect_metrics: bool = setting(False, help=PROTECT_METRICS_HELP)
+    served_model_name: str | None = setting(None, help="With --api: " + SERVED_NAME_HELP, metavar="NAME")
+    chat_template: str | None = setting(None, help="With --api: " + CHAT_TEMPLATE_HELP, metavar="FILE")
+    chat_max_tokens: int = setting(1024, help="With --api: " + CHAT_MAX_TOKENS_HELP)
+    ssl_certfile: str | None = setting(None, help="With --api: " + SSL_CERTFILE_HELP, metavar="FILE")
+    ssl_keyfile: str | None = setting(None, help="With --api: " + SSL_KEYFILE_HELP, metavar="FILE")
+
+
+def check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """Both TLS files or neither, and a pair that loads. Raises ValueError with a message for the user."""
+    if (certfile is None) != (keyfile is None):
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together: give both to serve HTTPS")
+    if certfile is None:
+        return
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: {e.strerror or e}") from e
+
+
+def read_chat_template(path: str) -> str:
+    """The text of a --chat-template file, checked to be a Jinja template. Raises ValueError with a message
+    for the user."""
+    import jinja2
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--chat-template {path}: cannot be read ({getattr(e, 'strerror', None) or e})") from e
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template {path}: not a Jinja template: {e.message} (line {e.lineno})") from e
+    return text
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -44,9 +44,11 @@ class OpenAIServing:
         metrics: ServingMetrics,
         keys: KeyChecker | None = None,
         protect_metrics: bool = False,
+        chat_max_tokens: int = 1024,
     ) -> None:
+        """`chat_max_tokens`: what a chat completion that names no max_tokens generates at most."""
         self.engine, self.model_id, self.metrics = engine, model_id, metrics
-        self.keys, self.protect_metrics = keys, protect_metrics
+        self.keys, self.protect_metrics, self.chat_max_tokens = keys, protect_metrics, chat_max_tokens
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.created = int(time.time())
@@ -114,7 +116,7 @@ class OpenAIServing:
                 param="messages",
                 code="context_length_exceeded",
             )
-        max_tokens = req.max_completion_tokens or req.max_tokens or room
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(self.chat_max_tokens, room)
         params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         handles = self._submit([prompt], params, req.n, _user_of(request, req.user), adapter)
         fmt = ChatChoices(self.tokenizer, bool(req.logprobs))

@@ -237,7 +237,7 @@ class Trainer:
         average from the group's own starting state publish the next round, the others download it. A
         sticky "strayed once this round" flag would not do: with a few failures per round every peer
         strays at some step, nobody publishes, and the run never advances."""
-        compute, losses, group, in_step = 0.0, [], 0, False
+        compute, losses, group, in_step, start = 0.0, [], 0, False, self.round
         for i in range(self.cfg.inner_steps):
             self.position, batch = next(batches)
             t0 = time.perf_counter()
@@ -272,7 +272,7 @@ class Trainer:
             self.publish()
         elif group:
             self._resync(self._sent_base)
-        return losses, compute, group
+        return losses, compute, group if self.round > start else 0  # a re-sync that failed averaged nothing
 
     def _averaging_failed(self) -> None:
         """A round that found no group, or whose all-reduce broke (`_average` already took the others'
