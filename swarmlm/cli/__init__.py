@@ -46,7 +46,7 @@ def main(
     config: Annotated[
         Path | None,
         typer.Option(
-            help="A TOML file of settings, a table per command ([serve], [peer], ...): flags and "
+            help="A TOML file of settings, a table per command (serve, peer, ...): flags and "
             "SWARMLM_<COMMAND>_<OPTION> variables override it",
             metavar="FILE",
         ),
