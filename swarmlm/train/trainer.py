@@ -9,14 +9,12 @@ A DiLoCo round on each peer (Douillard et al., 2023):
 4. outer Nesterov SGD step on the global weights with the averaged pseudo-gradient; local = global.
 
 Every member of a group receives bit-identical averages and applies the same outer step to the same
-global weights, so after a round all members hold weights with the same digest. Each member also sends
-its round and digest along (hivemind's gather): a member whose starting point differed from the group's
-majority downloads the state from a peer afterwards. A round whose averaging fails (no group in time,
-or a reducer died) keeps the local progress: the next round's pseudo-gradient then covers it too.
+global weights: after a round all members hold weights of one digest. Each member sends its round and
+digest along (hivemind's gather): one that started elsewhere than the group's majority downloads the state
+afterwards. A round whose averaging fails keeps the local progress: the next pseudo-gradient covers it.
 
-The `Trainer` owns the training state and the round loop; `swarm_link.py` its place in the swarm
-(catch-up, averaging retries, announcements), `outer.py` the state peers hold in common, `checkpointer.py`
-the files: the trainer is `Stateful`, and its `state_dict()` is what a checkpoint holds.
+The `Trainer` owns the training state and the round loop; `swarm_link.py` its place in the swarm,
+`outer.py` the state peers hold in common, `checkpointer.py` the files (`state_dict()` is a checkpoint).
 """
 
 from __future__ import annotations
@@ -86,8 +84,7 @@ class Trainer:
         self._sent_base: tuple[int, str] = (0, "")
         self.failures = 0  # averaging attempts failed in a row
         self.curve: list[tuple[int, float]] = []  # (round, validation loss)
-        self._step_seconds = 0.0  # the last round's mean inner step time
-        self._late = False  # took the others' state while they were mid-round: queue for their group at once
+        self._step_seconds, self._late = 0.0, False  # last round's mean step time; just downloaded the state
         self.identity = Identity.from_option(cfg.identity)  # signs this peer's ledger entries
         self.link: SwarmLink | None = None
         self.group: list[str] = []  # peer ids of the last round's group, sorted
@@ -126,10 +123,8 @@ class Trainer:
         return meta, [g.detach().clone() for g in self.global_params] + common
 
     def shared(self) -> SharedState:
-        """The state a newcomer downloads from us (called from the averager's thread). DiLoCo's global
-        weights and momentum change only at the outer step, with the round, under the weights lock: they are
-        copied when asked, so no second copy of them stands in memory between downloads. DDP's move at
-        every step: the copy taken at the round's end is what we offer."""
+        """The state a newcomer downloads (the averager's thread calls it): DiLoCo's, copied when asked (it
+        changes only at the outer step, under the lock); DDP's, copied at the round's end (it moves each step)."""
         with self.weights_lock:
             return self._shared_state if self._shared_state is not None else self._snapshot()
 
@@ -150,9 +145,8 @@ class Trainer:
         self.publish()
 
     def publish(self) -> None:
-        snapshot = self._snapshot() if self.cfg.mode == "ddp" else None
         with self.weights_lock:
-            self._shared_state = snapshot
+            self._shared_state = self._snapshot() if self.cfg.mode == "ddp" else None
         if self.link is not None:
             self.link.offer(self.round)
 
@@ -182,11 +176,9 @@ class Trainer:
     def _diloco_round(self, batches: Batches, on_step: StepCallback) -> tuple[list[float], float, int]:
         compute, losses, early = 0.0, [], None
         h = self.cfg.inner_steps
-        # Steps left when matchmaking starts: about the matchmaking time's worth (from the last round's pace).
-        # A peer that downloaded the state started this round after the others, by however long the download
-        # took: it queues for their group at its first step, so that the group waits for its update (up to
-        # hivemind's chunk timeout) instead of forming without it, which sent it to download again, forever
-        # on a slow machine.
+        # Matchmaking starts about the matchmaking time's worth of steps before the end (the last round's
+        # pace); a peer that just downloaded the state, behind the others by the download, queues at its first
+        # step so the group waits for it rather than forming without it (it would download again, and again).
         late, self._late = self._late, False
         lead = math.ceil(self.cfg.matchmaking_time / self._step_seconds) if self._step_seconds else 0
         begin = 0 if late else max(0, h - lead) if lead else None  # the step at which matchmaking starts
