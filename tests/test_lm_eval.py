@@ -6,7 +6,6 @@ generate-until task, defined in local task YAMLs over local JSON lines (nothing 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,15 @@ def evaluate(model: str, model_args: str, tasks: Path) -> dict[str, dict[str, An
 def setup(tmp_path_factory: pytest.TempPathFactory, model: LoadedModel) -> Iterator[tuple[Path, Path, dict]]:
     """The embedded model as an HF folder (what the `hf` backend reads and swarmlm serves), the tasks, and
     the `hf` backend's scores."""
-    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     root = tmp_path_factory.mktemp("lm-eval")
     weights, tasks = root / "SmolLM2-135M-Instruct", root / "tasks"
     tasks.mkdir()
     model.save_hf(weights)
     write_tasks(tasks)
-    yield weights, tasks, evaluate("hf", f"pretrained={weights},dtype=float32,device=cpu,batch_size=1", tasks)
+    with pytest.MonkeyPatch.context() as env:  # nothing of lm-eval's reaches for the hub
+        env.setenv("HF_HUB_OFFLINE", "1")
+        env.setenv("HF_DATASETS_OFFLINE", "1")
+        yield weights, tasks, evaluate("hf", f"pretrained={weights},dtype=float32,device=cpu,batch_size=1", tasks)
 
 
 def assert_same_scores(got: dict[str, dict[str, Any]], want: dict[str, dict[str, Any]]) -> None:

@@ -7,6 +7,7 @@ import ctypes
 import hashlib
 import importlib.util
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +42,46 @@ def default_model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
 
 
+HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # ORG/NAME, as the Hugging Face hub names models
+
+
 def resolve_model(model: str | None) -> tuple[str, Path]:
-    """Map a `--model` value to (model id, path). None or the default id means the embedded model."""
+    """Map a `--model` value to (model id, path). None or the default id means the embedded model; a path
+    that is not here but reads ORG/NAME is looked up in the local Hugging Face cache (id ORG/NAME)."""
     if model in (None, "", DEFAULT_MODEL_ID):
         return DEFAULT_MODEL_ID, default_model_path()
     path = Path(model).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"model {model!r} not found: give a .gguf file or an HF model directory")
-    return (path.stem if path.is_file() else path.name), path
+    if path.exists():
+        return (path.stem if path.is_file() else path.name), path
+    if HF_REPO_ID.fullmatch(model):
+        snapshot = hf_cache_snapshot(model)
+        if snapshot is not None:
+            return model, snapshot
+        raise CheckpointError(
+            f"model {model!r} not found: no such file or folder, and not in the Hugging Face cache "
+            f"({hf_cache_dir()}); nothing is downloaded here: fetch it where there is a network "
+            f"(hf download {model}) or give a .gguf file or an HF model directory"
+        )
+    raise CheckpointError(f"model {model!r} not found: give a .gguf file, an HF model directory or ORG/NAME")
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The snapshot of `repo_id`'s main revision in the local Hugging Face cache ($HF_HUB_CACHE, else
+    $HF_HOME/hub, else ~/.cache/huggingface/hub), found by huggingface_hub's own cache lookup with no network
+    access; None where the cache has none."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
 
 
 def resolve_device(device: str) -> torch.device:
