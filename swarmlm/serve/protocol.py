@@ -35,6 +35,19 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # Named so that they are refused, not dropped: structured output and tools are not decoded yet.
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """Why this request asks for what is not served yet (None: nothing such)."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            return f"response_format {kind!r} is not supported yet: only free text is decoded"
+        if self.tools and self.tool_choice != "none":
+            return "tools are not supported yet: no tool calls are decoded (send tool_choice 'none' to ignore them)"
+        return None
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -80,6 +80,8 @@ class OpenAIServing:
     # ----- generation -------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, request: Request) -> Any:
         adapter = self._check_model(req.model, request)
+        if (why := req.unsupported()) is not None:
+            raise APIError(400, why, param="tools" if req.tools else "response_format")
         if isinstance(req.prompt, str):
             prompts = [await self._encode(req.prompt)]
         elif req.prompt and isinstance(req.prompt[0], int):
@@ -107,6 +109,8 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
         adapter = self._check_model(req.model, request)
+        if (why := req.unsupported()) is not None:
+            raise APIError(400, why, param="tools" if req.tools else "response_format")
         prompt = await self._encode(self._render_chat(req.messages))
         room = self.max_model_len - len(prompt)
         if room < 1:
