@@ -54,12 +54,12 @@ class TextChoices(ChoiceFormat):
     chunk_object = "text_completion"
     response = CompletionResponse
 
-    def __init__(self, tokenizer: Tokenizer, logprobs: bool, echo: list[str] | None, generated: bool = True) -> None:
-        """`generated` False (max_tokens 0): the answer is the echoed prompt alone, its one sampled token
+    def __init__(self, tokenizer: Tokenizer, logprobs: bool, echo: list[str] | None, with_output: bool = True) -> None:
+        """`with_output` False (max_tokens 0): the answer is the echoed prompt alone, its one sampled token
         left out."""
         super().__init__(tokenizer, logprobs)
         self.echo = echo  # with `echo`: each prompt's text, which its choices start with
-        self.with_output = generated
+        self.with_output = with_output
 
     def opening(self, prompt: int) -> dict[str, Any] | None:
         return {"text": self.echo[prompt]} if self.echo is not None else None

@@ -104,7 +104,7 @@ class OpenAIServing:
             params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         handles = self._submit(prompts, params, req.n, _user_of(request, req.user), adapter)
         echo = [self.tokenizer.decode(p) for p in prompts] if req.echo else None
-        fmt = TextChoices(self.tokenizer, req.logprobs is not None, echo, generated=req.max_tokens != 0)
+        fmt = TextChoices(self.tokenizer, req.logprobs is not None, echo, with_output=req.max_tokens != 0)
         return await self._answer(request, req, handles, prompts, fmt, handles[0].request_id)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:

@@ -231,9 +231,9 @@ class SwarmLink:
         """Start matchmaking in the background while the last inner steps run (as hivemind's Optimizer
         pre-schedules it): the group is formed by the time the update is ready, and its all-reduce waits
         for `allow_allreduce`. The base sent along is already known: global weights do not change mid-round.
-        `whole_round`: started at the round's first step, so the window is the averaging timeout."""
+        The window covers the steps still to run: with `whole_round` (begun at the round's first step) the
+        averaging timeout."""
         self._match_within_round(base[0])
-        # covers the steps still to run
         window = self.cfg.averaging_timeout if whole_round else self._attempt_window() + self.cfg.matchmaking_time
         gather = {"round": base[0], "digest": base[1]}
         return self._averager().step(
