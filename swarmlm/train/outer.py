@@ -26,10 +26,11 @@ class OuterOptimizer:
         self.params = [p.detach().clone().requires_grad_(True) for p in local]
         self.sgd = torch.optim.SGD(self.params, lr=lr, momentum=momentum, nesterov=momentum > 0)
 
-    def pseudo_gradient(self, local: list[torch.nn.Parameter]) -> list[Tensor]:
-        """global - local: how far this round's inner steps moved the weights, as a gradient."""
+    def pseudo_gradient(self, local: list[torch.nn.Parameter], out: list[Tensor]) -> None:
+        """out = global - local: how far this round's inner steps moved the weights, as a gradient."""
         with torch.no_grad():
-            return [g.detach() - p.detach() for g, p in zip(self.params, local, strict=True)]
+            for g, p, o in zip(self.params, local, out, strict=True):
+                torch.sub(g.detach(), p.detach(), out=o)
 
     def step(self, averaged: list[Tensor]) -> None:
         for g, a in zip(self.params, averaged, strict=True):

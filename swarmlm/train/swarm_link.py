@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol, TypedDict
 
 import torch
@@ -240,15 +242,20 @@ class SwarmLink:
             gather=gather, timeout=window, allow_retries=False, wait=False, require_trigger=True
         )
 
-    def average(
-        self, tensors: list[Tensor], base: tuple[int, str], early: StepControl | None = None
-    ) -> tuple[list[Tensor], Gathered] | None:
-        """All-reduce `tensors` with the current group (`early`: the matchmaking `begin_average` started),
-        sending `base` (our round and digest) along; None when no group formed or the round failed."""
+    @contextmanager
+    def update_buffers(self) -> Iterator[list[Tensor]]:
+        """The averager's own tensors: an update is written into them in place before `average`, and the
+        group's average read from them after it, so a round holds no other copy of the trained tensors.
+        Hold them briefly: the all-reduce waits for them."""
+        with self._averager().get_tensors() as buffers:
+            yield list(buffers)
+
+    def average(self, base: tuple[int, str], early: StepControl | None = None) -> Gathered | None:
+        """All-reduce the update in `update_buffers` with the current group (`early`: the matchmaking
+        `begin_average` started), sending `base` (our round and digest) along. Returns what the members
+        sent, the buffers then holding the average; None when no group formed or the round failed (the
+        buffers are unchanged: the all-reduce applies its result only once every part arrived)."""
         averager = self._averager()
-        with averager.get_tensors() as buffers:
-            for b, t in zip(buffers, tensors, strict=True):
-                b.copy_(t)
         gather = {"round": base[0], "digest": base[1]}
         deadline = time.monotonic() + self.cfg.averaging_timeout
         while True:
@@ -265,8 +272,7 @@ class SwarmLink:
                     self._match_within_round(base[0])
                     gathered = averager.step(gather=gather, timeout=window, allow_retries=False)
                 if gathered:
-                    with averager.get_tensors() as buffers:
-                        return [b.clone() for b in buffers], gathered
+                    return gathered
             except Exception as e:  # hivemind raises on a failed group; the caller keeps its progress
                 logger.warning("averaging failed in round %d: %s", self.replica.round, e)
             # A failure can be one-sided: the others may have finished this round. Then take their state.

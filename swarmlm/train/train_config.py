@@ -16,6 +16,7 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (128, 4, 4, 2, 384),
     "small": (256, 6, 8, 4, 768),
     "base": (576, 12, 9, 3, 1536),
+    "135m": (576, 30, 9, 3, 1536),  # SmolLM2-135M's shape
 }
 
 

@@ -104,9 +104,13 @@ class Trainer:
         self.link = SwarmLink(self.cfg, self.identity, self, self.global_params, self.model.names)
         return self.link
 
-    def visible_maddrs(self) -> list[str]:
+    @property
+    def swarm(self) -> SwarmLink:
         assert self.link is not None, "not connected"
-        return self.link.visible_maddrs()
+        return self.link
+
+    def visible_maddrs(self) -> list[str]:
+        return self.swarm.visible_maddrs()
 
     def close(self) -> None:
         if self.link is not None:
@@ -150,16 +154,14 @@ class Trainer:
         if self.link is not None:
             self.link.offer(self.round)
 
-    def _average(self, tensors: list[Tensor], early: StepControl | None = None) -> tuple[list[Tensor], Gathered] | None:
-        assert self.link is not None
+    def _average(self, early: StepControl | None = None) -> Gathered | None:
         if early is None:
             self._sent_base = (self.round, self.digest())
-        return self.link.average(tensors, self._sent_base, early)
+        return self.swarm.average(self._sent_base, early)
 
     def _begin_average(self, whole_round: bool = False) -> StepControl:
-        assert self.link is not None
         self._sent_base = (self.round, self.digest())
-        return self.link.begin_average(self._sent_base, whole_round)
+        return self.swarm.begin_average(self._sent_base, whole_round)
 
     # ---- training ----------------------------------------------------------------------------------
 
@@ -193,30 +195,31 @@ class Trainer:
             on_step(i + 1, losses[-1])
         self._step_seconds = compute / h
         t0 = time.perf_counter()
-        update = self.outer.pseudo_gradient(self.model.params)
-        with torch.no_grad():
+        with self.swarm.update_buffers() as update, torch.no_grad():
+            self.outer.pseudo_gradient(self.model.params, out=update)
             if self.cfg.byzantine:
                 poison_(update, self.cfg.byzantine, self.cfg.byzantine_scale)
             if self.privacy is not None:
                 self.privacy.privatize_(update)
         compute += time.perf_counter() - t0
-        result = self._average(update, early)
-        if result is None:  # keep local progress: the next round's pseudo-gradient includes it
+        gathered = self._average(early)
+        if gathered is None:  # keep local progress: the next round's pseudo-gradient includes it
             self._averaging_failed()
             return losses, compute, 0
         self.failures = 0
-        averaged, gathered = result
         self.group = sorted(str(peer) for peer in gathered)
-        self.update_digest = tensors_digest(zip(self.model.names, averaged, strict=True))
         base = group_base(gathered, self._sent_base)
-        if base != self._sent_base:  # we started elsewhere: our outer step would be wrong
+        t0 = time.perf_counter()
+        with self.swarm.update_buffers() as averaged:
+            self.update_digest = tensors_digest(zip(self.model.names, averaged, strict=True))
+            if base == self._sent_base:  # else we started elsewhere: our outer step would be wrong
+                with self.weights_lock:
+                    self.outer.step(averaged)
+                    copy_into(self.model.params, self.global_params)
+                    self.round = base[0] + 1
+        if base != self._sent_base:
             self._resync(base)
             return losses, compute, len(gathered)
-        t0 = time.perf_counter()
-        with self.weights_lock:
-            self.outer.step(averaged)
-            copy_into(self.model.params, self.global_params)
-            self.round = base[0] + 1
         self.publish()
         compute += time.perf_counter() - t0
         return losses, compute, len(gathered)
@@ -234,13 +237,15 @@ class Trainer:
             self.position, batch = next(batches)
             t0 = time.perf_counter()
             losses.append(self._inner_step(batch, i))
-            grads = [p.grad.detach() for p in self.model.params]
-            if self.cfg.byzantine:
-                poison_(grads, self.cfg.byzantine, self.cfg.byzantine_scale)
+            grads = [p.grad for p in self.model.params]
+            with self.swarm.update_buffers() as buffers:
+                copy_into(buffers, grads)
+                if self.cfg.byzantine:
+                    poison_(buffers, self.cfg.byzantine, self.cfg.byzantine_scale)
             compute += time.perf_counter() - t0
-            result = self._average(grads)
+            gathered = self._average()
             t0 = time.perf_counter()
-            if result is None:  # apply nothing rather than our own gradient: the others applied the average
+            if gathered is None:  # apply nothing rather than our own gradient: the others applied the average
                 self._averaging_failed()
                 self.inner.zero_grad()
                 on_step(i + 1, losses[-1])
@@ -249,10 +254,9 @@ class Trainer:
                 in_step = False
                 continue
             self.failures = 0
-            averaged, gathered = result
             self.group = sorted(str(peer) for peer in gathered)
-            for p, a in zip(self.model.params, averaged, strict=True):
-                p.grad = a
+            with self.swarm.update_buffers() as averaged:
+                copy_into(grads, averaged)
             group = len(gathered)
             in_step = group_base(gathered, self._sent_base) == self._sent_base
             self._clip_and_step()
@@ -282,9 +286,8 @@ class Trainer:
     def _resync(self, base: tuple[int, str]) -> None:
         """We averaged from another starting point than the group's: take the group's result from a
         member instead of applying ours (it publishes round base + 1 right after its outer step)."""
-        assert self.link is not None
         logger.warning("round %d: this peer started from another state than its group: re-syncing", base[0] + 1)
-        if not self.link.catch_up(at_least=base[0] + 1, wait=30.0):
+        if not self.swarm.catch_up(at_least=base[0] + 1, wait=30.0):
             logger.warning("re-sync failed: no peer shares round %d yet; trying again next round", base[0] + 1)
 
     # ---- the round loop ----------------------------------------------------------------------------
@@ -364,20 +367,17 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a restarted peer needs to go on where it stopped (and `eval`/`export` to rebuild the
         model): weights, both optimizers, round, data position, RNG, privacy spent."""
-        state: dict[str, Any] = self.outer.state_dict() | {f"local.{i}": p for i, p in enumerate(self.model.params)}
-        return (
-            state
-            | self.inner.state_dict()
-            | {
-                "round": self.round,
-                "position": self.position,
-                "names": self.model.names,
-                "digest": self.digest(),
-                "rng": rng_state(),
-                "dp_history": self.privacy.accountant.history if self.privacy is not None else None,
-                "model": run_identity(self.cfg, self.model),
-            }
-        )
+        local = {f"local.{i}": p for i, p in enumerate(self.model.params)}
+        state: dict[str, Any] = self.outer.state_dict() | local | self.inner.state_dict()
+        return state | {
+            "round": self.round,
+            "position": self.position,
+            "names": self.model.names,
+            "digest": self.digest(),
+            "rng": rng_state(),
+            "dp_history": self.privacy.accountant.history if self.privacy is not None else None,
+            "model": run_identity(self.cfg, self.model),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("names") != self.model.names:
