@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from openai import NotFoundError, OpenAI
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from swarmlm.launch.servers import ServerProcess
 from swarmlm.model.loading import LoadedModel
@@ -91,3 +92,40 @@ def test_an_adapter_for_another_base_or_rank_is_refused(model: LoadedModel, tmp_
     done = swarmlm("serve", "--adapters", f"a={tmp_path / 'other-base'}")
     assert_error(done, USAGE, "has shape (4, 100); layer 0 needs [rank, 576]")
     assert_error(swarmlm("serve", "--adapters", f"a={tmp_path / 'other-rank'}"), USAGE, "rank r=8 its config says")
+
+
+def test_an_adapter_peft_trained_on_the_transformers_model_is_served_fused(tiny_llama: Path, tmp_path: Path) -> None:
+    """peft over transformers' model adapts q_proj, v_proj, up_proj ... apart; the server fuses them into
+    its qkv / gate_up matrices (k_proj and gate_proj left alone: zero rows) and scores a prompt as peft does."""
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32)
+    targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    tuned = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    tuned.save_pretrained(tmp_path / "hf-adapter")
+    ids = [504, 3575, 282, 4649, 314, 1789, 28, 690, 253, 2356]
+    with torch.no_grad():
+        logits = tuned(torch.tensor([ids])).logits[0].log_softmax(-1)
+    want = [float(logits[p - 1, ids[p]]) for p in range(1, len(ids))]
+
+    server = ServerProcess("--model", str(tiny_llama), "--adapters", f"hf={tmp_path / 'hf-adapter'}").wait_ready()
+    try:
+        client = OpenAI(base_url=f"{server.base}/v1", api_key="test-key", max_retries=0, timeout=60)
+        base = client.models.list().data[0].id
+
+        def scores(model: str) -> list[float]:
+            out = client.completions.create(model=model, prompt=ids, max_tokens=0, echo=True, logprobs=0)
+            return out.choices[0].logprobs.token_logprobs[1:]
+
+        assert scores(f"{base}:hf") == pytest.approx(want, abs=1e-4)
+        assert max(abs(a - b) for a, b in zip(scores(base), want, strict=True)) > 0.01  # the adapter counts
+    finally:
+        server.stop()
+
+    config = json.loads((tmp_path / "hf-adapter" / "adapter_config.json").read_text())
+    (tmp_path / "hf-adapter" / "adapter_config.json").write_text(json.dumps(config | {"rank_pattern": {"q_proj": 8}}))
+    done = swarmlm("serve", "--model", str(tiny_llama), "--adapters", f"a={tmp_path / 'hf-adapter'}")
+    assert_error(done, USAGE, "per-module ranks or alphas (rank_pattern, alpha_pattern) are not supported")

@@ -77,7 +77,7 @@ class HFCheckpoint:
 
 # Checkpoints store q/k/v and gate/up separately; `LlamaSpan` holds each group as one fused matrix (Phi-3
 # checkpoints already do), and a mixture of experts' weights stacked over experts.
-_FUSED = {
+FUSED_PROJECTIONS = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
@@ -91,7 +91,7 @@ def fuse_projections(state: dict[str, Tensor]) -> dict[str, Tensor]:
     holds its projections twice."""
     out = state
     for layer in sorted({k.split(".")[1] for k in state if k.startswith("layers.")}, key=int):
-        for fused, parts in _FUSED.items():
+        for fused, parts in FUSED_PROJECTIONS.items():
             for kind in ("weight", "bias"):
                 names = [f"layers.{layer}.{p}.{kind}" for p in parts]
                 if all(n in out for n in names):
@@ -110,19 +110,24 @@ def fuse_projections(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def split_projections(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """The inverse of `fuse_projections` for a Llama model, for writing checkpoints in the standard layout."""
-    sizes = {
+def fused_part_rows(cfg: ModelConfig) -> dict[str, list[int]]:
+    """The rows each part takes in a fused matrix, in `FUSED_PROJECTIONS`' order."""
+    return {
         "self_attn.qkv_proj": [cfg.num_heads * cfg.head_dim, *[cfg.num_kv_heads * cfg.head_dim] * 2],
         "mlp.gate_up_proj": [cfg.intermediate_size] * 2,
     }
+
+
+def split_projections(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """The inverse of `fuse_projections` for a Llama model, for writing checkpoints in the standard layout."""
+    sizes = fused_part_rows(cfg)
     out = {}
     for name, tensor in state.items():
         m = re.fullmatch(r"(layers\.\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.(weight|bias)", name)
         if m is None:
             out[name] = tensor
             continue
-        for part, piece in zip(_FUSED[m.group(2)], tensor.split(sizes[m.group(2)]), strict=True):
+        for part, piece in zip(FUSED_PROJECTIONS[m.group(2)], tensor.split(sizes[m.group(2)]), strict=True):
             out[f"{m.group(1)}.{part}.{m.group(3)}"] = piece
     return out
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from swarmlm.core.files import atomic_directory, sha256_file
 from swarmlm.model.model_config import ModelConfig
+from swarmlm.model.peft_layout import LayoutError, fuse_adapter
 
 # Module paths inside a block, by peft's target name (`swarmlm train --lora` targets the same four).
 LORA_TARGETS = {
@@ -80,9 +81,9 @@ def random_adapter(cfg: ModelConfig, rank: int, seed: int, std: float = 0.05) ->
     return adapters
 
 
-def check_adapters(cfg: ModelConfig, adapters: dict[str, Tensor], start: int, end: int) -> int:
-    """Raise LoraError unless `adapters` are whole A/B pairs of one rank for adaptable layers in
-    [start, end), shaped for this model; returns the rank (0 for none)."""
+def check_adapters(cfg: ModelConfig, adapters: dict[str, Tensor], start: int, end: int, one_rank: bool = True) -> int:
+    """Raise LoraError unless `adapters` are whole A/B pairs (of one rank, unless not `one_rank`) for
+    adaptable layers in [start, end), shaped for this model; returns the largest rank (0 for none)."""
     ranks = set()
     for name, tensor in adapters.items():
         match = _NAME.fullmatch(name)
@@ -98,7 +99,8 @@ def check_adapters(cfg: ModelConfig, adapters: dict[str, Tensor], start: int, en
         other = name[:-1] + ("B" if which == "A" else "A")
         if other not in adapters:
             raise LoraError(f"adapter {name} comes without its {other}")
-        rank = (tensor.shape[0] if which == "A" else tensor.shape[1]) if tensor.ndim == 2 else 0
+        a = adapters[name[:-1] + "A"]
+        rank = a.shape[0] if a.ndim == 2 else 0
         want = (rank, fan_in) if which == "A" else (fan_out, rank)
         if rank < 1 or tuple(tensor.shape) != want:
             raise LoraError(
@@ -108,9 +110,9 @@ def check_adapters(cfg: ModelConfig, adapters: dict[str, Tensor], start: int, en
         if not tensor.is_floating_point():
             raise LoraError(f"adapter {name} is not a floating-point tensor")
         ranks.add(rank)
-    if len(ranks) > 1:
+    if one_rank and len(ranks) > 1:
         raise LoraError(f"adapters of several ranks ({sorted(ranks)}) in one request")
-    return ranks.pop() if ranks else 0
+    return max(ranks, default=0)
 
 
 class LoraAdapter:
@@ -197,8 +199,9 @@ def load_adapters(
 
 
 def load_adapter(path: str | Path, cfg: ModelConfig, layers: range) -> LoraAdapter:
-    """A peft LoRA adapter folder (as `RemoteCausalLM.save_adapter` or `swarmlm train --lora` write it),
-    only its tensors for `layers`. LoraError, with what is wrong, for anything else."""
+    """A peft LoRA adapter folder, only its tensors for `layers`: as `RemoteCausalLM.save_adapter` or
+    `swarmlm train --lora` write it, or as peft writes one trained on the transformers model (its separate
+    q/k/v and gate/up adapters fused: model/peft_layout.py). LoraError, with what is wrong, for anything else."""
     folder = Path(path)
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
@@ -212,17 +215,23 @@ def load_adapter(path: str | Path, cfg: ModelConfig, layers: range) -> LoraAdapt
     rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, int | float):
         raise LoraError(f"{folder}: adapter_config.json needs a rank r >= 1 and a lora_alpha")
-    named = {}
-    for key, tensor in tensors.items():
-        name = key.removeprefix("base_model.model.").removesuffix(".weight")
-        if _NAME.fullmatch(name) is None:
-            raise LoraError(
-                f"{folder}: {key} is not a LoRA weight of this model's layers (adapters for swarmlm's fused "
-                "qkv_proj / gate_up_proj, as swarmlm's fine-tuning writes them)"
-            )
-        named[name] = tensor.float()
-    if check_adapters(cfg, named, 0, cfg.num_layers) != rank:
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise LoraError(f"{folder}: per-module ranks or alphas (rank_pattern, alpha_pattern) are not supported")
+    # peft's prefix, then transformers' model prefix (an adapter trained on the transformers model)
+    named = {
+        k.removeprefix("base_model.model.").removeprefix("model.").removesuffix(".weight"): t
+        for k, t in tensors.items()
+    }
+    if any(name.endswith(".lora_A") and (t.ndim != 2 or t.shape[0] != rank) for name, t in named.items()):
         raise LoraError(f"{folder}: its tensors do not have the rank r={rank} its config says")
+    try:
+        named = fuse_adapter({n: t.float() for n, t in named.items()}, cfg)
+    except LayoutError as e:
+        raise LoraError(f"{folder}: {e}") from None
+    for name in named:
+        if _NAME.fullmatch(name) is None:
+            raise LoraError(f"{folder}: {name} is not a LoRA weight of this model's layers' projections")
+    check_adapters(cfg, named, 0, cfg.num_layers, one_rank=False)
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     ours = {n: t for n, t in named.items() if int(n.split(".")[1]) in layers}
     return LoraAdapter(ours, scale, f"{sha256_file(folder / 'adapter_model.safetensors')[:16]}/{scale:g}")
