@@ -14,16 +14,19 @@ Phases, per backend:
               rate FCFS sustained (the one the comparison uses)
   throughput  16 closed-loop streams, 64-token prompts, 128 output tokens: aggregate decode tok/s
   single      one stream, 64-token prompt, 128 output tokens: per-sequence decode tok/s
+  json-throughput, json-single
+              the same two with every answer constrained to a JSON schema (`response_format`, 64 digits:
+              the whole 128 tokens); swarmlm backends only
 
 Reported, with no pass/fail target: per run JCT, TTFT, TPOT, output tok/s and req/s; sweep runs past
 saturation marked "(sat)" and runs during which other processes took over 5 % of the CPU marked "!";
 MLFQ / FCFS mean and p99 JCT at the highest rate FCFS sustained; swarmlm / llama-server throughput and
-single-stream decode tok/s.
+single-stream decode tok/s; constrained / free per-token time (json phases, target <= 1.3).
 
     make bench-serve                                 # full run, ~25 min on 2 cores
     .venv/bin/python bench/serve_bench.py --quick    # smoke test, ~3 min
     .venv/bin/python bench/serve_bench.py [--backends swarmlm-fcfs,swarmlm-mlfq,llama-server,hf]
-        [--rates 1,2,3] [--requests 60] [--phases sweep,throughput,single]
+        [--rates 1,2,3] [--requests 60] [--phases sweep,throughput,single,json-throughput,json-single]
 
 Output: the table (stderr); the last line of stdout is `BENCH_JSON {...}`; the same JSON goes to
 bench/results/serve-<time>.json, the servers' logs to bench/results/logs/. Past runs: bench/RESULTS.md.
@@ -184,11 +187,31 @@ class Outcome:
         return self.usage_tokens if self.usage_tokens is not None else len(self.token_times)
 
 
-async def send(client: httpx.AsyncClient, base: str, model: str, out: Outcome) -> None:
+# The constrained phases' answers: 64 digits, some 128 tokens, so a request decodes its whole max_tokens
+# under the grammar as the free phases do with ignore_eos (which a grammar's end-of-answer excludes).
+JSON_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "digits",
+        "schema": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 64},
+    },
+}
+
+
+def body_of(req: Request, model: str, constrained: bool) -> dict:
+    body = request_body(req, model)
+    if constrained:
+        del body["ignore_eos"]
+        body["response_format"] = JSON_FORMAT
+    return body
+
+
+async def send(client: httpx.AsyncClient, base: str, model: str, out: Outcome, constrained: bool = False) -> None:
     """Wait until the request's scheduled time, then stream it (open loop: never waits on others)."""
     await asyncio.sleep(max(0.0, out.scheduled - time.perf_counter()))
+    body = body_of(out.req, model, constrained)
     try:
-        async with client.stream("POST", f"{base}/v1/completions", json=request_body(out.req, model)) as resp:
+        async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 out.status, out.error = "failed", f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return
@@ -226,9 +249,17 @@ async def run_open_loop(base: str, model: str, workload: list[Request], cap_s: f
 
 
 async def run_closed_loop(
-    base: str, model: str, streams: int, rounds: int, prompt_tokens: int, output_tokens: int, cap_s: float
+    base: str,
+    model: str,
+    streams: int,
+    rounds: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    cap_s: float,
+    constrained: bool = False,
 ) -> tuple[list, float]:
-    """`streams` clients, each sending `rounds` requests back to back (the next as soon as one ends)."""
+    """`streams` clients, each sending `rounds` requests back to back (the next as soon as one ends);
+    `constrained`: each answer under `JSON_FORMAT`."""
     reqs = fixed_workload(streams * rounds, prompt_tokens, output_tokens)
     outcomes: list[Outcome] = []
 
@@ -236,7 +267,7 @@ async def run_closed_loop(
         for r in reqs[k::streams]:
             out = Outcome(r, scheduled=time.perf_counter())
             outcomes.append(out)
-            await send(client, base, model, out)
+            await send(client, base, model, out, constrained)
 
     limits = httpx.Limits(max_connections=streams + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=limits) as client:
@@ -335,6 +366,8 @@ def run_backend(backend: str, cmd: list[str], plan: Plan, phases: list[str], rat
         # Warm-up: first-request costs (lazy init, allocator growth, JIT) are not steady-state serving.
         asyncio.run(run_closed_loop(base, model, 1, 1, 16, 8, cap_s=120))
         for phase in phases:
+            if phase.startswith("json") and not backend.startswith("swarmlm-"):
+                continue
             if phase == "sweep":
                 for rate in rates:
                     wl = poisson_workload(rate, plan.sweep_requests)
@@ -345,8 +378,8 @@ def run_backend(backend: str, cmd: list[str], plan: Plan, phases: list[str], rat
                     rows.append({"backend": backend, "phase": "sweep", **summarize(outcomes, t0, rate)})
                     rows[-1]["foreign_cpu"] = meter.share()
                     console.print(f"    {_brief(rows[-1])}")
-            elif phase == "throughput":
-                console.print(f"  throughput: {plan.throughput_streams} streams x {plan.throughput_rounds} rounds")
+            elif phase in ("throughput", "json-throughput"):
+                console.print(f"  {phase}: {plan.throughput_streams} streams x {plan.throughput_rounds} rounds")
                 meter = ForeignCpu(pid)
                 outcomes, t0 = asyncio.run(
                     run_closed_loop(
@@ -357,13 +390,14 @@ def run_backend(backend: str, cmd: list[str], plan: Plan, phases: list[str], rat
                         plan.prompt_tokens,
                         plan.output_tokens,
                         plan.phase_cap_s,
+                        phase.startswith("json"),
                     )
                 )
-                rows.append({"backend": backend, "phase": "throughput", **summarize(outcomes, t0, None)})
+                rows.append({"backend": backend, "phase": phase, **summarize(outcomes, t0, None)})
                 rows[-1]["foreign_cpu"] = meter.share()
                 console.print(f"    {_brief(rows[-1])}")
-            elif phase == "single":
-                console.print(f"  single stream: {plan.single_repeats} requests, one at a time")
+            elif phase in ("single", "json-single"):
+                console.print(f"  {phase}: {plan.single_repeats} requests, one at a time")
                 meter = ForeignCpu(pid)
                 outcomes, t0 = asyncio.run(
                     run_closed_loop(
@@ -374,9 +408,10 @@ def run_backend(backend: str, cmd: list[str], plan: Plan, phases: list[str], rat
                         plan.prompt_tokens,
                         plan.output_tokens,
                         plan.phase_cap_s,
+                        phase.startswith("json"),
                     )
                 )
-                row = {"backend": backend, "phase": "single", **summarize(outcomes, t0, None)}
+                row = {"backend": backend, "phase": phase, **summarize(outcomes, t0, None)}
                 row["foreign_cpu"] = meter.share()
                 # Per-sequence decode speed is 1/TPOT: it excludes prefill and request overhead.
                 row["decode_tok_s"] = 1 / row["tpot_mean_s"] if row["tpot_mean_s"] else None
@@ -481,6 +516,14 @@ def key_ratios(rows: list[dict]) -> dict:
         out[f"swarmlm_{sched}_over_llama_single_decode_tok_s"] = _ratio(
             single and single["decode_tok_s"], llama_single and llama_single["decode_tok_s"]
         )
+        # Structured output's cost: per-token time constrained / free (target <= 1.3, issue 23)
+        json_tp, json_single = find(f"swarmlm-{sched}", "json-throughput"), find(f"swarmlm-{sched}", "json-single")
+        out[f"swarmlm_{sched}_json_over_free_tpot_single"] = _ratio(
+            json_single and json_single["tpot_mean_s"], single and single["tpot_mean_s"]
+        )
+        out[f"swarmlm_{sched}_json_over_free_time_per_token_throughput"] = _ratio(
+            tp and tp["output_tok_s"], json_tp and json_tp["output_tok_s"]
+        )
     return out
 
 
@@ -490,7 +533,7 @@ def main() -> None:
     ap.add_argument("--backends", default=",".join(ALL_BACKENDS), help=f"comma list of {', '.join(ALL_BACKENDS)}")
     ap.add_argument("--rates", help="comma list of arrival rates in req/s for the sweep")
     ap.add_argument("--requests", type=int, help="requests per sweep rate")
-    ap.add_argument("--phases", default="sweep,throughput,single")
+    ap.add_argument("--phases", default="sweep,throughput,single,json-throughput,json-single")
     args = ap.parse_args()
 
     plan = (

@@ -157,7 +157,10 @@ def test_error_paths(client: OpenAI, server: ServerProcess) -> None:
         ({"model": MODEL, "messages": QUESTION, "max_tokens": 10**6}, 400),
         ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]}, 400),
         ({"messages": QUESTION}, 422),
-        ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_object"}}, 400),  # not yet:
+        ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "yaml"}}, 422),
+        ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_schema"}}, 422),
+        ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {}}}, 422),
+        ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_object"}, "ignore_eos": True}, 400),
         ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     ]
     for body, status in cases:

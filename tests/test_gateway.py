@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 from openai import OpenAI
 
@@ -25,6 +26,7 @@ from swarmlm.launch.peers import PeerProcess, free_port, start_swarm, stop_all
 from swarmlm.model.loading import LoadedModel, resolve_device
 from swarmlm.model.memory import device_label
 from tests.prompt_scoring import assert_scores_the_prompt
+from tests.test_structured_output import ASK, SCHEMAS, json_schema_format
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +95,17 @@ def test_echo_scores_the_prompt_through_the_swarm(swarm: Swarm, model: LoadedMod
     in this process, to bf16's precision (the gateway's default wire; `--wire-dtype fp32` for evaluation:
     tests/test_lm_eval.py)."""
     assert_scores_the_prompt(swarm.base, MODEL, model, tolerance=0.05)
+
+
+def test_structured_output_through_the_swarm(swarm: Swarm) -> None:
+    """The gateway's engine constrains what the peers' logits sample to, as one server's does."""
+    client = OpenAI(base_url=f"{swarm.base}/v1", api_key="test", max_retries=0, timeout=120)
+    schema = SCHEMAS["bounded numbers"]
+    out = client.chat.completions.create(
+        model=MODEL, messages=ASK, response_format=json_schema_format("numbers", schema), max_tokens=100, n=2
+    )
+    for choice in out.choices:
+        jsonschema.validate(json.loads(choice.message.content or ""), schema)
 
 
 def test_bad_requests_get_clear_errors(swarm: Swarm) -> None:

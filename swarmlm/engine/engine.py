@@ -89,9 +89,8 @@ class Engine:
         now = self.clock()
         seqs = []
         for i in range(n):
-            seq = Sequence(
-                request_id, i, list(prompt_ids), params, user, now, choice_generator(params, i), adapter=adapter
-            )
+            generator, matcher = choice_generator(params, i), params.grammar.matcher() if params.grammar else None
+            seq = Sequence(request_id, i, list(prompt_ids), params, user, now, generator, adapter, matcher=matcher)
             self.scheduler.admit(seq, now, self.prefill_seconds_per_token * len(prompt_ids))
             seqs.append(seq)
         self.active.extend(seqs)

@@ -7,9 +7,13 @@ same text whatever else shares its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from swarmlm.engine.grammar import Grammar
 
 MAX_LOGPROBS = 20
 
@@ -29,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to report with each sampled token
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's name)
+    grammar: Grammar | None = None  # structured output: what the text must parse as (engine/grammar.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,7 +93,7 @@ def decided_by_argmax(params: SamplingParams) -> bool:
     """Greedy without penalties or logprobs: the token is the row's argmax, taken where the logits are, so
     on an accelerator only the token ids come back to the host."""
     plain = params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
-    return params.greedy and plain and params.logprobs is None
+    return params.greedy and plain and params.logprobs is None and params.grammar is None
 
 
 def argmax_rows(logits: Tensor) -> list[int]:

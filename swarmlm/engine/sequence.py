@@ -7,6 +7,7 @@ from enum import StrEnum
 
 import torch
 
+from swarmlm.engine.grammar import TokenMatcher
 from swarmlm.engine.kv_cache import SequenceKV
 from swarmlm.engine.sampling import (
     SamplingParams,
@@ -37,6 +38,7 @@ class Sequence:
     arrival: float
     generator: torch.Generator | None
     adapter: str | None = None  # the LoRA adapter it runs with (`--adapters`), None: the base model
+    matcher: TokenMatcher | None = None  # its place in `params.grammar`, if constrained
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     # with `params.prompt_logprobs`: each prompt token's, under the logits of the position before it (the
@@ -84,15 +86,19 @@ class Sequence:
             self.prompt_logprobs[start + 1 + i] = lp
 
     def sample_token(self, raw_logits: torch.Tensor | int) -> tuple[int, TokenLogprob | None]:
-        """Draw the next token from the model's logits for this sequence (penalties, then its own sampler
-        and generator), append it, and return it with its logprob when the request asked for them. An int
+        """Draw the next token from the model's logits for this sequence (penalties, its grammar, then its
+        own sampler and generator), append it, and return it with its logprob when the request asked for them. An int
         is the token already taken (`decided_by_argmax`)."""
         if isinstance(raw_logits, int):
             self.output_ids.append(raw_logits)
             return raw_logits, None
         logits = raw_logits.clone()
         apply_penalties(logits, self.params, self.prompt_ids, self.output_ids)
+        if self.matcher is not None:
+            self.matcher.constrain_(logits)
         token = sample_row(logits, self.params, self.generator)
+        if self.matcher is not None:
+            self.matcher.consume(token)
         self.output_ids.append(token)
         if self.params.logprobs is None:
             return token, None

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from swarmlm.engine.grammar import Grammar
 from swarmlm.engine.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16
@@ -14,6 +15,34 @@ MAX_N = 16
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`: the schema every answer must validate against."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | bool = Field(alias="schema")
+    strict: bool | None = None  # answers always follow the schema: decoding is constrained either way
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        return self
+
+    def output_schema(self) -> dict[str, Any] | bool | None:
+        """The JSON schema answers are constrained to; None for free text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.json_schema.json_schema if self.json_schema is not None else None
 
 
 class _SamplingRequest(BaseModel):
@@ -35,21 +64,18 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-    # Named so that they are refused, not dropped: structured output and tools are not decoded yet.
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    # Named so that they are refused, not dropped: tool calls are not decoded yet.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
     def unsupported(self) -> str | None:
         """Why this request asks for what is not served yet (None: nothing such)."""
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            return f"response_format {kind!r} is not supported yet: only free text is decoded"
         if self.tools and self.tool_choice != "none":
             return "tools are not supported yet: no tool calls are decoded (send tool_choice 'none' to ignore them)"
         return None
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -64,6 +90,7 @@ class _SamplingRequest(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            grammar=grammar,
         )
 
 

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from swarmlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestHandle
+from swarmlm.engine.grammar import Grammar, GrammarError, Grammars
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.serve.answers import Answer, ChatChoices, ChoiceFormat, TextChoices
 from swarmlm.serve.auth import ApiKey, KeyChecker
@@ -50,6 +51,7 @@ class OpenAIServing:
         self.engine, self.model_id, self.metrics = engine, model_id, metrics
         self.keys, self.protect_metrics, self.chat_max_tokens = keys, protect_metrics, chat_max_tokens
         self.tokenizer = engine.engine.tokenizer
+        self.grammars = Grammars(self.tokenizer, engine.engine.model.config.vocab_size)
         self.max_model_len = engine.engine.max_model_len
         self.created = int(time.time())
 
@@ -81,7 +83,7 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, request: Request) -> Any:
         adapter = self._check_model(req.model, request)
         if (why := req.unsupported()) is not None:
-            raise APIError(400, why, param="tools" if req.tools else "response_format")
+            raise APIError(400, why, param="tools")
         if isinstance(req.prompt, str):
             prompts = [await self._encode(req.prompt)]
         elif req.prompt and isinstance(req.prompt[0], int):
@@ -99,7 +101,9 @@ class OpenAIServing:
         if req.stream and (req.scores_prompt or req.max_tokens == 0):
             raise APIError(400, "echo with logprobs or max_tokens 0 scores the prompt: not streamed", param="stream")
         # max_tokens 0: one token is generated (a step samples as it ends the prompt) and left out of the answer
-        params = req.sampling(1 if req.max_tokens == 0 else req.max_tokens or 16, req.logprobs)
+        params = req.sampling(
+            1 if req.max_tokens == 0 else req.max_tokens or 16, req.logprobs, await self._grammar(req)
+        )
         if req.scores_prompt:
             params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         handles = self._submit(prompts, params, req.n, _user_of(request, req.user), adapter)
@@ -110,7 +114,7 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
         adapter = self._check_model(req.model, request)
         if (why := req.unsupported()) is not None:
-            raise APIError(400, why, param="tools" if req.tools else "response_format")
+            raise APIError(400, why, param="tools")
         prompt = await self._encode(self._render_chat(req.messages))
         room = self.max_model_len - len(prompt)
         if room < 1:
@@ -121,7 +125,7 @@ class OpenAIServing:
                 code="context_length_exceeded",
             )
         max_tokens = req.max_completion_tokens or req.max_tokens or min(self.chat_max_tokens, room)
-        params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, await self._grammar(req))
         handles = self._submit([prompt], params, req.n, _user_of(request, req.user), adapter)
         fmt = ChatChoices(self.tokenizer, bool(req.logprobs))
         return await self._answer(request, req, handles, [prompt], fmt, "chat" + handles[0].request_id)
@@ -139,6 +143,21 @@ class OpenAIServing:
         if req.stream:
             return answer.streaming(bool(req.stream_options and req.stream_options.include_usage))
         return await answer.body(request)
+
+    async def _grammar(self, req: CompletionRequest | ChatCompletionRequest) -> Grammar | None:
+        """The grammar `response_format` asks the answer to follow, compiled (None: free text); 400 for a
+        schema that cannot be decoded to."""
+        schema = req.response_format.output_schema() if req.response_format is not None else None
+        if schema is None:
+            return None
+        if req.ignore_eos:
+            raise APIError(
+                400, "ignore_eos cannot go with response_format: a complete answer ends there", param="ignore_eos"
+            )
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.json_schema, schema)
+        except GrammarError as e:
+            raise APIError(400, f"response_format: {e}", param="response_format") from None
 
     def _check_model(self, name: str, request: Request) -> str | None:
         """The LoRA adapter the request's model names (MODEL:ADAPTER), None for the base model; 404 for
