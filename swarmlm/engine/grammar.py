@@ -27,8 +27,9 @@ from torch import Tensor
 
 from swarmlm.model.tokenizer import Tokenizer
 
-# Compact JSON spelled as json.dumps spells it: a model cannot spend its tokens on whitespace.
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Compact JSON spelled as json.dumps spells it: a model cannot spend its tokens on whitespace. (Inside a
+# Lark grammar's %json, the schema's "x-guidance" key carries the same.)
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # bit i of byte b (a little-endian view of llguidance's int32 mask words) allows token 8b + i
 _BITS = ((torch.arange(256).view(-1, 1) >> torch.arange(8)) & 1).bool()
 
@@ -63,11 +64,22 @@ class Grammars:
     def json_schema(self, schema: dict[str, Any] | bool) -> Grammar:
         """A grammar for JSON that validates against `schema` ({"type": "object"}: any JSON object)."""
         try:
-            text = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_STYLE)
+            text = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
         except (ValueError, TypeError) as e:
             raise GrammarError(f"not a usable JSON schema: {e}") from None
+        return self._compiled(text)
+
+    def lark(self, source: str) -> Grammar:
+        """A grammar in llguidance's Lark dialect (`%json {schema}` embeds a JSON schema)."""
+        try:
+            text = llguidance.LLMatcher.grammar_from_lark(source)
+        except (ValueError, TypeError) as e:
+            raise GrammarError(f"not a usable grammar: {e}") from None
+        return self._compiled(text)
+
+    def _compiled(self, text: str) -> Grammar:
         grammar = Grammar(self._ll_tokenizer(), text, self.vocab_size)
-        grammar.matcher()  # raises GrammarError for a schema llguidance refuses (unsatisfiable, bad $ref, ...)
+        grammar.matcher()  # raises GrammarError for what llguidance refuses (unsatisfiable, bad $ref, ...)
         return grammar
 
 

@@ -38,10 +38,12 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """`messages` rendered by the chat template, up to the assistant's turn; `tools` (OpenAI's
+        function definitions) given to the template, which lists them if it supports tools."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
 def load_tokenizer(ckpt: GGUFCheckpoint | HFCheckpoint) -> Tokenizer:

@@ -18,6 +18,7 @@ from swarmlm.engine.sequence import Sequence, StepOutput
 from swarmlm.model.tokenizer import Tokenizer
 from swarmlm.serve.protocol import ChatCompletionResponse, CompletionResponse, Usage
 from swarmlm.serve.streaming import merged, sse_response, unless_disconnected
+from swarmlm.serve.tool_calls import CallStream, parse_answer
 
 
 class ChoiceFormat(ABC):
@@ -34,8 +35,12 @@ class ChoiceFormat(ABC):
         return None
 
     @abstractmethod
-    def delta(self, text: str) -> dict[str, Any]:
-        """Fields of a stream chunk carrying `text`."""
+    def delta(self, out: StepOutput) -> dict[str, Any]:
+        """Fields of a stream chunk carrying `out`'s text."""
+
+    def finish(self, seq: Sequence) -> str | None:
+        """The finish reason a choice reports (None while it runs)."""
+        return seq.finish_reason.value if seq.finish_reason else None
 
     @abstractmethod
     def token_logprobs(self, out: StepOutput) -> dict[str, Any] | None:
@@ -64,8 +69,8 @@ class TextChoices(ChoiceFormat):
     def opening(self, prompt: int) -> dict[str, Any] | None:
         return {"text": self.echo[prompt]} if self.echo is not None else None
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return {"text": text}
+    def delta(self, out: StepOutput) -> dict[str, Any]:
+        return {"text": out.text_delta}
 
     def token_logprobs(self, out: StepOutput) -> dict[str, Any] | None:
         if out.logprob is None:
@@ -112,8 +117,8 @@ class ChatChoices(ChoiceFormat):
     def opening(self, prompt: int) -> dict[str, Any] | None:
         return {"delta": {"role": "assistant", "content": ""}}
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return {"delta": {"content": text} if text else {}}
+    def delta(self, out: StepOutput) -> dict[str, Any]:
+        return {"delta": {"content": out.text_delta} if out.text_delta else {}}
 
     def token_logprobs(self, out: StepOutput) -> dict[str, Any] | None:
         if out.logprob is None:
@@ -129,6 +134,35 @@ class ChatChoices(ChoiceFormat):
     def choice(self, prompt: int, seq: Sequence, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
         content = [x for lp in logprobs for x in lp["content"]]
         return {"message": {"content": seq.text}, "logprobs": {"content": content} if self.logprobs else None}
+
+
+class ToolChatChoices(ChatChoices):
+    """Chat choices of a request that offered tools: calls in the answer become `tool_calls`
+    (serve/tool_calls.py), in the body and as stream deltas, and the finish reason `tool_calls`."""
+
+    def __init__(self, tokenizer: Tokenizer, logprobs: bool) -> None:
+        super().__init__(tokenizer, logprobs)
+        self.streams: dict[Sequence, CallStream] = {}
+
+    def delta(self, out: StepOutput) -> dict[str, Any]:
+        stream = self.streams.setdefault(out.seq, CallStream())
+        content, calls = stream.feed(out.text_delta, out.seq.finished)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            first = stream.calls - len(calls)
+            delta["tool_calls"] = [{"index": first + k, **c.model_dump()} for k, c in enumerate(calls)]
+        return {"delta": delta}
+
+    def finish(self, seq: Sequence) -> str | None:
+        reason = super().finish(seq)
+        stream = self.streams.get(seq)
+        called = stream.calls if stream is not None else len(parse_answer(seq.text)[1])
+        return "tool_calls" if reason == "stop" and called else reason
+
+    def choice(self, prompt: int, seq: Sequence, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+        content, calls = parse_answer(seq.text)
+        message = {"content": content, "tool_calls": [c.model_dump() for c in calls] or None}
+        return {**super().choice(prompt, seq, logprobs), "message": message}
 
 
 class Answer:
@@ -167,7 +201,7 @@ class Answer:
         choices = [
             {
                 "index": i * self.n + seq.index,
-                "finish_reason": seq.finish_reason.value if seq.finish_reason else None,
+                "finish_reason": self.fmt.finish(seq),
                 **self.fmt.choice(i, seq, pieces.get(i * self.n + seq.index, [])),
             }
             for i, h in enumerate(self.handles)
@@ -195,11 +229,12 @@ class Answer:
         async for i, out in merged(self.handles):
             produced += out.token_id is not None
             seq = out.seq
-            finish = seq.finish_reason.value if seq.finish_reason else None
+            delta = self.fmt.delta(out)  # first: a tool call it completes decides the finish reason
+            finish = self.fmt.finish(seq)
             if out.text_delta or finish or out.logprob is not None:
                 choice = {
                     "index": i * self.n + seq.index,
-                    **self.fmt.delta(out.text_delta),
+                    **delta,
                     "logprobs": self.fmt.token_logprobs(out),
                     "finish_reason": finish,
                 }

@@ -45,6 +45,42 @@ class ResponseFormat(BaseModel):
         return self.json_schema.json_schema if self.json_schema is not None else None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # arguments always follow the schema when a call is required or named
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -65,15 +101,6 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     response_format: ResponseFormat | None = None
-    # Named so that they are refused, not dropped: tool calls are not decoded yet.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-
-    def unsupported(self) -> str | None:
-        """Why this request asks for what is not served yet (None: nothing such)."""
-        if self.tools and self.tool_choice != "none":
-            return "tools are not supported yet: no tool calls are decoded (send tool_choice 'none' to ignore them)"
-        return None
 
     def sampling(self, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -96,6 +123,7 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    tools: list[dict[str, Any]] | None = None  # named to be refused: tools are for chat completions
     max_tokens: int | None = Field(16, ge=0)  # 0 with `echo`: the prompt alone, scored (lm-eval's loglikelihood)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -116,6 +144,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -129,6 +160,13 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # a required or named choice decodes one call
+
+    def offered_tools(self) -> list[Tool]:
+        """The tools the model is told of: none with tool_choice "none"."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
 
 
 class Usage(BaseModel):
@@ -166,7 +204,8 @@ class CompletionResponse(BaseModel):
 
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

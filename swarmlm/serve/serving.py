@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from swarmlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestHandle
 from swarmlm.engine.grammar import Grammar, GrammarError, Grammars
 from swarmlm.engine.sampling import SamplingParams
-from swarmlm.serve.answers import Answer, ChatChoices, ChoiceFormat, TextChoices
+from swarmlm.serve.answers import Answer, ChatChoices, ChoiceFormat, TextChoices, ToolChatChoices
 from swarmlm.serve.auth import ApiKey, KeyChecker
 from swarmlm.serve.errors import APIError, error_response
 from swarmlm.serve.metrics import ServingMetrics
@@ -28,10 +28,13 @@ from swarmlm.serve.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
+    Tool,
 )
+from swarmlm.serve.tool_calls import call_grammar, template_messages
 
 
 class OpenAIServing:
@@ -82,8 +85,8 @@ class OpenAIServing:
     # ----- generation -------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, request: Request) -> Any:
         adapter = self._check_model(req.model, request)
-        if (why := req.unsupported()) is not None:
-            raise APIError(400, why, param="tools")
+        if req.tools:
+            raise APIError(400, "tools are for /v1/chat/completions", param="tools")
         if isinstance(req.prompt, str):
             prompts = [await self._encode(req.prompt)]
         elif req.prompt and isinstance(req.prompt[0], int):
@@ -113,9 +116,8 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
         adapter = self._check_model(req.model, request)
-        if (why := req.unsupported()) is not None:
-            raise APIError(400, why, param="tools")
-        prompt = await self._encode(self._render_chat(req.messages))
+        tools = req.offered_tools()
+        prompt = await self._encode(self._render_chat(req.messages, tools))
         room = self.max_model_len - len(prompt)
         if room < 1:
             raise APIError(
@@ -125,9 +127,10 @@ class OpenAIServing:
                 code="context_length_exceeded",
             )
         max_tokens = req.max_completion_tokens or req.max_tokens or min(self.chat_max_tokens, room)
-        params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, await self._grammar(req))
+        grammar = await self._tool_grammar(req) or await self._grammar(req)
+        params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, grammar)
         handles = self._submit([prompt], params, req.n, _user_of(request, req.user), adapter)
-        fmt = ChatChoices(self.tokenizer, bool(req.logprobs))
+        fmt = (ToolChatChoices if tools else ChatChoices)(self.tokenizer, bool(req.logprobs))
         return await self._answer(request, req, handles, [prompt], fmt, "chat" + handles[0].request_id)
 
     async def _answer(
@@ -143,6 +146,29 @@ class OpenAIServing:
         if req.stream:
             return answer.streaming(bool(req.stream_options and req.stream_options.include_usage))
         return await answer.body(request)
+
+    async def _tool_grammar(self, req: ChatCompletionRequest) -> Grammar | None:
+        """For tool_choice "required" or a named function: the grammar of one call (of that function), its
+        arguments following the function's parameters."""
+        choice, tools = req.tool_choice, req.tools or []
+        if choice in (None, "none", "auto"):
+            return None
+        if not tools:
+            raise APIError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+        if isinstance(choice, NamedToolChoice):
+            tools = [t for t in tools if t.function.name == choice.function.name]
+            if not tools:
+                raise APIError(
+                    400,
+                    f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                    param="tool_choice",
+                )
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, "response_format cannot go with a required or named tool call", param="response_format")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, call_grammar(tools))
+        except GrammarError as e:
+            raise APIError(400, f"tools: a function's parameters: {e}", param="tools") from None
 
     async def _grammar(self, req: CompletionRequest | ChatCompletionRequest) -> Grammar | None:
         """The grammar `response_format` asks the answer to follow, compiled (None: free text); 400 for a
@@ -199,13 +225,24 @@ class OpenAIServing:
             raise APIError(400, str(e), "invalid_request_error", code="invalid_prompt") from e  # context, KV, vocab
         return handles
 
-    def _render_chat(self, messages: list[ChatMessage]) -> str:
+    def _render_chat(self, messages: list[ChatMessage], tools: list[Tool] | None = None) -> str:
+        """The prompt of a chat; with `tools`, 400 unless the chat template lists them (it has tool support)."""
         if not self.tokenizer.has_chat_template:
             raise APIError(400, f"model {self.model_id!r} has no chat template; use /v1/completions")
+        entries = template_messages(messages)
         try:
-            return self.tokenizer.chat_prompt([{"role": m.role, "content": m.text()} for m in messages])
+            text = self.tokenizer.chat_prompt(entries, [t.model_dump(exclude_none=True) for t in tools or []] or None)
+            without = self.tokenizer.chat_prompt(entries) if tools else None
         except Exception as e:  # jinja templates raise for unsupported role orders
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from e
+        if text == without:
+            raise APIError(
+                400,
+                f"the chat template of model {self.model_id!r} has no tool support (it ignores tools); serve it "
+                "with a --chat-template that lists them",
+                param="tools",
+            )
+        return text
 
     # ----- tokenization (vLLM's endpoints) ------------------------------------------------------------
     async def tokenize(self, req: TokenizeRequest, request: Request) -> TokenizeResponse:
