@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from openai import OpenAI
 
 from swarmlm.launch.servers import ServerProcess
@@ -246,3 +247,31 @@ def test_overload_answers_429_with_retry_after() -> None:
         assert httpx.get(f"{srv.base}/health").status_code == 200
     finally:
         srv.stop()
+
+
+def test_embeddings_are_the_normed_last_hidden_state(client: OpenAI, server: ServerProcess, model: LoadedModel) -> None:
+    """The pooling /v1/embeddings states: the last token's hidden state after the final norm, L2-normalized
+    (the official client asks for base64 and decodes it; plain floats alike)."""
+    texts = ["To be, or not to be", "Once upon a time"]
+    out = client.embeddings.create(model=MODEL, input=texts)
+    for text, item in zip(texts, out.data, strict=True):
+        ids = model.tokenizer.encode(text)
+        with torch.no_grad():
+            h = model.span(torch.tensor([ids]), torch.arange(len(ids)), normed_hidden=True)[0, -1]
+        assert item.embedding == pytest.approx(torch.nn.functional.normalize(h, dim=0).tolist(), abs=1e-4)
+    assert out.usage.prompt_tokens == sum(len(model.tokenizer.encode(t)) for t in texts)
+    url = f"{server.base}/v1/embeddings"
+    floats = httpx.post(url, json={"model": MODEL, "input": [1, 2, 3], "encoding_format": "float"}, timeout=60).json()
+    assert len(floats["data"][0]["embedding"]) == model.config.hidden_size
+    for body, status, words in [
+        ({"model": MODEL, "input": ""}, 400, "1 to"),
+        ({"model": MODEL, "input": []}, 400, "1 to"),
+        ({"model": MODEL, "input": [10**8]}, 400, "vocabulary"),
+        ({"model": MODEL, "input": "hi", "dimensions": 3}, 400, "dimensions"),
+        ({"model": f"{MODEL}:tuned", "input": "hi"}, 400, "base model"),
+        ({"model": "nope", "input": "hi"}, 404, "does not exist"),
+        ({"model": MODEL, "input": "word " * 9000}, 400, "tokens"),
+        ({"model": MODEL, "input": {"a": 1}}, 422, ""),
+    ]:
+        r = httpx.post(url, json=body, timeout=60)
+        assert r.status_code == status and words in r.json()["error"]["message"], (body, r.text[:300])

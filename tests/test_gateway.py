@@ -113,6 +113,8 @@ def test_bad_requests_get_clear_errors(swarm: Swarm) -> None:
     assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
     r = httpx.post(f"{swarm.base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 10**6})
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    r = httpx.post(f"{swarm.base}/v1/embeddings", json={"model": MODEL, "input": "hi"}, timeout=30)
+    assert r.status_code == 400 and "whole model in one process" in r.json()["error"]["message"]
 
 
 def test_many_concurrent_clients_all_complete(swarm: Swarm, model: LoadedModel) -> None:

@@ -19,10 +19,13 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from swarmlm.engine.engine import Engine
 from swarmlm.engine.sampling import SamplingParams
 from swarmlm.engine.sequence import FinishReason, Sequence, StepOutput
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,21 @@ class _Add:
     adapter: str | None
 
 
+@dataclass
+class _Call:
+    fn: Callable[[Engine], Any]
+    future: asyncio.Future
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -85,7 +103,7 @@ class AsyncEngine:
         self.max_queued_tokens = max_queued_tokens
         self.on_output = on_output
         self.on_step = on_step
-        self._commands: queue.SimpleQueue[_Add | str | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Call | str | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._handles: dict[str, RequestHandle] = {}
         self._pending: dict[str, int] = {}  # queued, not yet scheduled requests -> prompt tokens
@@ -150,6 +168,16 @@ class AsyncEngine:
         self._commands.put(_Add(handle, list(prompt_ids), params, user, adapter))
         self._wake.set()
         return handle
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """`fn(engine)` run on the engine thread between two steps (the model never runs in two threads
+        at once); its exception is raised here."""
+        if self.error is not None or not self._running or self._loop is None:
+            raise EngineDeadError(f"the engine is not running ({self.error or 'stopped'})")
+        future: asyncio.Future = self._loop.create_future()
+        self._commands.put(_Call(fn, future))
+        self._wake.set()
+        return await future
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (client gone); its KV is freed at the next step boundary."""
@@ -219,6 +247,13 @@ class AsyncEngine:
             if isinstance(cmd, str):
                 for out in self.engine.abort(cmd):
                     self._emit(out)
+                continue
+            if isinstance(cmd, _Call):
+                try:
+                    result, error = cmd.fn(self.engine), None
+                except Exception as e:  # the caller's to handle, not the engine's
+                    result, error = None, e
+                self._post(_settle, cmd.future, result, error)
                 continue
             try:
                 cmd.handle.seqs = self.engine.add(

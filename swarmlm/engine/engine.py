@@ -103,6 +103,18 @@ class Engine:
             outs.append(StepOutput(seq, None, "", None))
         return outs
 
+    def embed(self, prompt_ids: list[int]) -> torch.Tensor:
+        """The prompt's embedding: its last token's hidden state after the final norm, L2-normalized (the
+        pooling vLLM gives decoder models). Engine thread only (`AsyncEngine.call`). ValueError for a
+        prompt it cannot embed."""
+        if not isinstance(self.executor, LocalExecutor):
+            raise ValueError("embeddings need the whole model in one process: ask a `swarmlm serve` server")
+        if not prompt_ids or len(prompt_ids) > self.max_model_len:
+            raise ValueError(f"an input must have 1 to {self.max_model_len} tokens, not {len(prompt_ids)}")
+        if bad := [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary")
+        return torch.nn.functional.normalize(self.executor.embed(prompt_ids), dim=0)
+
     @property
     def has_work(self) -> bool:
         return bool(self.active)

@@ -88,6 +88,13 @@ class LocalExecutor:
         self.kv = KVCacheManager(layout, kv_budget_bytes or default_kv_budget(self.runner.device), prefix_block)
         self.preemptions = 0
 
+    def embed(self, ids: list[int]) -> Tensor:
+        """The last token's hidden state after the final norm, fp32 (one forward pass, no KV cache)."""
+        span, device = self.runner.span, self.runner.device
+        with torch.inference_mode():
+            h = span(torch.tensor([ids], device=device), torch.arange(len(ids), device=device), normed_hidden=True)
+        return h[0, -1].float().cpu()
+
     @property
     def capacity_tokens(self) -> int:
         return self.kv.capacity_tokens

@@ -341,6 +341,7 @@ class LlamaSpan(nn.Module):
         logits_rows: Tensor | None = None,
         blocks: tuple[int, int] | None = None,
         lora: LoraBackend | None = None,
+        normed_hidden: bool = False,
     ) -> Tensor:
         """Run the span (or only its blocks [i, j) when `blocks` is given: a swarm session that uses part
         of a peer's span).
@@ -352,6 +353,7 @@ class LlamaSpan(nn.Module):
         logits_rows: with a head, the rows whose logits are wanted (the head is the single largest
         matmul, and a prefill chunk needs logits for its last token only); all rows when None.
         lora: LoRA adapters to apply (model/lora.py), if any.
+        normed_hidden: with a head, return the final norm's output instead of the logits (embeddings).
         Returns hidden states, or fp32 logits with a head.
         """
         h = x if x.is_floating_point() else self.embed(x)
@@ -362,4 +364,7 @@ class LlamaSpan(nn.Module):
             return h
         if logits_rows is not None:
             h = h[logits_rows]
+        if normed_hidden:
+            assert self.norm is not None
+            return self.norm(h)
         return self.head(h)

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API of one peer: /v1/models, /v1/completions, /v1/chat/completions (SSE
-streaming included), vLLM's /tokenize, /detokenize and /tokenizer_info, /health and /metrics. Every bad
+streaming included), /v1/embeddings, vLLM's /tokenize, /detokenize and /tokenizer_info, /health and /metrics. Every bad
 input gets an OpenAI-style error JSON.
 
 This module only wires: the routers (serve/routers/) hand requests to the `OpenAIServing` kept on
@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from swarmlm.serve.errors import install_error_handlers
-from swarmlm.serve.routers import completions, health, models, tokenizer
+from swarmlm.serve.routers import completions, embeddings, health, models, tokenizer
 from swarmlm.serve.serving import OpenAIServing
 
 
@@ -30,6 +30,6 @@ def create_app(serving: OpenAIServing) -> FastAPI:
     )
     app.state.serving = serving
     install_error_handlers(app)
-    for router in (health.router, models.router, completions.router, tokenizer.router):
+    for router in (health.router, models.router, completions.router, embeddings.router, tokenizer.router):
         app.include_router(router)
     return app

@@ -4,11 +4,13 @@ keys and metrics), turning validated requests into answers. The routers only han
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import time
 from typing import Any
 
+import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,6 +28,10 @@ from swarmlm.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ModelCard,
     ModelList,
     NamedToolChoice,
@@ -35,6 +41,8 @@ from swarmlm.serve.protocol import (
     Tool,
 )
 from swarmlm.serve.tool_calls import call_grammar, template_messages
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
 
 
 class OpenAIServing:
@@ -244,6 +252,32 @@ class OpenAIServing:
             )
         return text
 
+    # ----- embeddings ----------------------------------------------------------------------------------
+    async def embeddings(self, req: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+        """Each input's embedding (`Engine.embed`: the last token's final hidden state, L2-normalized),
+        computed on the engine thread one input at a time, between generation steps."""
+        self._check_model(req.model, request)
+        if req.model != self.model_id:
+            raise APIError(400, "embeddings come from the base model, not an adapter", param="model")
+        hidden = self.engine.engine.model.config.hidden_size
+        if req.dimensions is not None and req.dimensions != hidden:
+            raise APIError(400, f"this model's embeddings have {hidden} dimensions", param="dimensions")
+        inputs = req.inputs()
+        if not inputs or len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise APIError(400, f"input must hold 1 to {MAX_EMBEDDING_INPUTS} items", param="input")
+        prompts = [await self._encode(i) if isinstance(i, str) else i for i in inputs]
+        data = []
+        for index, ids in enumerate(prompts):
+            try:
+                vector = await self.engine.call(lambda engine, ids=ids: engine.embed(ids))
+            except ValueError as e:
+                raise APIError(400, f"input {index}: {e}", param="input") from None
+            data.append(Embedding(index=index, embedding=_encoded(vector, req.encoding_format)))
+        tokens = sum(len(p) for p in prompts)
+        return EmbeddingResponse(
+            data=data, model=self.model_id, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+        )
+
     # ----- tokenization (vLLM's endpoints) ------------------------------------------------------------
     async def tokenize(self, req: TokenizeRequest, request: Request) -> TokenizeResponse:
         if req.model is not None:
@@ -276,6 +310,12 @@ class OpenAIServing:
 
     async def _encode(self, text: str) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, text)
+
+
+def _encoded(vector: torch.Tensor, encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+    return vector.tolist()
 
 
 def _user_of(request: Request, body_user: str | None) -> str:
