@@ -65,7 +65,7 @@ class Grammars:
         """A grammar for JSON that validates against `schema` ({"type": "object"}: any JSON object)."""
         try:
             text = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # llguidance's parser raises several kinds for what it refuses
             raise GrammarError(f"not a usable JSON schema: {e}") from None
         return self._compiled(text)
 
@@ -73,7 +73,7 @@ class Grammars:
         """A grammar in llguidance's Lark dialect (`%json {schema}` embeds a JSON schema)."""
         try:
             text = llguidance.LLMatcher.grammar_from_lark(source)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # as above
             raise GrammarError(f"not a usable grammar: {e}") from None
         return self._compiled(text)
 
