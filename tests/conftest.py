@@ -44,6 +44,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # The longest modules (minutes each on 2 cores) go first, so that no worker is left with one at the end
 # while the other idles; the rest keep their order.
 LONGEST_FIRST = (
+    "test_containers",
     "test_train_elastic",
     "test_train",
     "test_swarm",
