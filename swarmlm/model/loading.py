@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import importlib.util
 import math
@@ -15,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from swarmlm.core.heap import release_freed_memory
 from swarmlm.model.checkpoint import (
     CheckpointError,
     HFCheckpoint,
@@ -177,14 +176,6 @@ class LoadedModel:
             raise ValueError("a quantized model cannot be exported; load it with quant='none'")
         save_hf_checkpoint(self.span.state_dict(), self.config, out_dir)
         self.tokenizer.hf.save_pretrained(str(out_dir))
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS. glibc keeps the memory a load freed (the checkpoint's
-    unfused projections, other layers read for `checkpoint_digests`): without this a peer's RSS would
-    carry it for its whole life. A no-op where the C library has no malloc_trim."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _read_span(ckpt: GGUFCheckpoint | HFCheckpoint, path: Path, start: int, end: int, edges: bool) -> LlamaSpan:

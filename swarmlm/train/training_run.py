@@ -11,6 +11,7 @@ import logging
 import signal
 from pathlib import Path
 
+from swarmlm.core.heap import hold_little_freed_memory
 from swarmlm.train.evaluation import export_checkpoint
 from swarmlm.train.pipeline_trainer import PipelineTrainer, make_trainer
 from swarmlm.train.progress import TrainMetrics, TrainProgress, run_summary
@@ -43,6 +44,7 @@ def run_training(cfg: TrainConfig, export: Path | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, leave)
+    hold_little_freed_memory()  # every step frees and reallocates its gradients and activations: core/heap.py
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     hivemind_logs_to(cfg.run_dir / "hivemind.log")
     trainer = make_trainer(cfg)
