@@ -6,7 +6,7 @@ engine computes the mask of allowed next tokens, the mask is applied to a row of
 disallowed), and the token is consumed. Reported per engine and schema: the tokenizer's setup (ms, once
 per server), compile time (ms, the first request with a schema pays it), the engine's median time a token
 (mask and consume, µs), and the median and 90th percentile of the whole per-token time (the mask applied
-to the logits too, µs). A decode step of the served 135M model on this CPU takes some 15-30 ms;
+to the logits too, by engine/grammar.py's `apply_bitmask` for all three, µs). A decode step of the served 135M model on this CPU takes some 15-30 ms;
 `make bench-serve` measures the served cost of constrained decoding.
 
     make bench-grammar
@@ -30,6 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from swarmlm.engine.grammar import apply_bitmask
 from swarmlm.model.checkpoint import open_checkpoint
 from swarmlm.model.loading import default_model_path
 from swarmlm.model.tokenizer import load_tokenizer
@@ -83,17 +84,6 @@ SCHEMAS: dict[str, tuple[dict[str, Any], Any]] = {
         },
     ),
 }
-
-# bit i of byte b (a little-endian view of the int32 words all three engines write): token 8b + i allowed
-_BITS = ((torch.arange(256).view(-1, 1) >> torch.arange(8)) & 1).bool()
-
-
-def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
-    """-inf where the bitmask disallows. The same for every engine: llguidance's own CPU apply took 4-16 ms a
-    token here (its xgrammar counterpart 0.3 ms), this one some 30 µs."""
-    allowed = _BITS[mask.view(torch.uint8).flatten().long()].flatten()[: logits.shape[-1]]
-    logits.masked_fill_(~allowed, float("-inf"))
-
 
 Step = Callable[[torch.Tensor, int], float]  # (logits row, token): mask, consume, apply; -> the engine's seconds
 
