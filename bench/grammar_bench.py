@@ -6,8 +6,9 @@ engine computes the mask of allowed next tokens, the mask is applied to a row of
 disallowed), and the token is consumed. Reported per engine and schema: the tokenizer's setup (ms, once
 per server), compile time (ms, the first request with a schema pays it), the engine's median time a token
 (mask and consume, µs), and the median and 90th percentile of the whole per-token time (the mask applied
-to the logits too, by engine/grammar.py's `apply_bitmask` for all three, µs). A decode step of the served 135M model on this CPU takes some 15-30 ms;
-`make bench-serve` measures the served cost of constrained decoding.
+to the logits too, by engine/grammar.py's `apply_bitmask` for all three, µs). A decode step of the served
+135M model on this CPU takes some 15-30 ms; `make bench-serve` measures the served cost of constrained
+decoding.
 
     make bench-grammar
     .venv/bin/python bench/grammar_bench.py
