@@ -155,7 +155,12 @@ def main() -> None:
     ap.add_argument("--inner-lr", type=float, default=3e-3)
     ap.add_argument("--kill-at", type=float, default=0.5)
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="swarmlm-pipeline-bench-"))
+    # The runs' checkpoints (every peer keeps its last rounds': 7-24 GB a run) go when the bench ends.
+    with tempfile.TemporaryDirectory(prefix="swarmlm-pipeline-bench-") as folder:
+        measure(args, Path(folder))
+
+
+def measure(args: argparse.Namespace, root: Path) -> None:
     data = root / "data"
     prepare(default_corpus_files()[:4], data, block_size=64)
     common = ("--size", args.size, "--inner-steps", str(args.inner_steps), "--batch-size", str(args.batch_size))
