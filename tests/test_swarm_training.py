@@ -95,6 +95,11 @@ def test_prompt_tuning_and_lora_through_the_swarm_match_one_process(
         torch.testing.assert_close(named[peft_name(name)], value.detach())
 
 
+def o_proj_pair(name: str, rank: int) -> dict[str, torch.Tensor]:
+    """A well-shaped o_proj adapter pair of `rank` (576 features in and out)."""
+    return {name + "A": torch.zeros(rank, 576), name + "B": torch.zeros(576, rank)}
+
+
 def test_training_passes_refuse_bad_requests_clearly(remote: RemoteModel, swarm: dict[str, PeerProcess]) -> None:
     body = remote.fine_tuning().body
     peer = swarm["a"].peer_id  # layers 0:10
@@ -114,7 +119,9 @@ def test_training_passes_refuse_bad_requests_clearly(remote: RemoteModel, swarm:
     name = "layers.3.self_attn.o_proj.lora_"
     assert "without its" in refusal(GradRequest(model_id, 0, 10, hidden, adapters={name + "A": a}))
     wrong_rank = {name + "A": torch.zeros(4, 576), name + "B": torch.zeros(576, 2)}
-    assert "several ranks ([2, 4])" in refusal(GradRequest(model_id, 0, 10, hidden, adapters=wrong_rank))
+    assert "has rank 2; its lora_A has rank 4" in refusal(GradRequest(model_id, 0, 10, hidden, adapters=wrong_rank))
+    two_ranks = {**o_proj_pair(name, 4), **o_proj_pair("layers.4.self_attn.o_proj.lora_", 2)}
+    assert "several ranks ([2, 4])" in refusal(GradRequest(model_id, 0, 10, hidden, adapters=two_ranks))
     wrong_shape = {name + "A": torch.zeros(4, 500), name + "B": torch.zeros(576, 4)}
     assert "needs [rank, 576]" in refusal(GradRequest(model_id, 0, 10, hidden, adapters=wrong_shape))
     outside = {n.replace("layers.3", "layers.12"): t for n, t in wrong_shape.items()}

@@ -101,6 +101,8 @@ def check_adapters(cfg: ModelConfig, adapters: dict[str, Tensor], start: int, en
             raise LoraError(f"adapter {name} comes without its {other}")
         a = adapters[name[:-1] + "A"]
         rank = a.shape[0] if a.ndim == 2 else 0
+        if which == "B" and tensor.ndim == 2 and tensor.shape[0] == fan_out and 0 < rank != tensor.shape[1]:
+            raise LoraError(f"adapter {name} has rank {tensor.shape[1]}; its lora_A has rank {rank}")
         want = (rank, fan_in) if which == "A" else (fan_out, rank)
         if rank < 1 or tuple(tensor.shape) != want:
             raise LoraError(
