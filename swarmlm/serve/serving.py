@@ -162,7 +162,8 @@ class OpenAIServing:
         if choice in (None, "none", "auto"):
             return None
         if not tools:
-            raise APIError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+            wanted = choice if isinstance(choice, str) else f"naming {choice.function.name!r}"
+            raise APIError(400, f"tool_choice {wanted} needs tools", param="tool_choice")
         if isinstance(choice, NamedToolChoice):
             tools = [t for t in tools if t.function.name == choice.function.name]
             if not tools:
