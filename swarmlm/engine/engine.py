@@ -71,6 +71,9 @@ class Engine:
                 f"the request needs {need} tokens of KV cache but this peer's budget holds "
                 f"{self.executor.capacity_tokens}"
             )
+        self._check_vocabulary(prompt_ids)
+
+    def _check_vocabulary(self, prompt_ids: list[int]) -> None:
         if bad := [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary")
 
@@ -111,8 +114,7 @@ class Engine:
             raise ValueError("embeddings need the whole model in one process: ask a `swarmlm serve` server")
         if not prompt_ids or len(prompt_ids) > self.max_model_len:
             raise ValueError(f"an input must have 1 to {self.max_model_len} tokens, not {len(prompt_ids)}")
-        if bad := [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary")
+        self._check_vocabulary(prompt_ids)
         return torch.nn.functional.normalize(self.executor.embed(prompt_ids), dim=0)
 
     @property

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from swarmlm.engine.async_engine import AsyncEngine, RequestHandle
 from swarmlm.engine.sequence import Sequence, StepOutput
 from swarmlm.model.tokenizer import Tokenizer
-from swarmlm.serve.protocol import ChatCompletionResponse, CompletionResponse, Usage
+from swarmlm.serve.protocol import ChatCompletionResponse, CompletionResponse, ToolCall, Usage
 from swarmlm.serve.streaming import merged, sse_response, unless_disconnected
 from swarmlm.serve.tool_calls import CallStream, parse_answer
 
@@ -143,6 +143,12 @@ class ToolChatChoices(ChatChoices):
     def __init__(self, tokenizer: Tokenizer, logprobs: bool) -> None:
         super().__init__(tokenizer, logprobs)
         self.streams: dict[Sequence, CallStream] = {}
+        self.parsed: dict[Sequence, tuple[str | None, list[ToolCall]]] = {}  # finished, unstreamed answers
+
+    def _parse(self, seq: Sequence) -> tuple[str | None, list[ToolCall]]:
+        if seq not in self.parsed:
+            self.parsed[seq] = parse_answer(seq.text)
+        return self.parsed[seq]
 
     def delta(self, out: StepOutput) -> dict[str, Any]:
         stream = self.streams.setdefault(out.seq, CallStream())
@@ -156,11 +162,11 @@ class ToolChatChoices(ChatChoices):
     def finish(self, seq: Sequence) -> str | None:
         reason = super().finish(seq)
         stream = self.streams.get(seq)
-        called = stream.calls if stream is not None else len(parse_answer(seq.text)[1])
+        called = stream.calls if stream is not None else len(self._parse(seq)[1])
         return "tool_calls" if reason == "stop" and called else reason
 
     def choice(self, prompt: int, seq: Sequence, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
-        content, calls = parse_answer(seq.text)
+        content, calls = self._parse(seq)
         message = {"content": content, "tool_calls": [c.model_dump() for c in calls] or None}
         return {**super().choice(prompt, seq, logprobs), "message": message}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import hashlib
 import time
 from typing import Any
@@ -238,20 +239,29 @@ class OpenAIServing:
         """The prompt of a chat; with `tools`, 400 unless the chat template lists them (it has tool support)."""
         if not self.tokenizer.has_chat_template:
             raise APIError(400, f"model {self.model_id!r} has no chat template; use /v1/completions")
-        entries = template_messages(messages)
-        try:
-            text = self.tokenizer.chat_prompt(entries, [t.model_dump(exclude_none=True) for t in tools or []] or None)
-            without = self.tokenizer.chat_prompt(entries) if tools else None
-        except Exception as e:  # jinja templates raise for unsupported role orders
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from e
-        if text == without:
+        if tools and not self._template_lists_tools:
             raise APIError(
                 400,
                 f"the chat template of model {self.model_id!r} has no tool support (it ignores tools); serve it "
                 "with a --chat-template that lists them",
                 param="tools",
             )
-        return text
+        try:
+            return self.tokenizer.chat_prompt(
+                template_messages(messages), [t.model_dump(exclude_none=True) for t in tools or []] or None
+            )
+        except Exception as e:  # jinja templates raise for unsupported role orders
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from e
+
+    @functools.cached_property
+    def _template_lists_tools(self) -> bool:
+        """Whether the chat template renders tools at all (a server's template never changes)."""
+        probe = [{"role": "user", "content": "?"}]
+        tool = {"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}
+        try:
+            return self.tokenizer.chat_prompt(probe, [tool]) != self.tokenizer.chat_prompt(probe)
+        except Exception:  # a template that fails on tools has no support for them either
+            return False
 
     # ----- embeddings ----------------------------------------------------------------------------------
     async def embeddings(self, req: EmbeddingRequest, request: Request) -> EmbeddingResponse:
