@@ -55,11 +55,13 @@ VOCAB = 49152  # the embedded SmolLM2 tokenizer's
 STAGE = re.compile(r"pipeline stage (\d+) of \d+")
 
 
-def state_bytes(size: str, stages: int) -> list[int]:
-    """Per stage: fp32 weights, gradients, AdamW's two moments, DiLoCo's global copy and momentum (6 x 4
-    bytes a parameter), counted from the model's shapes (the stages `swarmlm train` splits it into)."""
-    config = dataclasses.replace(preset_config(size, VOCAB, 64, None), tie_word_embeddings=False)
-    return [span_weight_bytes(config, a, b, True, "fp32", "none") * 6 for a, b in stage_layers(config, stages)]
+def state_bytes(args: argparse.Namespace, stages: int) -> list[int]:
+    """Per stage: weights, gradients, the inner optimizer's moments (AdamW: two; Adafactor: next to none),
+    DiLoCo's global copy and its momentum (if any), at the run's dtype, counted from the model's shapes
+    (the stages `swarmlm train` splits it into)."""
+    config = dataclasses.replace(preset_config(args.size, VOCAB, 64, None), tie_word_embeddings=False)
+    copies = 3 + (2 if args.optimizer == "adamw" else 0) + (1 if args.outer_momentum else 0)
+    return [span_weight_bytes(config, a, b, True, args.dtype, "none") * copies for a, b in stage_layers(config, stages)]
 
 
 class Watch:
@@ -154,6 +156,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--inner-lr", type=float, default=3e-3)
     ap.add_argument("--kill-at", type=float, default=0.5)
+    ap.add_argument("--peers-per-stage", type=int, default=2)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
+    ap.add_argument("--outer-lr", type=float, default=0.7)
+    ap.add_argument("--outer-momentum", type=float, default=0.9)
+    ap.add_argument(
+        "--no-one-process", dest="one_process", action="store_false", help="skip (a): the whole model does not fit"
+    )
     args = ap.parse_args()
     # The runs' checkpoints (every peer keeps its last rounds': 7-24 GB a run) go when the bench ends.
     with tempfile.TemporaryDirectory(prefix="swarmlm-pipeline-bench-") as folder:
@@ -164,81 +174,80 @@ def measure(args: argparse.Namespace, root: Path) -> None:
     data = root / "data"
     prepare(default_corpus_files()[:4], data, block_size=64)
     common = ("--size", args.size, "--inner-steps", str(args.inner_steps), "--batch-size", str(args.batch_size))
-    common += (
-        "--inner-lr",
-        str(args.inner_lr),
-        "--eval-blocks",
-        "32",
-        "--matchmaking-time",
-        "2",
-        "--min-group-size",
-        "1",
-    )
+    common += ("--inner-lr", str(args.inner_lr), "--eval-blocks", "32", "--matchmaking-time", "2")
+    common += ("--min-group-size", "1", "--dtype", args.dtype, "--optimizer", args.optimizer)
+    common += ("--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum))
+    # A stage of one peer waits for its restart: the others' calls to it retry that long.
+    common += ("--averaging-timeout", "60" if args.peers_per_stage > 1 else "600")
     tokens_per_batch = args.batch_size * 63
-    console.print("(a) one process ...")
-    one = run_phase(
-        data,
-        root / "one",
-        1,
-        ("--pipeline-stages", "1", "--rounds", str(6 * args.rounds), *common),
-        None,
-        6 * args.rounds,
-    )
-    console.print("(b) 3 stages x 2 peers ...")
+    n = 3 * args.peers_per_stage
+    micro_batches = n * args.rounds * args.inner_steps
+    one = None
+    if args.one_process:
+        console.print("(a) one process ...")
+        rounds = n * args.rounds
+        one = run_phase(
+            data, root / "one", 1, ("--pipeline-stages", "1", "--rounds", str(rounds), *common), None, rounds
+        )
+    console.print(f"(b) 3 stages x {args.peers_per_stage} peers ...")
     pipe = run_phase(
         data,
         root / "pipe",
-        6,
-        ("--pipeline-stages", "3", "--rounds", str(args.rounds), "--min-peers", "2", *common),
+        n,
+        ("--pipeline-stages", "3", "--rounds", str(args.rounds), "--min-peers", str(args.peers_per_stage), *common),
         args.kill_at,
         args.rounds,
     )
-    micro_batches = 6 * args.rounds * args.inner_steps
+    state = {"one": state_bytes(args, 1)[0], "stages": state_bytes(args, 3)}
+    tokens = micro_batches * tokens_per_batch
     result = {
         "settings": vars(args),
         "micro_batches": micro_batches,
-        "tokens": micro_batches * tokens_per_batch,
+        "tokens": tokens,
         "one": one,
         "pipeline": pipe,
-        "loss_ratio": pipe["val_loss"] / one["val_loss"],
-        "memory_ratio": max(pipe["peak_rss"]) / one["peak_rss"][0],
-        "state_bytes": {"one": state_bytes(args.size, 1)[0], "stages": state_bytes(args.size, 3)},
-        "tokens_per_s": {
-            "one": micro_batches * tokens_per_batch / one["wall_s"],
-            "pipeline": micro_batches * tokens_per_batch / pipe["wall_s"],
-        },
+        "loss_ratio": pipe["val_loss"] / one["val_loss"] if one else None,
+        # without (a): the largest peer against the whole model's counted state, which no peer held
+        "memory_ratio": max(pipe["peak_rss"]) / (one["peak_rss"][0] if one else state["one"]),
+        "state_bytes": state,
+        "tokens_per_s": {"one": tokens / one["wall_s"] if one else None, "pipeline": tokens / pipe["wall_s"]},
     }
     report(result)
     save_result("pipeline", result)
 
 
 def report(r: dict[str, Any]) -> None:
-    one, pipe = r["one"], r["pipeline"]
+    one, pipe, k = r["one"], r["pipeline"], r["settings"]["peers_per_stage"]
+    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
     table = Table(title=f"pipeline training, {r['micro_batches']} micro-batches ({r['tokens']:,} tokens) each way")
-    for column in ("", "(a) one process", "(b) 3 stages x 2 peers", "(b)/(a)"):
+    for column in ("", "(a) one process", f"(b) 3 stages x {k} peers", "(b)/(a)"):
         table.add_column(column)
-    table.add_row("final val loss", f"{one['val_loss']:.4f}", f"{pipe['val_loss']:.4f}", f"{r['loss_ratio']:.3f}")
+    a_loss = f"{one['val_loss']:.4f}" if one else "not run"
+    ratio = f"{r['loss_ratio']:.3f}" if one else ""
+    table.add_row("final val loss", a_loss, f"{pipe['val_loss']:.4f}", ratio)
     tps = r["tokens_per_s"]
-    table.add_row("tokens/s", f"{tps['one']:.0f}", f"{tps['pipeline']:.0f}", f"{tps['pipeline'] / tps['one']:.2f}")
-    table.add_row(
-        "peak RSS (largest peer)",
-        f"{one['peak_rss'][0] / 1e9:.2f} GB",
-        f"{max(pipe['peak_rss']) / 1e9:.2f} GB",
-        f"{r['memory_ratio']:.2f}",
-    )
+    a_tps, tps_ratio = (f"{tps['one']:.0f}", f"{tps['pipeline'] / tps['one']:.2f}") if one else ("", "")
+    table.add_row("tokens/s", a_tps, f"{tps['pipeline']:.0f}", tps_ratio)
     state = r["state_bytes"]
     table.add_row(
+        "peak RSS (largest peer)",
+        gb(one["peak_rss"][0]) if one else f"(counted state {gb(state['one'])})",
+        gb(max(pipe["peak_rss"])),
+        f"{r['memory_ratio']:.2f}",
+    )
+    table.add_row(
         "training state (counted)",
-        f"{state['one'] / 1e9:.2f} GB",
-        f"{max(state['stages']) / 1e9:.2f} GB",
+        gb(state["one"]),
+        gb(max(state["stages"])),
         f"{max(state['stages']) / state['one']:.2f}",
     )
     for s in range(3):
         util = [u for u, st in zip(pipe["utilization"], pipe["stages"], strict=True) if st == s]
         table.add_row(f"stage {s} CPU utilization", "", " ".join(f"{u:.2f}" for u in util), "")
-    table.add_row("(a) CPU utilization", f"{one['utilization'][0]:.2f}", "", "")
-    table.add_row("rounds done (every peer)", str(one["rounds_done"]), str(pipe["rounds_done"]), "")
-    table.add_row("exit codes", str(one["exit_codes"]), str(pipe["exit_codes"]), "")
+    if one:
+        table.add_row("(a) CPU utilization", f"{one['utilization'][0]:.2f}", "", "")
+    table.add_row("rounds done (every peer)", str(one["rounds_done"]) if one else "", str(pipe["rounds_done"]), "")
+    table.add_row("exit codes", str(one["exit_codes"]) if one else "", str(pipe["exit_codes"]), "")
     console.print(table)
     if pipe["killed"]:
         console.print(

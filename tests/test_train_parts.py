@@ -71,7 +71,13 @@ def test_rules_agree_without_attackers():
 
 @pytest.mark.parametrize(
     ("option", "named"),
-    [({"run_id": "my.run"}, "--run-id"), ({"wire": "fp8"}, "--wire"), ({"min_group_size": 0}, "--min-group-size")],
+    [
+        ({"run_id": "my.run"}, "--run-id"),
+        ({"wire": "fp8"}, "--wire"),
+        ({"min_group_size": 0}, "--min-group-size"),
+        ({"mode": "ddp", "optimizer": "adafactor"}, "--optimizer adamw"),
+        ({"dtype": "bf16", "wire": "fp16"}, "--wire fp32"),
+    ],
 )
 def test_a_bad_option_is_named(tmp_path: Path, option: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
@@ -237,7 +243,7 @@ def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str
     ahead.round = 1
     ahead.publish()
     meta, tensors = ahead.shared()
-    behind.load_shared(meta, tensors)
+    assert behind.load_shared(meta, tensors)
     assert behind.digest() == ahead.digest()
     if mode == "diloco":  # the outer momentum travels; inner AdamW state is each peer's own
         for a, b in zip(ahead.global_params, behind.global_params, strict=True):
@@ -250,3 +256,49 @@ def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str
         t._clip_and_step()
     for a, b in zip(ahead.model.params, behind.model.params, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_download_that_changed_while_streamed_is_not_taken(tmp_path: Path) -> None:
+    """DiLoCo's shared state is handed out live (no copy): a step between the offer and the end of the
+    stream shows in the weights' digest, and the downloader keeps what it had."""
+    from swarmlm.train.data import default_corpus_files, prepare
+    from swarmlm.train.trainer import Trainer
+
+    prepare(default_corpus_files()[:1], tmp_path / "data", train_tokenizer=300, block_size=32)
+    cfg = TrainConfig(data=tmp_path / "data", run_dir=tmp_path / "a", batch_size=2, inner_steps=3)
+    ahead, behind = Trainer(cfg), Trainer(TrainConfig(**{**vars(cfg), "run_dir": tmp_path / "b", "seed": 1}))
+    assert all(t.is_shared() for t in ahead.outer.momentum() + ahead.global_params)
+    meta, tensors = ahead.shared()
+    ahead.outer.step([torch.ones_like(g) for g in ahead.global_params])  # after the offer, as if mid-stream
+    before = behind.digest()
+    assert not behind.load_shared(meta, [t.clone() for t in tensors])
+    assert behind.digest() == before and behind.round == 0
+
+
+def test_a_bf16_adafactor_peer_holds_half_the_weights_and_next_to_no_optimizer_state(tmp_path: Path) -> None:
+    """`--dtype bf16 --optimizer adafactor`, the recipe for peers short of memory: weights and the global
+    copy in bf16, Adafactor's factored moments (a row and a column per matrix), the loss falling, and a
+    checkpoint that restores the same bf16 state."""
+    from swarmlm.train.data import default_corpus_files, prepare
+    from swarmlm.train.trainer import Trainer
+
+    prepare(default_corpus_files()[:1], tmp_path / "data", train_tokenizer=300, block_size=32)
+    cfg = TrainConfig(
+        data=tmp_path / "data", run_dir=tmp_path / "a", dtype="bf16", optimizer="adafactor", inner_lr=0.3, batch_size=4
+    )
+    lean = Trainer(cfg)
+    assert {p.dtype for p in lean.model.params + lean.global_params} == {torch.bfloat16}
+    batches = lean.shards.batches(4, seed=0)
+    losses = []
+    for i in range(12):
+        losses.append(lean._inner_step(next(batches)[1], i))
+        lean._clip_and_step()
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.3, losses
+    weights = sum(p.numel() for p in lean.model.params)
+    moments = sum(t.numel() for s in lean.inner.optimizer.state.values() for t in s.values() if t.ndim)
+    assert 0 < moments < weights / 20
+    lean.round = 1
+    lean.save(losses[-1])
+    again = Trainer(cfg)
+    assert again.restore() and again.digest() == lean.digest()
+    assert all(torch.equal(a, b) for a, b in zip(again.model.params, lean.model.params, strict=True))

@@ -1,4 +1,5 @@
-"""The inner optimizer: AdamW on a peer's local weights, its learning-rate schedule, and its steps.
+"""The inner optimizer: AdamW (or Adafactor, `--optimizer`) on a peer's local weights, its learning-rate
+schedule, and its steps.
 
 In DiLoCo each peer's AdamW state is its own. In DDP mode every peer takes the same steps, so the moments
 are part of what peers hold in common and travel to a newcomer (`moments`, `load_moments`).
@@ -19,7 +20,13 @@ from swarmlm.train.train_config import TrainConfig
 class InnerOptimizer:
     def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
         self.params = params
-        self.adamw = torch.optim.AdamW(params, lr=cfg.inner_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.AdamW(params, lr=cfg.inner_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+            if cfg.optimizer == "adamw"
+            # Adafactor keeps a row and a column of second moments per matrix, no first moment: a stage's
+            # optimizer state is a few MB where AdamW's is twice its weights.
+            else torch.optim.Adafactor(params, lr=cfg.inner_lr, weight_decay=cfg.weight_decay)
+        )
         self.steps_done = 0  # by this peer, across rounds and restarts
 
     def schedule(self, cfg: TrainConfig, round_: int, step_in_round: int) -> None:
@@ -31,24 +38,24 @@ class InnerOptimizer:
         warm = min(1.0, (warm_steps + 1) / max(1, cfg.warmup_steps))
         progress = min(1.0, global_step / (cfg.rounds * cfg.inner_steps))
         decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        for group in self.adamw.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = cfg.inner_lr * warm * decay
 
     def step(self) -> None:
         """Clip the gradients' norm to 1 and step."""
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.adamw.step()
+        self.optimizer.step()
         self.zero_grad()
         self.steps_done += 1
 
     def zero_grad(self) -> None:
-        self.adamw.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def moments(self) -> list[Tensor]:
         """Per parameter: its AdamW first and second moments and step count."""
         state = []
         for p in self.params:
-            s = self.adamw.state.get(p, {})
+            s = self.optimizer.state.get(p, {})
             step = torch.tensor(float(s.get("step", 0)))
             state += [
                 s.get("exp_avg", torch.zeros_like(p)).clone(),
@@ -60,11 +67,11 @@ class InnerOptimizer:
     def load_moments(self, tensors: list[Tensor]) -> None:
         moments = zip(tensors[0::3], tensors[1::3], tensors[2::3], strict=True)
         for p, (avg, avg_sq, step) in zip(self.params, moments, strict=True):
-            self.adamw.state[p] = {"step": step.clone(), "exp_avg": avg.clone(), "exp_avg_sq": avg_sq.clone()}
+            self.optimizer.state[p] = {"step": step.clone(), "exp_avg": avg.clone(), "exp_avg_sq": avg_sq.clone()}
 
     def state_dict(self) -> dict[str, Any]:
-        return flatten_optimizer("inner", self.adamw) | {"inner_steps_done": self.steps_done}
+        return flatten_optimizer("inner", self.optimizer) | {"inner_steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        restore_optimizer("inner", self.adamw, state)
+        restore_optimizer("inner", self.optimizer, state)
         self.steps_done = int(state["inner_steps_done"])

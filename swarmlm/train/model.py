@@ -21,7 +21,7 @@ from swarmlm.model.llama import LlamaSpan
 from swarmlm.model.lora import LORA_ALPHA_PER_RANK, LORA_TARGETS, save_adapter
 from swarmlm.model.model_config import ModelConfig
 from swarmlm.model.tokenizer import Tokenizer
-from swarmlm.train.train_config import TrainConfig, preset_config
+from swarmlm.train.train_config import DTYPES, TrainConfig, preset_config
 
 
 @dataclass
@@ -101,7 +101,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, context: int, eos_token_id: i
         model_cfg, span = loaded.config, loaded.span
         if model_cfg.vocab_size < vocab_size:
             raise ValueError(f"the data's vocabulary ({vocab_size}) exceeds the model's ({model_cfg.vocab_size})")
-    span.train()
+    span.to(DTYPES[cfg.dtype]).train()
     module: nn.Module = span
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model

@@ -133,7 +133,7 @@ class StageServer(ServicerBase):
 
     def _compute(self, call: StageCall) -> StageReply:
         x = call.tensors["x"]
-        x = x.long() if self.stage == 0 else x.float()
+        x = x.long() if self.stage == 0 else x.to(self.params[0].dtype)
         positions = torch.arange(x.shape[1])
         with self.lock:
             if call.kind == "forward":

@@ -29,7 +29,7 @@ from swarmlm.train.pipeline_stage import StageServer, stage_layers
 from swarmlm.train.progress import TrainProgress
 from swarmlm.train.round_report import RoundReport
 from swarmlm.train.swarm_link import SwarmLink
-from swarmlm.train.train_config import TrainConfig, preset_config
+from swarmlm.train.train_config import DTYPES, TrainConfig, preset_config
 from swarmlm.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class PipelineTrainer(Trainer):
         start, end = stage_layers(config, self.stages)[self.stage]
         span = LlamaSpan(config, start, end)
         init_weights_by_name(span, self.cfg.seed)
-        span.train().requires_grad_(True)
+        span.to(DTYPES[self.cfg.dtype]).train().requires_grad_(True)
         named = list(span.named_parameters())
         return PipelineModel(
             span, config, [n for n, _ in named], [p for _, p in named], self.stage, self.stages, self.peers

@@ -68,7 +68,7 @@ class Replica(Protocol):
 
     def shared(self) -> SharedState: ...
 
-    def load_shared(self, meta: StateMeta, tensors: list[Tensor]) -> None: ...
+    def load_shared(self, meta: StateMeta, tensors: list[Tensor]) -> bool: ...
 
 
 class SwarmLink:
@@ -159,8 +159,8 @@ class SwarmLink:
             loaded = self._averager().load_state_from_peers(timeout=30) if self.best_shared_round() >= wanted else None
             if loaded:
                 meta, tensors = loaded
-                if meta.get("round", -1) >= wanted and meta.get("names") == self.names:
-                    self.replica.load_shared(meta, list(tensors))
+                fits = meta.get("round", -1) >= wanted and meta.get("names") == self.names
+                if fits and self.replica.load_shared(meta, list(tensors)):
                     return True
             if time.monotonic() >= deadline:
                 return False

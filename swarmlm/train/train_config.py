@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from swarmlm.core.settings import LOCALHOST_MADDRS, setting
 from swarmlm.model.model_config import ModelConfig
 
@@ -17,7 +19,9 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "small": (256, 6, 8, 4, 768),
     "base": (576, 12, 9, 3, 1536),
     "135m": (576, 30, 9, 3, 1536),  # SmolLM2-135M's shape
+    "1.7b": (2048, 24, 32, 32, 8192),  # SmolLM2-1.7B's shape
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def preset_config(name: str, vocab_size: int, context: int, eos_token_id: int | None) -> ModelConfig:
@@ -60,6 +64,12 @@ class TrainConfig:
     model: str | None = setting(None, help="Fine-tune this .gguf / HF directory instead")
     lora_rank: int = setting(0, help="> 0: train LoRA adapters of this rank only (peft); only they travel")
     seed: int = setting(0, help="Initial weights' seed (the same on every peer of a run)")
+    dtype: str = setting(
+        "fp32",
+        help="Weights, gradients and optimizer state in fp32, or bf16 (half the memory; an update below bf16's "
+        "precision is lost)",
+        choices=tuple(DTYPES),
+    )
     pipeline_stages: int = setting(
         0,
         help="> 0: split the model into this many stages across peers (SWARM pipeline training); this peer "
@@ -73,7 +83,13 @@ class TrainConfig:
     # DiLoCo
     mode: str = setting("diloco", help="diloco, or ddp (average gradients every step: the baseline)")
     inner_steps: int = setting(50, help="H: local AdamW steps per round")
-    inner_lr: float = setting(1e-3, help="Inner (AdamW) learning rate")
+    optimizer: str = setting(
+        "adamw",
+        help="Inner optimizer: adamw, or adafactor (factored second moments: next to no state, for peers "
+        "short of memory)",
+        choices=("adamw", "adafactor"),
+    )
+    inner_lr: float = setting(1e-3, help="Inner learning rate")
     warmup_steps: int = setting(20, help="Inner steps of linear learning-rate warmup")
     # Measured by the global round, so a latecomer decays in step.
     min_lr_ratio: float = setting(
@@ -124,10 +140,16 @@ class TrainConfig:
             raise ValueError("--inner-steps, --rounds and --batch-size must be positive")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("--min-lr-ratio must be between 0 and 1")
+        if self.dtype not in DTYPES or self.optimizer not in ("adamw", "adafactor"):
+            raise ValueError(f"--dtype {self.dtype!r} / --optimizer {self.optimizer!r}: see --help for the choices")
+        if self.mode == "ddp" and self.optimizer != "adamw":
+            raise ValueError("--mode ddp shares the AdamW moments: --optimizer adamw")
         if self.wire is None:
-            self.wire = "fp32" if self.mode == "ddp" else "fp16"
+            self.wire = "fp32" if self.mode == "ddp" or self.dtype == "bf16" else "fp16"
         if self.wire not in WIRE_FORMATS:
             raise ValueError(f"--wire must be one of {', '.join(WIRE_FORMATS)}, not {self.wire!r}")
+        if self.dtype == "bf16" and self.wire != "fp32":  # hivemind's fp16 and int8 codecs take no bf16
+            raise ValueError("--dtype bf16 averages its tensors as they are: --wire fp32 (bf16 bytes, uncompressed)")
         if self.min_group_size < 1:
             raise ValueError("--min-group-size must be at least 1")
         if self.min_peers < 1 or self.start_wait < 0:

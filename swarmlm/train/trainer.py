@@ -120,33 +120,38 @@ class Trainer:
         return tensors_digest(zip(self.model.names, self.global_params, strict=True))
 
     def _snapshot(self) -> SharedState:
-        """The global weights and the optimizer state peers hold in common: DiLoCo's outer momentum, or in
-        DDP mode the AdamW moments (every peer takes the same steps)."""
+        """The optimizer state peers hold in common (DiLoCo's outer momentum; DDP's AdamW moments), then the
+        global weights. DiLoCo's are live (outer.py): a step before the weights, last, are all streamed
+        shows in their digest, and the download is refused."""
         meta: StateMeta = {"round": self.round, "digest": self.digest(), "names": self.model.names}
-        common = self.inner.moments() if self.cfg.mode == "ddp" else self.outer.momentum()
-        return meta, [g.detach().clone() for g in self.global_params] + common
+        if self.cfg.mode == "ddp":
+            return meta, self.inner.moments() + [g.detach().clone() for g in self.global_params]
+        return meta, self.outer.momentum() + [g.detach() for g in self.global_params]
 
     def shared(self) -> SharedState:
-        """The state a newcomer downloads (the averager's thread calls it): DiLoCo's, copied when asked (it
-        changes only at the outer step, under the lock); DDP's, copied at the round's end (it moves each step)."""
+        """The state a newcomer downloads (the averager's thread calls it): DiLoCo's as it is (it changes
+        only at the outer step); DDP's as copied at the round's end (it moves each step)."""
         with self.weights_lock:
             return self._shared_state if self._shared_state is not None else self._snapshot()
 
-    def load_shared(self, meta: StateMeta, tensors: list[Tensor]) -> None:
-        n = len(self.global_params)
+    def load_shared(self, meta: StateMeta, tensors: list[Tensor]) -> bool:
+        """Take a downloaded state; False (nothing taken) if its weights are not those its digest names."""
+        common, weights = tensors[: -len(self.global_params)], tensors[-len(self.global_params) :]
+        if tensors_digest(zip(self.model.names, weights, strict=True)) != meta.get("digest"):
+            logger.warning("a downloaded state did not match its digest: not taken")
+            return False
         with torch.no_grad(), self.weights_lock:
-            copy_into(self.global_params, tensors[:n])
+            copy_into(self.global_params, weights)
             if self.cfg.mode == "ddp":
-                self.inner.load_moments(tensors[n:])
+                self.inner.load_moments(common)
             else:
-                self.outer.load_momentum(tensors[n:])
+                self.outer.load_momentum(common)
             copy_into(self.model.params, self.global_params)
             self.round = int(meta["round"])
-        if self.digest() != meta.get("digest"):
-            raise RuntimeError("downloaded state does not match its digest")
         logger.info("caught up: downloaded round %d from a peer", self.round)
         self._late = True
         self.publish()
+        return True
 
     def publish(self) -> None:
         with self.weights_lock:
@@ -178,9 +183,8 @@ class Trainer:
     def _diloco_round(self, batches: Batches, on_step: StepCallback) -> tuple[list[float], float, int]:
         compute, losses, early = 0.0, [], None
         h = self.cfg.inner_steps
-        # Matchmaking starts about the matchmaking time's worth of steps before the end (the last round's
-        # pace); a peer that just downloaded the state, behind the others by the download, queues at its first
-        # step so the group waits for it rather than forming without it (it would download again, and again).
+        # Matchmaking starts a matchmaking time's worth of steps before the end (at the last round's pace);
+        # a peer that just downloaded the state queues at its first step, so the group waits for it.
         late, self._late = self._late, False
         lead = math.ceil(self.cfg.matchmaking_time / self._step_seconds) if self._step_seconds else 0
         begin = 0 if late else max(0, h - lead) if lead else None  # the step at which matchmaking starts
@@ -227,11 +231,10 @@ class Trainer:
     def _ddp_round(self, batches: Batches, on_step: StepCallback) -> tuple[list[float], float, int]:
         """The baseline: every step's gradients are averaged before the optimizer step.
 
-        A one-sided failure (the others applied a step, we did not) leaves us off the group's state. Only
-        the last step decides who is in step at the round's end: the peers whose last step applied the
-        average from the group's own starting state publish the next round, the others download it. A
-        sticky "strayed once this round" flag would not do: with a few failures per round every peer
-        strays at some step, nobody publishes, and the run never advances."""
+        A one-sided failure (the others applied a step, we did not) leaves us off the group's state. The
+        last step alone decides who is in step at the round's end (peers whose last step applied the
+        group's average publish the next round, the others download it): with a sticky "strayed once"
+        flag, a few failures a round would leave nobody to publish."""
         compute, losses, group, in_step, start = 0.0, [], 0, False, self.round
         for i in range(self.cfg.inner_steps):
             self.position, batch = next(batches)
@@ -271,8 +274,7 @@ class Trainer:
         return losses, compute, group if self.round > start else 0  # a re-sync that failed averaged nothing
 
     def _averaging_failed(self) -> None:
-        """A round that found no group, or whose all-reduce broke (`_average` already took the others'
-        state if they moved on): give up after `patience` such rounds in a row."""
+        """A round with no group, or a broken all-reduce: give up after `patience` such rounds in a row."""
         if self.round > self._sent_base[0]:  # caught up with the others meanwhile
             self.failures = 0
             return
@@ -284,8 +286,7 @@ class Trainer:
             )
 
     def _resync(self, base: tuple[int, str]) -> None:
-        """We averaged from another starting point than the group's: take the group's result from a
-        member instead of applying ours (it publishes round base + 1 right after its outer step)."""
+        """We started elsewhere than the group: take its result (round base + 1) from a member instead."""
         logger.warning("round %d: this peer started from another state than its group: re-syncing", base[0] + 1)
         if not self.swarm.catch_up(at_least=base[0] + 1, wait=30.0):
             logger.warning("re-sync failed: no peer shares round %d yet; trying again next round", base[0] + 1)
@@ -365,8 +366,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a restarted peer needs to go on where it stopped (and `eval`/`export` to rebuild the
-        model): weights, both optimizers, round, data position, RNG, privacy spent."""
+        """All a restarted peer (and `eval`/`export`) needs: weights, optimizers, round, data, RNG, privacy."""
         local = {f"local.{i}": p for i, p in enumerate(self.model.params)}
         state: dict[str, Any] = self.outer.state_dict() | local | self.inner.state_dict()
         return state | {
