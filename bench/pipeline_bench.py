@@ -5,9 +5,14 @@ vocabulary and untied embeddings, trained from the same seeded weights on the em
 blocks). Both phases train the same number of micro-batches of --batch-size blocks:
 
   (a) one process: `--pipeline-stages 1`, one peer holding every layer, --rounds x 6 rounds;
-  (b) 3 stages x 2 peers, each driving its share of micro-batches through all three stages, --rounds
-      rounds; one stage-1 peer is killed (kill -9) once the run is --kill-at of the way through and
-      restarted 5 s later (it resumes its stage from its checkpoint).
+  (b) 3 stages x 2 peers (--peers-per-stage), each driving its share of micro-batches through all three
+      stages, --rounds rounds; one stage-1 peer is killed (kill -9) once the run is --kill-at of the way
+      through and restarted 5 s later (it resumes its stage from its checkpoint).
+
+For a model no one process here can train (SmolLM2-1.7B's shape: 43.5 GB of fp32 AdamW + DiLoCo state),
+--no-one-process skips (a), and the lean recipe (--dtype bf16 --optimizer adafactor, no outer momentum)
+with one peer per stage fits three stages on this machine; --memory-cap-gb puts each peer in a memory
+cgroup (root) smaller than the whole model's state, so that no peer could have held it.
 
 Reported: each phase's final validation loss (b: the median over its peers, each evaluating the whole
 pipeline) and their ratio (target <= 1.05), wall time and micro-batch tokens per second, each peer's
@@ -18,6 +23,9 @@ scheduler on this machine's cores, as `make bench-train` leaves DiLoCo's.
 
     make bench-pipeline
     .venv/bin/python bench/pipeline_bench.py [--size small] [--rounds 2] [--inner-steps 8] [--batch-size 4]
+    .venv/bin/python bench/pipeline_bench.py --size 1.7b --no-one-process --peers-per-stage 1 --dtype bf16 \
+        --optimizer adafactor --inner-lr 0.3 --outer-lr 1 --outer-momentum 0 --memory-cap-gb 7 \
+        --rounds 2 --inner-steps 4 --batch-size 2
 
 Output: a table (stderr); the last line of stdout is `BENCH_JSON {...}`; the same JSON goes to
 bench/results/pipeline-<time>.json. Past runs: bench/RESULTS.md.
@@ -48,7 +56,7 @@ from swarmlm.train.train_config import PRESETS, preset_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
 from bench_output import save_result
-from proc_stats import cpu_seconds, memory
+from proc_stats import capped_cgroup_exists, cpu_seconds, memory, memory_cap_prefix, release_cap
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 VOCAB = 49152  # the embedded SmolLM2 tokenizer's
@@ -109,11 +117,13 @@ def final_val(peer: TrainerProcess) -> float:
 
 
 def run_phase(
-    data: Path, root: Path, n: int, args: tuple[str, ...], kill_at: float | None, rounds: int
+    data: Path, root: Path, n: int, args: tuple[str, ...], kill_at: float | None, rounds: int, cap: int | None = None
 ) -> dict[str, Any]:
+    """`cap`: each peer runs in a memory cgroup of this many bytes (proc_stats.memory_cap_prefix)."""
     watch = Watch()
     t0 = time.monotonic()
-    peers = start_run(data, root, n, args)
+    peers = start_run(data, root, n, args, prefix=memory_cap_prefix(cap) if cap else ())
+    pids = [p.proc.pid for p in peers]
     for i, peer in enumerate(peers):
         watch.add(i, peer)
     watch.start()
@@ -128,11 +138,14 @@ def run_phase(
             killed = {"peer": victim, "at": time.monotonic() - t0}
             time.sleep(5)
             peers[victim] = peers[victim].restart(peers[(victim + 1) % n].maddr)
+            pids.append(peers[victim].proc.pid)
             watch.add(victim, peers[victim])
         codes = [p.finish(3600) for p in peers]
     finally:
         watch.stop()
         stop_all(peers)
+        for pid in pids:
+            release_cap(pid)
     wall = time.monotonic() - t0
     stages = [int(m.group(1)) if (m := STAGE.search(p.log.read_text())) else 0 for p in peers]
     return {
@@ -164,7 +177,10 @@ def main() -> None:
     ap.add_argument(
         "--no-one-process", dest="one_process", action="store_false", help="skip (a): the whole model does not fit"
     )
+    ap.add_argument("--memory-cap-gb", type=float, help="(b): each peer in a memory cgroup of this size (root)")
     args = ap.parse_args()
+    if args.memory_cap_gb and not capped_cgroup_exists():
+        raise SystemExit("--memory-cap-gb needs root and a writable cgroup v1 memory controller")
     # The runs' checkpoints (every peer keeps its last rounds': 7-24 GB a run) go when the bench ends.
     with tempfile.TemporaryDirectory(prefix="swarmlm-pipeline-bench-") as folder:
         measure(args, Path(folder))
@@ -197,6 +213,7 @@ def measure(args: argparse.Namespace, root: Path) -> None:
         ("--pipeline-stages", "3", "--rounds", str(args.rounds), "--min-peers", str(args.peers_per_stage), *common),
         args.kill_at,
         args.rounds,
+        int(args.memory_cap_gb * 1e9) if args.memory_cap_gb else None,
     )
     state = {"one": state_bytes(args, 1)[0], "stages": state_bytes(args, 3)}
     tokens = micro_batches * tokens_per_batch
@@ -235,6 +252,8 @@ def report(r: dict[str, Any]) -> None:
         gb(max(pipe["peak_rss"])),
         f"{r['memory_ratio']:.2f}",
     )
+    if cap := r["settings"]["memory_cap_gb"]:
+        table.add_row("memory cap (each peer)", "", f"{cap:.1f} GB", "")
     table.add_row(
         "training state (counted)",
         gb(state["one"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -16,3 +17,33 @@ def memory(pid: int) -> dict[str, int]:
     """A process's resident memory now and at its peak (VmRSS and VmHWM of /proc/PID/status), in bytes."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     return {"rss_bytes": int(fields["VmRSS"].split()[0]) << 10, "peak_rss_bytes": int(fields["VmHWM"].split()[0]) << 10}
+
+
+MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")  # cgroup v1's memory controller, as on these machines
+
+
+def memory_cap_prefix(limit_bytes: int) -> tuple[str, ...]:
+    """A command prefix that runs a process in a memory cgroup of its own capped at `limit_bytes` (named
+    after its pid; children it starts later are capped with it): a peer with that much memory. Root only."""
+    script = (
+        f'cg={MEMORY_CGROUPS}/swarmlm-cap-$$ && mkdir "$cg" && echo {limit_bytes} > "$cg/memory.limit_in_bytes" '
+        '&& echo $$ > "$cg/cgroup.procs" && exec "$@"'
+    )
+    return ("sh", "-c", script, "sh")
+
+
+def capped_cgroup_exists() -> bool:
+    """Whether this machine lets us make memory cgroups (root, cgroup v1 memory controller mounted rw)."""
+    probe = MEMORY_CGROUPS / f"swarmlm-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+        return True
+    except OSError:
+        return False
+
+
+def release_cap(pid: int) -> None:
+    """Remove a finished process's cgroup (made by `memory_cap_prefix`)."""
+    with contextlib.suppress(OSError):
+        (MEMORY_CGROUPS / f"swarmlm-cap-{pid}").rmdir()

@@ -21,7 +21,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 from torch import Tensor
 
@@ -39,8 +38,8 @@ class GrammarError(ValueError):
 
 
 def apply_bitmask(logits: Tensor, mask: Tensor) -> None:
-    """-inf in `logits` (one row) wherever the int32 bitmask disallows a token. llguidance's own CPU apply
-    took 4-16 ms a row here; this lookup some 0.2 ms."""
+    """-inf in `logits` (one row) wherever the bitmask (int32 words or their bytes) disallows a token.
+    llguidance's own CPU apply took 4-16 ms a row here; this lookup some 0.2 ms."""
     allowed = _BITS[mask.view(torch.uint8).flatten().long()].flatten()[: logits.shape[-1]]
     logits.masked_fill_(~allowed, float("-inf"))
 
@@ -102,12 +101,11 @@ class TokenMatcher:
         self.ll = llguidance.LLMatcher(grammar.tokenizer, grammar.text)
         if self.ll.is_error():
             raise GrammarError(self.ll.get_error())
-        self.mask = llguidance.torch.allocate_token_bitmask(1, grammar.vocab_size)
 
     def constrain_(self, logits: Tensor) -> None:
         """-inf for every token the grammar does not allow next (one row of logits, on the host)."""
-        llguidance.torch.fill_next_token_bitmask(self.ll, self.mask, 0)
-        apply_bitmask(logits, self.mask)
+        # (not llguidance.torch's helpers: importing that module runs torch.compile, 4 s of every start)
+        apply_bitmask(logits, torch.frombuffer(bytearray(self.ll.compute_bitmask()), dtype=torch.uint8))
 
     def consume(self, token: int) -> None:
         """Advance past the drawn token (one `constrain_` allowed)."""

@@ -57,19 +57,22 @@ def start_run(
     per_peer: dict[int, tuple[str, ...]] | None = None,
     threads: int = 1,
     pin: bool = False,
+    prefix: tuple[str, ...] = (),
 ) -> list[TrainerProcess]:
     """`n` peers of one run, each training on its own slice of `data` (`--data-part rank/n`) in
     `root/peer<rank>`, started by `start_peers`. `pin`: peer `rank` runs on core `rank mod cores` only, so
     peers sharing the cores share them evenly, as peers on machines of their own would compute at one
     pace (left to the OS scheduler, 4 peers on 2 cores ran ~10 % apart, and every round waits for the
     slowest). The peers of a fresh run wait for one another at round 1 (`--min-peers n`, unless `args`
-    say otherwise)."""
+    say otherwise). `prefix`: a command every peer runs under (after `taskset`)."""
     cores = sorted(os.sched_getaffinity(0))
 
     def make(rank: int, boot: str | None) -> TrainerProcess:
         own = (per_peer or {}).get(rank, ())
         peer_args = ("--data", str(data), "--data-part", f"{rank}/{n}", "--min-peers", str(n), *args, *own)
-        prefix = ("taskset", "--cpu-list", str(cores[rank % len(cores)])) if pin else ()
-        return TrainerProcess(*peer_args, run_dir=root / f"peer{rank}", initial=boot, threads=threads, prefix=prefix)
+        pinned = ("taskset", "--cpu-list", str(cores[rank % len(cores)])) if pin else ()
+        return TrainerProcess(
+            *peer_args, run_dir=root / f"peer{rank}", initial=boot, threads=threads, prefix=(*pinned, *prefix)
+        )
 
     return start_peers(n, make)

@@ -96,8 +96,7 @@ class StagePeers:
         the same stage, so a joining peer first says so, waits JOIN_SETTLE seconds, and then deals the
         joining peers it sees (by when they joined) one by one to the least-served stage: each of them
         deals the same way and takes the stage dealt to it."""
-        joined = get_dht_time()
-        self.dht.store(stages_key(self.run_id), {"joined": joined}, joined + ANNOUNCE_TTL, subkey=self.me)
+        self.note_joining()
         time.sleep(JOIN_SETTLE)
         counts = {s: len(p) for s, p in self.holders(fresh=True).items()}
         joining = [peer for _, peer in self._joining] or [self.me]
@@ -110,10 +109,15 @@ class StagePeers:
                 return stage
         raise AssertionError("unreachable: we are among the joining peers")
 
+    def note_joining(self) -> None:
+        """Say we are joining (before our stage is served): peers done with their rounds wait for us."""
+        joined = get_dht_time()
+        self.dht.store(stages_key(self.run_id), {"joined": joined}, joined + ANNOUNCE_TTL, subkey=self.me)
+
     def others_training(self) -> int:
-        """Live peers of the run, other than us, that have not finished their rounds."""
+        """Live peers of the run, other than us, that have not finished their rounds or are joining."""
         self.holders(fresh=True)
-        return len(self._training - {self.me})
+        return len((self._training | {peer for _, peer in self._joining}) - {self.me})
 
     def mark_done(self, done: bool = True) -> None:
         """Our rounds are done (we still serve our stage: others may still need it), or, with False, that

@@ -34,6 +34,7 @@ from swarmlm.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 LINGER_LIMIT = 1800.0  # at most this long serving others after our own rounds
+QUIET_CHECKS = 10.0  # seconds between the two checks that find nobody training before we leave
 
 
 def make_trainer(cfg: TrainConfig) -> Trainer:
@@ -63,6 +64,7 @@ class PipelineTrainer(Trainer):
         if marker.exists():
             held = json.loads(marker.read_text())
             if held.get("stages") == self.stages:
+                self.peers.note_joining()  # a restart: peers done with their rounds wait while we load
                 return int(held["stage"])
         stage = self.peers.choose_stage()
         atomic_write(marker, json.dumps({"stage": stage, "stages": self.stages}))
@@ -124,10 +126,19 @@ class PipelineTrainer(Trainer):
     def finish(self) -> None:
         """Our rounds are done: serve our stage while other peers of the run still train (their micro-batches
         need every stage), then linger as every trainer does."""
-        deadline = time.monotonic() + LINGER_LIMIT
-        while (training := self.peers.others_training()) and time.monotonic() < deadline:
-            logger.info("serving stage %d while %d other peer(s) still train", self.stage, training)
-            time.sleep(5.0)
+        deadline, quiet = time.monotonic() + LINGER_LIMIT, 0
+        # Nobody training twice in a row, QUIET_CHECKS apart: a crashed peer's note expires some 15 s after
+        # it died, and its restart notes itself only once its process is up.
+        while time.monotonic() < deadline:
+            if training := self.peers.others_training():
+                logger.info("serving stage %d while %d other peer(s) still train", self.stage, training)
+                quiet = 0
+                time.sleep(5.0)
+                continue
+            quiet += 1
+            if quiet == 2:
+                break
+            time.sleep(QUIET_CHECKS)
         super().finish()
 
     def close(self) -> None:
