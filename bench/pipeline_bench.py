@@ -16,16 +16,17 @@ cgroup (root) smaller than the whole model's state, so that no peer could have h
 
 Reported: each phase's final validation loss (b: the median over its peers, each evaluating the whole
 pipeline) and their ratio (target <= 1.05), wall time and micro-batch tokens per second, each peer's
-peak RSS (its main process: weights, gradients, optimizer state) against (a)'s (target <= 0.5) beside the
-state's size counted from the parameters, each peer's CPU utilization (CPU seconds / wall seconds) by
+peak memory (the summed PSS of its processes: the trainer, its forked averager and p2pd, sampled every
+0.5 s) against (a)'s (target <= 0.5), its main process's peak RSS, the state's size counted from the
+parameters, each peer's CPU utilization (CPU seconds / wall seconds) by
 stage, and whether every round of every peer completed across the kill. Peers are left to the OS
 scheduler on this machine's cores, as `make bench-train` leaves DiLoCo's.
 
     make bench-pipeline
     .venv/bin/python bench/pipeline_bench.py [--size small] [--rounds 2] [--inner-steps 8] [--batch-size 4]
     .venv/bin/python bench/pipeline_bench.py --size 1.7b --no-one-process --peers-per-stage 1 --dtype bf16 \
-        --optimizer adafactor --inner-lr 0.3 --outer-lr 1 --outer-momentum 0 --memory-cap-gb 7 \
-        --rounds 2 --inner-steps 4 --batch-size 2
+        --optimizer adafactor --inner-lr 0.3 --outer-lr 1 --outer-momentum 0 --memory-cap-gb 8 \
+        --rounds 2 --inner-steps 4 --batch-size 2 --eval-blocks 8
 
 Output: a table (stderr); the last line of stdout is `BENCH_JSON {...}`; the same JSON goes to
 bench/results/pipeline-<time>.json. Past runs: bench/RESULTS.md.
@@ -56,7 +57,7 @@ from swarmlm.train.train_config import PRESETS, preset_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
 from bench_output import save_result
-from proc_stats import capped_cgroup_exists, cpu_seconds, memory, memory_cap_prefix, release_cap
+from proc_stats import capped_cgroup_exists, cpu_seconds, memory, memory_cap_prefix, release_cap, tree_pss
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 VOCAB = 49152  # the embedded SmolLM2 tokenizer's
@@ -97,9 +98,11 @@ class Watch:
             for i, peer in enumerate(list(self.peers)):
                 try:
                     mem, cpu = memory(peer.proc.pid), cpu_seconds(peer.proc.pid)
+                    pss = tree_pss(peer.proc.pid)
                 except (OSError, KeyError):
                     continue
-                f = self.figures.setdefault(i, {"peak_rss": 0.0, "cpu_s": 0.0, "cpu_before": 0.0})
+                f = self.figures.setdefault(i, {"peak_rss": 0.0, "peak_pss": 0.0, "cpu_s": 0.0, "cpu_before": 0.0})
+                f["peak_pss"] = max(f["peak_pss"], pss)
                 if cpu < f["cpu_s"] - f["cpu_before"]:  # a restarted process: its CPU time starts again
                     f["cpu_before"] = f["cpu_s"]
                 f["peak_rss"] = max(f["peak_rss"], mem["peak_rss_bytes"])
@@ -156,6 +159,7 @@ def run_phase(
         "stages": stages,
         "rounds_done": [max((r["round"] for r in p.rounds()), default=0) for p in peers],
         "peak_rss": [watch.figures.get(i, {}).get("peak_rss", 0) for i in range(n)],
+        "peak_pss": [watch.figures.get(i, {}).get("peak_pss", 0) for i in range(n)],
         "utilization": [watch.figures[i]["cpu_s"] / watch.figures[i]["wall_s"] for i in range(n)],
         "killed": killed,
     }
@@ -169,6 +173,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--inner-lr", type=float, default=3e-3)
     ap.add_argument("--kill-at", type=float, default=0.5)
+    ap.add_argument("--eval-blocks", type=int, default=32, help="validation blocks each peer evaluates a round")
     ap.add_argument("--peers-per-stage", type=int, default=2)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
@@ -190,7 +195,7 @@ def measure(args: argparse.Namespace, root: Path) -> None:
     data = root / "data"
     prepare(default_corpus_files()[:4], data, block_size=64)
     common = ("--size", args.size, "--inner-steps", str(args.inner_steps), "--batch-size", str(args.batch_size))
-    common += ("--inner-lr", str(args.inner_lr), "--eval-blocks", "32", "--matchmaking-time", "2")
+    common += ("--inner-lr", str(args.inner_lr), "--eval-blocks", str(args.eval_blocks), "--matchmaking-time", "2")
     common += ("--min-group-size", "1", "--dtype", args.dtype, "--optimizer", args.optimizer)
     common += ("--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum))
     # A stage of one peer waits for its restart: the others' calls to it retry that long.
@@ -224,8 +229,9 @@ def measure(args: argparse.Namespace, root: Path) -> None:
         "one": one,
         "pipeline": pipe,
         "loss_ratio": pipe["val_loss"] / one["val_loss"] if one else None,
-        # without (a): the largest peer against the whole model's counted state, which no peer held
-        "memory_ratio": max(pipe["peak_rss"]) / (one["peak_rss"][0] if one else state["one"]),
+        # a peer's memory: its processes' summed PSS (main, averager, p2pd); without (a), the largest
+        # peer against the whole model's counted state, which no peer held
+        "memory_ratio": max(pipe["peak_pss"]) / (one["peak_pss"][0] if one else state["one"]),
         "state_bytes": state,
         "tokens_per_s": {"one": tokens / one["wall_s"] if one else None, "pipeline": tokens / pipe["wall_s"]},
     }
@@ -247,10 +253,17 @@ def report(r: dict[str, Any]) -> None:
     table.add_row("tokens/s", a_tps, f"{tps['pipeline']:.0f}", tps_ratio)
     state = r["state_bytes"]
     table.add_row(
-        "peak RSS (largest peer)",
-        gb(one["peak_rss"][0]) if one else f"(counted state {gb(state['one'])})",
-        gb(max(pipe["peak_rss"])),
+        "peak memory (largest peer: PSS of its processes)",
+        gb(one["peak_pss"][0]) if one else f"(counted state {gb(state['one'])})",
+        gb(max(pipe["peak_pss"])),
         f"{r['memory_ratio']:.2f}",
+    )
+    a_rss = one["peak_rss"][0] if one else None
+    table.add_row(
+        "peak RSS (largest main process)",
+        gb(a_rss) if a_rss else "",
+        gb(max(pipe["peak_rss"])),
+        f"{max(pipe['peak_rss']) / a_rss:.2f}" if a_rss else "",
     )
     if cap := r["settings"]["memory_cap_gb"]:
         table.add_row("memory cap (each peer)", "", f"{cap:.1f} GB", "")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import time
 from pathlib import Path
 
 
@@ -17,6 +19,33 @@ def memory(pid: int) -> dict[str, int]:
     """A process's resident memory now and at its peak (VmRSS and VmHWM of /proc/PID/status), in bytes."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     return {"rss_bytes": int(fields["VmRSS"].split()[0]) << 10, "peak_rss_bytes": int(fields["VmHWM"].split()[0]) << 10}
+
+
+def descendants(pid: int) -> list[int]:
+    """A process and every process under it (children through /proc/PID/task/*/children)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
+def tree_pss(pid: int) -> int:
+    """Bytes a process and its descendants hold, each page counted once however many of them map it (the
+    sum of their proportional set sizes): a peer's main process, its forked averager and its p2pd."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) << 10 for line in rollup.splitlines() if line.startswith("Pss:"))
+    return total
 
 
 MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")  # cgroup v1's memory controller, as on these machines
@@ -44,6 +73,15 @@ def capped_cgroup_exists() -> bool:
 
 
 def release_cap(pid: int) -> None:
-    """Remove a finished process's cgroup (made by `memory_cap_prefix`)."""
+    """Remove a finished process's cgroup (made by `memory_cap_prefix`), ending what it left in it (a
+    torch_shm_manager outlives its peer by a minute)."""
+    group = MEMORY_CGROUPS / f"swarmlm-cap-{pid}"
     with contextlib.suppress(OSError):
-        (MEMORY_CGROUPS / f"swarmlm-cap-{pid}").rmdir()
+        for left in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(left), signal.SIGKILL)
+        for _ in range(20):  # a killed task leaves its cgroup a moment later
+            with contextlib.suppress(OSError):
+                group.rmdir()
+                return
+            time.sleep(0.1)

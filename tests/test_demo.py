@@ -39,8 +39,8 @@ def test_demo_train_survives_a_crash_and_serves_its_model(tmp_path) -> None:
     """`swarmlm demo train` (shortened): three peers train, one is killed and restarted, the loss curve
     is printed, and a local swarm serves the exported model."""
     port = free_port()
-    cmd = [sys.executable, "-m", "swarmlm.cli", "demo", "train", "--work-dir", str(tmp_path), "--rounds", "4"]
-    cmd += ["--inner-steps", "10", "--port", str(port)]
+    cmd = [sys.executable, "-m", "swarmlm.cli", "demo", "train", "--work-dir", str(tmp_path), "--rounds", "3"]
+    cmd += ["--inner-steps", "6", "--port", str(port)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr

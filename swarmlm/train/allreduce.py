@@ -94,12 +94,25 @@ class _Contributions:
 class RobustPartReducer(TensorPartReducer):
     """Aggregates one part at a time with `rule` once all live senders contributed it."""
 
-    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, rule: Aggregator, wire: CompressionBase):
+    def __init__(
+        self,
+        part_shapes: Sequence[torch.Size],
+        num_senders: int,
+        rule: Aggregator,
+        wire: CompressionBase,
+        remote_senders: int,
+    ):
         self.rule, self.wire = rule, wire
         # Each aggregate as sent: re-encoding a decoded int8 part gives other bytes (a new codebook), so
-        # every member, this reducer included, decodes this one message.
+        # every member, this reducer included, decodes this one message. Kept until every remote sender
+        # took it (`take_message`), not to the end: the whole vector's messages would pile up.
         self.messages: dict[int, runtime_pb2.Tensor] = {}
+        self._takers, self._taken = remote_senders, dict[int, int]()
         super().__init__(part_shapes, num_senders)
+
+    def take_message(self, part_index: int) -> runtime_pb2.Tensor:
+        self._taken[part_index] = taken = self._taken.get(part_index, 0) + 1
+        return self.messages.pop(part_index) if taken >= self._takers else self.messages[part_index]
 
     def reset_accumulators(self) -> None:
         super().reset_accumulators()
@@ -146,7 +159,11 @@ class RobustAllReduceRunner(AllReduceRunner):
             self.ordered_peer_ids.index(self.peer_id)
         )
         self.tensor_part_reducer = RobustPartReducer(
-            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), rule, compression
+            tuple(part.shape for part in self.parts_for_local_averaging),
+            len(self.sender_peer_ids),
+            rule,
+            compression,
+            remote_senders=len(self.sender_peer_ids) - (self.peer_id in self.sender_peer_ids),
         )
         self.bytes_sent = bytes_sent
 
@@ -180,7 +197,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
                 await self.tensor_part_reducer.accumulate_part(sender_index, received, part, weight=weight)
-                message = self.tensor_part_reducer.messages[received]
+                message = self.tensor_part_reducer.take_message(received)
                 received += 1
                 yield self._count(averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=message))
         finally:
@@ -228,6 +245,11 @@ class RobustAverager(DecentralizedAverager):
         self, tensors: Sequence[Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs: Any
     ) -> None:
         group_id = group_info.group_id if group_id is None else group_id
+        if group_info.peer_ids == (self.peer_id,):  # alone: the aggregate of our contribution is itself
+            self._running_groups[group_id].cancel()  # (no runner for others to find)
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
+            return
         runner = RobustAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),

@@ -88,7 +88,9 @@ class PipelineTrainer(Trainer):
         )
 
     def connect(self) -> SwarmLink:
-        self.link = SwarmLink(self.cfg, self.identity, self, self.global_params, self.model.names, dht=self._dht)
+        self.link = SwarmLink(
+            self.cfg, self.identity, self, self.global_params, self.model.names, self._dht, self.model.params
+        )
         module = self.model.module
         assert isinstance(module, LlamaSpan)
         self.server = StageServer(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol, TypedDict
 
@@ -82,9 +82,13 @@ class SwarmLink:
         like: list[Tensor],
         names: list[str],
         dht: DHT | None = None,
+        rewritten: Sequence[Tensor] = (),
     ) -> None:
         """`like`: tensors shaped as what is averaged; `names`: the trained tensors' names, which a download
-        must match; `dht`: a node already started (the link owns it from then on), else it starts one."""
+        must match; `dht`: a node already started (the link owns it from then on), else it starts one;
+        `rewritten`: tensors the trainer rewrites every step (its weights). hivemind forks the averager's
+        process from ours: pages it inherits copy-on-write, our steps then copy, so it would keep a stale
+        copy of every weight (3.8 GB in a 1.7B stage's averager). They go to shared memory first."""
         from swarmlm.core.dht import DAEMON_START_TIMEOUT, start_dht
 
         self.cfg, self.replica, self.names = cfg, replica, names
@@ -101,6 +105,8 @@ class SwarmLink:
             self.loop = LoopThread("swarmlm-ledger")
             self.p2p = self.loop.run(self.dht.replicate_p2p(), DAEMON_START_TIMEOUT)
             self.ledger = RoundLedger(LedgerSync(ledger, self.loop, self.p2p, self.membership), cfg, identity.peer_id)
+            for tensor in rewritten:
+                tensor.share_memory_()
             self.averager = RobustAverager(
                 [torch.zeros_like(t) for t in like],
                 self.dht,

@@ -101,7 +101,8 @@ class Trainer:
     # ---- the swarm ---------------------------------------------------------------------------------
 
     def connect(self) -> SwarmLink:
-        self.link = SwarmLink(self.cfg, self.identity, self, self.global_params, self.model.names)
+        cfg, names = self.cfg, self.model.names
+        self.link = SwarmLink(cfg, self.identity, self, self.global_params, names, None, self.model.params)
         return self.link
 
     @property
@@ -310,7 +311,7 @@ class Trainer:
         if progress is not None:
             progress.start_run(self.round, cfg.rounds)
         while self.round < cfg.rounds:
-            wall0, sent0 = time.perf_counter(), self._bytes_sent()
+            wall0, sent0 = time.perf_counter(), self.link.bytes_sent() if self.link else 0
             on_step = progress.step if progress is not None else (lambda i, loss: None)
             if progress is not None:
                 progress.start_round(self.round, cfg.rounds)
@@ -318,7 +319,8 @@ class Trainer:
                 self.link.publish_membership()
             run_round = self._diloco_round if cfg.mode == "diloco" else self._ddp_round
             losses, compute, group = run_round(batches, on_step)
-            reports.append(self._report(losses, compute, group, wall0, self._bytes_sent() - sent0, progress))
+            sent = (self.link.bytes_sent() if self.link else 0) - sent0
+            reports.append(self._report(losses, compute, group, wall0, sent, progress))
             if group:
                 self.save(reports[-1].val_loss)
                 if self.link is not None and self.link.ledger is not None:
@@ -354,9 +356,6 @@ class Trainer:
             if self.link is not None:
                 self.link.announce(report.round, report.group_size, self.curve)
         return report
-
-    def _bytes_sent(self) -> int:
-        return self.link.bytes_sent() if self.link is not None else 0
 
     def finish(self) -> None:
         """After the last round: linger for stragglers and collect the last round's ledger entries."""
