@@ -101,12 +101,12 @@ class Watch:
                     pss = tree_pss(peer.proc.pid)
                 except (OSError, KeyError):
                     continue
-                f = self.figures.setdefault(i, {"peak_rss": 0.0, "peak_pss": 0.0, "cpu_s": 0.0, "cpu_before": 0.0})
+                f = self.figures.setdefault(i, {"peak_rss": 0.0, "peak_pss": 0.0, "cpu_before": 0.0, "cpu_last": 0.0})
+                if f.get("pid", peer.proc.pid) != peer.proc.pid:  # restarted: its CPU time starts again
+                    f["cpu_before"], f["cpu_last"] = f["cpu_before"] + f["cpu_last"], 0.0
+                f["pid"], f["cpu_last"], f["cpu_s"] = peer.proc.pid, cpu, f["cpu_before"] + cpu
                 f["peak_pss"] = max(f["peak_pss"], pss)
-                if cpu < f["cpu_s"] - f["cpu_before"]:  # a restarted process: its CPU time starts again
-                    f["cpu_before"] = f["cpu_s"]
                 f["peak_rss"] = max(f["peak_rss"], mem["peak_rss_bytes"])
-                f["cpu_s"] = f["cpu_before"] + cpu
                 f["wall_s"] = time.monotonic() - self.started[i]
 
     def stop(self) -> None:
