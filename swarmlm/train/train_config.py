@@ -82,7 +82,7 @@ class TrainConfig:
     batch_size: int = setting(8, help="Sequences per inner step")
     # DiLoCo
     mode: str = setting("diloco", help="diloco, or ddp (average gradients every step: the baseline)")
-    inner_steps: int = setting(50, help="H: local AdamW steps per round")
+    inner_steps: int = setting(50, help="H: local optimizer steps per round")
     optimizer: str = setting(
         "adamw",
         help="Inner optimizer: adamw, or adafactor (factored second moments: next to no state, for peers "
