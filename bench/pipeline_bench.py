@@ -80,6 +80,7 @@ class Watch:
         self.peers: list[TrainerProcess] = []
         self.figures: dict[int, dict[str, float]] = {}  # index in `peers` -> peak_rss, cpu_s, wall_s
         self.started: dict[int, float] = {}
+        self.pids: dict[int, int] = {}  # index -> the process its figures were last sampled from
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -102,9 +103,9 @@ class Watch:
                 except (OSError, KeyError):
                     continue
                 f = self.figures.setdefault(i, {"peak_rss": 0.0, "peak_pss": 0.0, "cpu_before": 0.0, "cpu_last": 0.0})
-                if f.get("pid", peer.proc.pid) != peer.proc.pid:  # restarted: its CPU time starts again
-                    f["cpu_before"], f["cpu_last"] = f["cpu_before"] + f["cpu_last"], 0.0
-                f["pid"], f["cpu_last"], f["cpu_s"] = peer.proc.pid, cpu, f["cpu_before"] + cpu
+                if self.pids.setdefault(i, peer.proc.pid) != peer.proc.pid:  # restarted: CPU time starts again
+                    f["cpu_before"], f["cpu_last"], self.pids[i] = f["cpu_before"] + f["cpu_last"], 0.0, peer.proc.pid
+                f["cpu_last"], f["cpu_s"] = cpu, f["cpu_before"] + cpu
                 f["peak_pss"] = max(f["peak_pss"], pss)
                 f["peak_rss"] = max(f["peak_rss"], mem["peak_rss_bytes"])
                 f["wall_s"] = time.monotonic() - self.started[i]

@@ -101,11 +101,14 @@ class TokenMatcher:
         self.ll = llguidance.LLMatcher(grammar.tokenizer, grammar.text)
         if self.ll.is_error():
             raise GrammarError(self.ll.get_error())
+        self.mask = torch.empty((grammar.vocab_size + 31) // 32, dtype=torch.int32)  # one bit a token
 
     def constrain_(self, logits: Tensor) -> None:
         """-inf for every token the grammar does not allow next (one row of logits, on the host)."""
-        # (not llguidance.torch's helpers: importing that module runs torch.compile, 4 s of every start)
-        apply_bitmask(logits, torch.frombuffer(bytearray(self.ll.compute_bitmask()), dtype=torch.uint8))
+        # Into our own buffer, as llguidance.torch's helper does: importing that module runs torch.compile
+        # (4 s of every process start).
+        self.ll.unsafe_compute_mask_ptr(self.mask.data_ptr(), self.mask.numel() * self.mask.element_size())
+        apply_bitmask(logits, self.mask)
 
     def consume(self, token: int) -> None:
         """Advance past the drawn token (one `constrain_` allowed)."""
