@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from swarmlm.model.checkpoint import save_hf_checkpoint
 from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.loading import DTYPES
 from swarmlm.model.lora import LORA_ALPHA_PER_RANK, LORA_TARGETS, save_adapter
 from swarmlm.model.model_config import ModelConfig
 from swarmlm.model.tokenizer import Tokenizer
-from swarmlm.train.train_config import DTYPES, TrainConfig, preset_config
+from swarmlm.train.train_config import TrainConfig, preset_config
 
 
 @dataclass

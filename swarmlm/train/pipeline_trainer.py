@@ -23,13 +23,14 @@ from swarmlm.core.dht import start_dht
 from swarmlm.core.files import atomic_write
 from swarmlm.core.identity import Identity
 from swarmlm.model.llama import LlamaSpan
+from swarmlm.model.loading import DTYPES
 from swarmlm.train.model import init_weights_by_name
 from swarmlm.train.pipeline_model import PipelineModel, StagePeers
 from swarmlm.train.pipeline_stage import StageServer, stage_layers
 from swarmlm.train.progress import TrainProgress
 from swarmlm.train.round_report import RoundReport
 from swarmlm.train.swarm_link import SwarmLink
-from swarmlm.train.train_config import DTYPES, TrainConfig, preset_config
+from swarmlm.train.train_config import TrainConfig, preset_config
 from swarmlm.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)

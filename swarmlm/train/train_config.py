@@ -6,8 +6,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from swarmlm.core.settings import LOCALHOST_MADDRS, setting
 from swarmlm.model.model_config import ModelConfig
 
@@ -21,7 +19,9 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "135m": (576, 30, 9, 3, 1536),  # SmolLM2-135M's shape
     "1.7b": (2048, 24, 32, 32, 8192),  # SmolLM2-1.7B's shape
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# names of swarmlm.model.loading.DTYPES a trainer may hold its weights in (no torch import: the CLI parses
+# options without loading torch)
+TRAIN_DTYPES = ("fp32", "bf16")
 
 
 def preset_config(name: str, vocab_size: int, context: int, eos_token_id: int | None) -> ModelConfig:
@@ -68,7 +68,7 @@ class TrainConfig:
         "fp32",
         help="Weights, gradients and optimizer state in fp32, or bf16 (half the memory; an update below bf16's "
         "precision is lost)",
-        choices=tuple(DTYPES),
+        choices=TRAIN_DTYPES,
     )
     pipeline_stages: int = setting(
         0,
@@ -140,7 +140,7 @@ class TrainConfig:
             raise ValueError("--inner-steps, --rounds and --batch-size must be positive")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("--min-lr-ratio must be between 0 and 1")
-        if self.dtype not in DTYPES or self.optimizer not in ("adamw", "adafactor"):
+        if self.dtype not in TRAIN_DTYPES or self.optimizer not in ("adamw", "adafactor"):
             raise ValueError(f"--dtype {self.dtype!r} / --optimizer {self.optimizer!r}: see --help for the choices")
         if self.mode == "ddp" and self.optimizer != "adamw":
             raise ValueError("--mode ddp shares the AdamW moments: --optimizer adamw")
