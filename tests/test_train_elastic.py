@@ -15,6 +15,8 @@ import torch
 
 from swarmlm.launch.peers import stop_all
 from swarmlm.launch.trainers import TrainerProcess
+from swarmlm.model.loading import LoadedModel, load_model
+from swarmlm.model.lora import load_adapter
 from swarmlm.train.checkpointer import saved_rounds
 from swarmlm.train.data import default_corpus_files, prepare
 from tests.training_runs import FAST, SHORT, averaged, finish, start_trainers, wait_for
@@ -62,12 +64,9 @@ def test_join_crash_resume_and_a_corrupt_checkpoint(data: Path, tmp_path: Path) 
     assert len({f["digest"] for f in final}) == 1
 
 
-def test_lora_fine_tune_of_the_embedded_model(tmp_path: Path) -> None:
+def test_lora_fine_tune_of_the_embedded_model(model: LoadedModel, tmp_path: Path) -> None:
     """Two peers fine-tune SmolLM2 with LoRA: only the adapters travel, both end with the same adapters,
     and the export folds them into a plain checkpoint that the serving stack loads."""
-    from swarmlm.model.loading import default_model_path, load_model
-    from swarmlm.model.lora import load_adapter
-
     data = tmp_path / "data"
     prepare(default_corpus_files()[:1], data, block_size=32)  # the embedded model's own tokenizer
     extra = ("--model", "SmolLM2-135M-Instruct", "--lora-rank", "4", "--inner-steps", "3", "--batch-size", "2")
@@ -83,7 +82,8 @@ def test_lora_fine_tune_of_the_embedded_model(tmp_path: Path) -> None:
     export = tmp_path / "exported"
     out = subprocess.run([sys.executable, "-m", "swarmlm.cli", "export", str(peers[0].run_dir), "--out", str(export)])
     assert out.returncode == 0
-    tuned, base = load_model(str(export)).span.state_dict(), load_model(str(default_model_path())).span.state_dict()
+    merged = load_model(str(export))
+    tuned, base = merged.span.state_dict(), model.span.state_dict()
     assert tuned.keys() == base.keys()  # adapters folded in: no LoRA tensors left
     changed = {name for name in base if not torch.equal(tuned[name], base[name])}
     assert changed and all(name.endswith("proj.weight") for name in changed)  # only adapted layers moved
@@ -91,12 +91,11 @@ def test_lora_fine_tune_of_the_embedded_model(tmp_path: Path) -> None:
     adapter = tmp_path / "adapter"
     cli = [sys.executable, "-m", "swarmlm.cli", "export", str(peers[0].run_dir), "--out", str(adapter), "--adapter"]
     assert subprocess.run(cli).returncode == 0
-    base_model, merged = load_model(str(default_model_path())), load_model(str(export))
-    lora = load_adapter(adapter, base_model.config, range(base_model.config.num_layers))
-    ids = torch.tensor([base_model.tokenizer.encode("To be, or not to be")])
+    lora = load_adapter(adapter, model.config, range(model.config.num_layers))
+    ids = torch.tensor([model.tokenizer.encode("To be, or not to be")])
     with torch.no_grad():
         want = merged.span(ids, torch.arange(ids.shape[1]))
-        got = base_model.span(ids, torch.arange(ids.shape[1]), lora=lora)
+        got = model.span(ids, torch.arange(ids.shape[1]), lora=lora)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

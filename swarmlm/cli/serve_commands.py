@@ -37,10 +37,14 @@ def peer(cfg: PeerConfig, gateway: GatewayConfig) -> None:
         except ValueError as e:
             fail(str(e))
         check_port_free(host, port, "--api")
-    from swarmlm.serve.gateway import run_peer_with_gateway
+        from swarmlm.serve.gateway import run_peer_with_gateway
+
+        setup_logging(logging.INFO)
+        exit_with(run_peer_with_gateway, cfg, gateway)
+    from swarmlm.swarm.peer import run_peer  # no gateway: no HTTP stack, tokenizer or engine to import (3 s)
 
     setup_logging(logging.INFO)
-    exit_with(run_peer_with_gateway, cfg, gateway)
+    exit_with(run_peer, cfg)
 
 
 @config_options(cfg=NetworkConfig)

@@ -20,7 +20,6 @@ import threading
 from typing import Any
 
 import llguidance
-import llguidance.hf
 import torch
 from torch import Tensor
 
@@ -56,6 +55,8 @@ class Grammars:
     def _ll_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._ll is None:
+                import llguidance.hf  # it imports transformers (2.5 s): not in a peer that never constrains
+
                 eos = self.tokenizer.eos_token_ids[0] if self.tokenizer.eos_token_ids else None
                 self._ll = llguidance.hf.from_tokenizer(self.tokenizer.hf, n_vocab=self.vocab_size, eos_token=eos)
             return self._ll

@@ -37,10 +37,9 @@ log = logging.getLogger("swarmlm.gateway")
 RATE_WINDOW = 10.0  # seconds of history behind the dashboard's tokens/s
 
 
-def run_peer_with_gateway(peer: PeerConfig, gateway: GatewayConfig | None) -> int:
-    """`swarmlm peer`: with `gateway`, the OpenAI API over the swarm runs beside the peer."""
-    if gateway is None or gateway.api is None:
-        return run_peer(peer)
+def run_peer_with_gateway(peer: PeerConfig, gateway: GatewayConfig) -> int:
+    """`swarmlm peer --api HOST:PORT`: the OpenAI API over the swarm runs beside the peer."""
+    assert gateway.api is not None  # without --api the CLI runs swarm.peer.run_peer alone
     host, port = parse_address(gateway.api)
     if gateway.api_keys is not None:
         load_keys(gateway.api_keys)  # a bad key file fails now, not when the gateway starts
