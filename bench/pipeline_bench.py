@@ -15,12 +15,13 @@ with one peer per stage fits three stages on this machine; --memory-cap-gb puts 
 cgroup (root) smaller than the whole model's state, so that no peer could have held it.
 
 Reported: each phase's final validation loss (b: the median over its peers, each evaluating the whole
-pipeline) and their ratio (target <= 1.05), wall time and micro-batch tokens per second, each peer's
-peak memory (the summed PSS of its processes: the trainer, its forked averager and p2pd, sampled every
-0.5 s) against (a)'s (target <= 0.5), its main process's peak RSS, the state's size counted from the
-parameters, each peer's CPU utilization (CPU seconds / wall seconds) by
-stage, and whether every round of every peer completed across the kill. Peers are left to the OS
-scheduler on this machine's cores, as `make bench-train` leaves DiLoCo's.
+pipeline once no peer trains any more, every stage still served) and their ratio (target <= 1.05), wall
+time and micro-batch tokens per second, each peer's peak memory (the summed PSS of its processes: the
+trainer, its forked DHT and averager, p2pd, sampled every 0.5 s; when, and by process) against (a)'s
+(target <= 0.5), its main process's peak RSS, the state's size counted from the parameters, each peer's
+CPU utilization (CPU seconds / wall seconds) by stage, and whether every round of every peer completed
+across the kill. Peers are left to the OS scheduler on this machine's cores, as `make bench-train`
+leaves DiLoCo's.
 
     make bench-pipeline
     .venv/bin/python bench/pipeline_bench.py [--size small] [--rounds 2] [--inner-steps 8] [--batch-size 4]
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import statistics
 import sys
@@ -53,6 +55,7 @@ from swarmlm.launch.trainers import TrainerProcess, start_run
 from swarmlm.model.memory import span_weight_bytes
 from swarmlm.train.data import default_corpus_files, prepare
 from swarmlm.train.pipeline_stage import stage_layers
+from swarmlm.train.pipeline_trainer import FINAL_EVAL
 from swarmlm.train.train_config import PRESETS, preset_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: import the sibling modules
@@ -81,6 +84,8 @@ class Watch:
         self.figures: dict[int, dict[str, float]] = {}  # index in `peers` -> peak_rss, cpu_s, wall_s
         self.started: dict[int, float] = {}
         self.pids: dict[int, int] = {}  # index -> the process its figures were last sampled from
+        self.peak_pss_by_process: dict[int, dict[str, int]] = {}  # index -> its processes' PSS at its peak
+        self.t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -106,7 +111,9 @@ class Watch:
                 if self.pids.setdefault(i, peer.proc.pid) != peer.proc.pid:  # restarted: CPU time starts again
                     f["cpu_before"], f["cpu_last"], self.pids[i] = f["cpu_before"] + f["cpu_last"], 0.0, peer.proc.pid
                 f["cpu_last"], f["cpu_s"] = cpu, f["cpu_before"] + cpu
-                f["peak_pss"] = max(f["peak_pss"], pss)
+                if sum(pss.values()) > f["peak_pss"]:
+                    f["peak_pss"], f["peak_pss_at"] = sum(pss.values()), time.monotonic() - self.t0
+                    self.peak_pss_by_process[i] = pss
                 f["peak_rss"] = max(f["peak_rss"], mem["peak_rss_bytes"])
                 f["wall_s"] = time.monotonic() - self.started[i]
 
@@ -116,8 +123,8 @@ class Watch:
 
 
 def final_val(peer: TrainerProcess) -> float:
-    reports = [r for r in peer.rounds() if r["val_loss"] == r["val_loss"]]  # not NaN
-    return reports[-1]["val_loss"]
+    """The peer's evaluation of the pipeline once no peer trained (pipeline_trainer.FINAL_EVAL)."""
+    return json.loads((peer.run_dir / FINAL_EVAL).read_text())["val_loss"]
 
 
 def run_phase(
@@ -161,6 +168,8 @@ def run_phase(
         "rounds_done": [max((r["round"] for r in p.rounds()), default=0) for p in peers],
         "peak_rss": [watch.figures.get(i, {}).get("peak_rss", 0) for i in range(n)],
         "peak_pss": [watch.figures.get(i, {}).get("peak_pss", 0) for i in range(n)],
+        "peak_pss_at_s": [watch.figures.get(i, {}).get("peak_pss_at", 0) for i in range(n)],
+        "peak_pss_by_process": [watch.peak_pss_by_process.get(i, {}) for i in range(n)],
         "utilization": [watch.figures[i]["cpu_s"] / watch.figures[i]["wall_s"] for i in range(n)],
         "killed": killed,
     }
@@ -282,6 +291,11 @@ def report(r: dict[str, Any]) -> None:
     table.add_row("rounds done (every peer)", str(one["rounds_done"]) if one else "", str(pipe["rounds_done"]), "")
     table.add_row("exit codes", str(one["exit_codes"]) if one else "", str(pipe["exit_codes"]), "")
     console.print(table)
+    for name, phase in (("(a)", one), ("(b)", pipe)):
+        if phase:  # the largest peer's processes at its peak
+            i = max(range(len(phase["peak_pss"])), key=phase["peak_pss"].__getitem__)
+            parts = ", ".join(f"{p} {gb(b)}" for p, b in sorted(phase["peak_pss_by_process"][i].items()))
+            console.print(f"{name} peer {i} peaked {phase['peak_pss_at_s'][i]:.0f} s into the phase: {parts}")
     if pipe["killed"]:
         console.print(
             f"killed peer {pipe['killed']['peer']} (stage 1) at {pipe['killed']['at']:.0f} s, restarted 5 s later"

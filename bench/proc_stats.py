@@ -35,17 +35,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def tree_pss(pid: int) -> int:
-    """Bytes a process and its descendants hold, each page counted once however many of them map it (the
-    sum of their proportional set sizes): a peer's main process, its forked averager and its p2pd."""
-    total = 0
+def tree_pss(pid: int) -> dict[str, int]:
+    """Bytes a process and its descendants hold, each page counted once however many of them map it (their
+    proportional set sizes), by process (its name and pid): a peer's main process, its forked DHT and
+    averager, its p2pd. Their sum is the peer's memory."""
+    found = {}
     for p in descendants(pid):
         try:
             rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+            name = Path(f"/proc/{p}/comm").read_text().strip()
         except OSError:
             continue
-        total += sum(int(line.split()[1]) << 10 for line in rollup.splitlines() if line.startswith("Pss:"))
-    return total
+        pss = (int(line.split()[1]) << 10 for line in rollup.splitlines() if line.startswith("Pss:"))
+        found[f"{name}:{p}"] = sum(pss)
+    return found
 
 
 MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")  # cgroup v1's memory controller, as on these machines

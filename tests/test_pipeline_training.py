@@ -10,6 +10,7 @@ import pytest
 
 from swarmlm.launch.trainers import TrainerProcess, start_run
 from swarmlm.train.checkpointer import load_checkpoint
+from swarmlm.train.pipeline_trainer import FINAL_EVAL
 from tests.test_cli_errors import USAGE, assert_error, swarmlm
 from tests.training_runs import averaged, finish, wait_for
 
@@ -28,7 +29,8 @@ def stage_of(peer: TrainerProcess) -> tuple[int, str]:
 def test_three_stages_of_two_peers_train_together_through_a_crash(data: Path, tmp_path: Path) -> None:
     """Six peers started at once deal themselves two to a stage; the tiny model's 4 layers split 1/2/1. A
     stage-1 peer is killed after its first round and restarted: it takes its stage back from its run folder
-    and the run ends with every stage's two peers holding the same weights, the loss lower than at start."""
+    and the run ends with every stage's two peers holding the same weights, the loss lower than at start,
+    and every peer's evaluation of the end state made while every stage was still served."""
     peers = start_run(data, tmp_path, 6, ("--rounds", "3", "--min-peers", "2", *PIPE))
     try:
         stages = [stage_of(p) for p in peers]
@@ -48,6 +50,9 @@ def test_three_stages_of_two_peers_train_together_through_a_crash(data: Path, tm
     for peer in peers:
         reports = peer.rounds()
         assert reports[-1]["val_loss"] < reports[0]["val_loss"]
+        # Once nobody trained, each peer evaluated the whole pipeline's end state, every stage still served.
+        final = json.loads((peer.run_dir / FINAL_EVAL).read_text())
+        assert final["round"] == 3 and final["val_loss"] < reports[0]["val_loss"]
     # A peer's checkpoint holds its stage only: the first stage, its embeddings and one layer.
     first = next(p for p, (s, _) in zip(peers, stages, strict=True) if s == 0)
     _, meta = load_checkpoint(first.run_dir / "checkpoints" / "round-000003.json")

@@ -17,6 +17,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,10 +61,11 @@ class StagePeers:
         self.server: StageServer | None = None  # our own stage
         self._banned: dict[str, float] = {}
         self._holders: tuple[dict[int, list[str]], float] = ({}, -1.0)
-        self._training: set[str] = set()  # peers whose announcement says they still train
+        self._flags: dict[str, dict[str, Any]] = {}  # peer -> its announcement ("done", "evaluated")
         self._joining: list[tuple[float, str]] = []  # (when, peer) of peers choosing their stage
         self._stage: int | None = None  # ours, once announced
         self._done = False
+        self._evaluated: bool | None = None  # None: we make no final evaluation (a Python `fit`)
         self._stop = threading.Event()
 
     def attach(self, loop: LoopThread, p2p: P2P, server: StageServer) -> None:
@@ -77,18 +79,17 @@ class StagePeers:
         found, when = self._holders
         if fresh or time.monotonic() - when > 3.0:
             found = {s: [] for s in range(self.stages)}
-            training, joining = set(), []
+            flags, joining = {}, []
             entry = self.dht.get(stages_key(self.run_id), latest=True)
             for peer, item in (entry.value if entry is not None and isinstance(entry.value, dict) else {}).items():
                 value = getattr(item, "value", None)
                 stage = value.get("stage") if isinstance(value, dict) else None
                 if type(stage) is int and 0 <= stage < self.stages:
                     found[stage].append(str(peer))
-                    if not value.get("done"):
-                        training.add(str(peer))
+                    flags[str(peer)] = value
                 elif isinstance(value, dict) and isinstance(value.get("joined"), int | float):
                     joining.append((float(value["joined"]), str(peer)))
-            self._holders, self._training, self._joining = (found, time.monotonic()), training, sorted(joining)
+            self._holders, self._flags, self._joining = (found, time.monotonic()), flags, sorted(joining)
         return found
 
     def choose_stage(self) -> int:
@@ -116,17 +117,32 @@ class StagePeers:
 
     def others_training(self) -> int:
         """Live peers of the run, other than us, that have not finished their rounds or are joining."""
+        return self._others(lambda value: not value.get("done"))
+
+    def others_evaluating(self) -> int:
+        """Live peers of the run, other than us, that will make a final evaluation and have not yet, or
+        are joining."""
+        return self._others(lambda value: value.get("evaluated") is False)
+
+    def _others(self, pending: Callable[[dict[str, Any]], bool]) -> int:
         self.holders(fresh=True)
-        return len((self._training | {peer for _, peer in self._joining}) - {self.me})
+        peers = {peer for peer, value in self._flags.items() if pending(value)}
+        return len((peers | {peer for _, peer in self._joining}) - {self.me})
 
     def mark_done(self, done: bool = True) -> None:
         """Our rounds are done (we still serve our stage: others may still need it), or, with False, that
         we train again (another `fit`)."""
-        self._done = done
+        self._done, self._evaluated = done, None
+        self._store()
+
+    def mark_evaluated(self, made: bool) -> None:
+        """We will make a final evaluation once nobody trains (False; peers that made theirs wait for it),
+        or we made it (True)."""
+        self._evaluated = made
         self._store()
 
     def _store(self) -> None:
-        value = {"stage": self._stage, "done": self._done}
+        value = {"stage": self._stage, "done": self._done, "evaluated": self._evaluated}
         self.dht.store(stages_key(self.run_id), value, get_dht_time() + ANNOUNCE_TTL, subkey=self.me)
 
     def announce(self, stage: int) -> None:

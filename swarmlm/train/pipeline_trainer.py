@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -24,6 +25,7 @@ from swarmlm.core.files import atomic_write
 from swarmlm.core.identity import Identity
 from swarmlm.model.llama import LlamaSpan
 from swarmlm.model.loading import DTYPES
+from swarmlm.train.evaluation import evaluate
 from swarmlm.train.model import init_weights_by_name
 from swarmlm.train.pipeline_model import PipelineModel, StagePeers
 from swarmlm.train.pipeline_stage import StageServer, stage_layers
@@ -35,7 +37,8 @@ from swarmlm.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 LINGER_LIMIT = 1800.0  # at most this long serving others after our own rounds
-QUIET_CHECKS = 10.0  # seconds between the two checks that find nobody training before we leave
+QUIET_CHECKS = 10.0  # seconds between the two checks that find nobody training before we evaluate
+FINAL_EVAL = "final_eval.json"  # in the run folder: the validation loss of the pipeline once nobody trains
 
 
 def make_trainer(cfg: TrainConfig) -> Trainer:
@@ -128,21 +131,34 @@ class PipelineTrainer(Trainer):
 
     def finish(self) -> None:
         """Our rounds are done: serve our stage while other peers of the run still train (their micro-batches
-        need every stage), then linger as every trainer does."""
-        deadline, quiet = time.monotonic() + LINGER_LIMIT, 0
+        need every stage); once nobody trains, evaluate the whole pipeline's end state (written to the run
+        folder's final_eval.json) and serve until the others have too, then linger as every trainer does."""
+        self.peers.mark_evaluated(False)
+        deadline = time.monotonic() + LINGER_LIMIT
         # Nobody training twice in a row, QUIET_CHECKS apart: a crashed peer's note expires some 15 s after
         # it died, and its restart notes itself only once its process is up.
+        self._serve_while(self.peers.others_training, "train", deadline, checks=2)
+        val_loss = evaluate(self.model, self.val_blocks, self.cfg.batch_size)
+        atomic_write(self.cfg.run_dir / FINAL_EVAL, json.dumps({"round": self.round, "val_loss": val_loss}))
+        logger.info("final evaluation of the pipeline after round %d: validation loss %.4f", self.round, val_loss)
+        self.peers.mark_evaluated(True)
+        self._serve_while(self.peers.others_evaluating, "evaluate", deadline, checks=1)
+        super().finish()
+
+    def _serve_while(self, others: Callable[[], int], doing: str, deadline: float, checks: int) -> None:
+        """Serve our stage until `checks` checks in a row, QUIET_CHECKS apart, find no other peer still
+        `doing` it (`others` counts them), or until `deadline`."""
+        quiet = 0
         while time.monotonic() < deadline:
-            if training := self.peers.others_training():
-                logger.info("serving stage %d while %d other peer(s) still train", self.stage, training)
+            if pending := others():
+                logger.info("serving stage %d while %d other peer(s) still %s", self.stage, pending, doing)
                 quiet = 0
-                time.sleep(5.0)
+                time.sleep(2.0)
                 continue
             quiet += 1
-            if quiet == 2:
-                break
+            if quiet == checks:
+                return
             time.sleep(QUIET_CHECKS)
-        super().finish()
 
     def close(self) -> None:
         if self.server is not None:
