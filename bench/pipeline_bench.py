@@ -172,6 +172,7 @@ def run_phase(
         "peak_pss_by_process": [watch.peak_pss_by_process.get(i, {}) for i in range(n)],
         "utilization": [watch.figures[i]["cpu_s"] / watch.figures[i]["wall_s"] for i in range(n)],
         "killed": killed,
+        "logs": [str(p.log) for p in peers],  # in the system temporary folder, kept: what each peer did
     }
 
 

@@ -6,16 +6,15 @@ from __future__ import annotations
 import socket
 
 from swarmlm.cli.exits import fail
+from swarmlm.core.multiaddr_parser import protocol_names
 
 
 def check_multiaddrs(addresses: list[str], option: str, need_peer_id: bool = False) -> None:
     """Each address must parse as a multiaddr (hivemind's parser); a peer to join must end in /p2p/PEER_ID."""
-    from hivemind.utils.multiaddr import Multiaddr
-
     example = "/ip4/1.2.3.4/tcp/31337/p2p/12D3KooW..." if need_peer_id else "/ip4/0.0.0.0/tcp/31337"
     for address in addresses:
         try:
-            protocols = [p.name for p in Multiaddr(address).protocols()]
+            protocols = protocol_names(address)
         except Exception as e:  # the parser raises several kinds: ValueError, LookupError, binascii errors
             fail(f"{option} {address!r} is not a valid multiaddr ({e}); expected e.g. {example}")
         if need_peer_id and "p2p" not in protocols:
