@@ -1,6 +1,7 @@
 """Pipeline-parallel training (`swarmlm train --pipeline-stages 3`) against the same model in one process.
 
-The model: the `--size` preset (default small: 6 layers of 256) with the embedded tokenizer's 49,152-token
+The model: the `--size` preset (default base: 12 layers of 576; in small's, 6 of 256, each peer's fixed
+cost of three Python processes outweighs its stage) with the embedded tokenizer's 49,152-token
 vocabulary and untied embeddings, trained from the same seeded weights on the embedded plays (64-token
 blocks). Both phases train the same number of micro-batches of --batch-size blocks:
 
@@ -24,7 +25,7 @@ across the kill. Peers are left to the OS scheduler on this machine's cores, as 
 leaves DiLoCo's.
 
     make bench-pipeline
-    .venv/bin/python bench/pipeline_bench.py [--size small] [--rounds 2] [--inner-steps 8] [--batch-size 4]
+    .venv/bin/python bench/pipeline_bench.py [--size base] [--rounds 2] [--inner-steps 8] [--batch-size 4]
     .venv/bin/python bench/pipeline_bench.py --size 1.7b --no-one-process --peers-per-stage 1 --dtype bf16 \
         --optimizer adafactor --inner-lr 0.3 --outer-lr 1 --outer-momentum 0 --memory-cap-gb 8 \
         --rounds 2 --inner-steps 4 --batch-size 2 --eval-blocks 8
@@ -178,7 +179,7 @@ def run_phase(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="pipeline-parallel training against one process")
-    ap.add_argument("--size", default="small", choices=tuple(PRESETS))
+    ap.add_argument("--size", default="base", choices=tuple(PRESETS))
     ap.add_argument("--rounds", type=int, default=2, help="(b)'s rounds; (a) runs 6x as many")
     ap.add_argument("--inner-steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
