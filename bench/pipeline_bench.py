@@ -124,8 +124,10 @@ class Watch:
 
 
 def final_val(peer: TrainerProcess) -> float:
-    """The peer's evaluation of the pipeline once no peer trained (pipeline_trainer.FINAL_EVAL)."""
-    return json.loads((peer.run_dir / FINAL_EVAL).read_text())["val_loss"]
+    """The peer's evaluation of the pipeline once no peer trained (pipeline_trainer.FINAL_EVAL); NaN if it
+    made none (a stage had left)."""
+    path = peer.run_dir / FINAL_EVAL
+    return json.loads(path.read_text())["val_loss"] if path.exists() else float("nan")
 
 
 def run_phase(
@@ -160,11 +162,12 @@ def run_phase(
             release_cap(pid)
     wall = time.monotonic() - t0
     stages = [int(m.group(1)) if (m := STAGE.search(p.log.read_text())) else 0 for p in peers]
+    losses = [final_val(p) for p in peers]
     return {
         "wall_s": wall,
         "exit_codes": codes,
-        "val_loss": statistics.median(final_val(p) for p in peers),
-        "val_losses": [final_val(p) for p in peers],
+        "val_loss": statistics.median([v for v in losses if v == v] or [float("nan")]),  # NaN: none made
+        "val_losses": losses,
         "stages": stages,
         "rounds_done": [max((r["round"] for r in p.rounds()), default=0) for p in peers],
         "peak_rss": [watch.figures.get(i, {}).get("peak_rss", 0) for i in range(n)],

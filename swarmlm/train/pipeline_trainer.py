@@ -27,7 +27,7 @@ from swarmlm.model.llama import LlamaSpan
 from swarmlm.model.loading import DTYPES
 from swarmlm.train.evaluation import evaluate
 from swarmlm.train.model import init_weights_by_name
-from swarmlm.train.pipeline_model import PipelineModel, StagePeers
+from swarmlm.train.pipeline_model import NoStagePeerError, PipelineModel, StagePeers
 from swarmlm.train.pipeline_stage import StageServer, stage_layers
 from swarmlm.train.progress import TrainProgress
 from swarmlm.train.round_report import RoundReport
@@ -138,9 +138,13 @@ class PipelineTrainer(Trainer):
         # Nobody training twice in a row, QUIET_CHECKS apart: a crashed peer's note expires some 15 s after
         # it died, and its restart notes itself only once its process is up.
         self._serve_while(self.peers.others_training, "train", deadline, checks=2)
-        val_loss = evaluate(self.model, self.val_blocks, self.cfg.batch_size)
-        atomic_write(self.cfg.run_dir / FINAL_EVAL, json.dumps({"round": self.round, "val_loss": val_loss}))
-        logger.info("final evaluation of the pipeline after round %d: validation loss %.4f", self.round, val_loss)
+        try:
+            val_loss = evaluate(self.model, self.val_blocks, self.cfg.batch_size)
+        except NoStagePeerError as e:  # a stage left meanwhile: our rounds are done all the same
+            logger.warning("no final evaluation of the pipeline: %s", e)
+        else:
+            atomic_write(self.cfg.run_dir / FINAL_EVAL, json.dumps({"round": self.round, "val_loss": val_loss}))
+            logger.info("final evaluation of the pipeline after round %d: validation loss %.4f", self.round, val_loss)
         self.peers.mark_evaluated(True)
         self._serve_while(self.peers.others_evaluating, "evaluate", deadline, checks=1)
         super().finish()
