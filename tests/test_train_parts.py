@@ -144,14 +144,15 @@ def _allreduce_peer(rank: int, n: int, rule: str, wire: str, boot_file: str) -> 
     from hivemind.averaging.matchmaking import MatchmakingException
 
     from swarmlm.core.dht import start_dht
+    from swarmlm.core.files import atomic_write
     from swarmlm.train.allreduce import RobustAverager
 
     boot = Path(boot_file)
     while rank and not boot.exists():
         time.sleep(0.1)
     dht = start_dht([boot.read_text()] if rank else [], ["/ip4/127.0.0.1/tcp/0"])
-    if rank == 0:
-        boot.write_text(str(dht.get_visible_maddrs()[0]))
+    if rank == 0:  # whole or not at all: the others read it as soon as it exists
+        atomic_write(boot, str(dht.get_visible_maddrs()[0]))
     t = 1.0 + 0.01 * torch.randn(300_000, generator=torch.Generator().manual_seed(rank))
     if rank == n - 1:
         t = -10 * t  # a Byzantine peer
