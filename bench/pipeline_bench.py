@@ -112,8 +112,8 @@ class Watch:
                 if self.pids.setdefault(i, peer.proc.pid) != peer.proc.pid:  # restarted: CPU time starts again
                     f["cpu_before"], f["cpu_last"], self.pids[i] = f["cpu_before"] + f["cpu_last"], 0.0, peer.proc.pid
                 f["cpu_last"], f["cpu_s"] = cpu, f["cpu_before"] + cpu
-                if sum(pss.values()) > f["peak_pss"]:
-                    f["peak_pss"], f["peak_pss_at"] = sum(pss.values()), time.monotonic() - self.t0
+                if (total := sum(pss.values())) > f["peak_pss"]:
+                    f["peak_pss"], f["peak_pss_at"] = total, time.monotonic() - self.t0
                     self.peak_pss_by_process[i] = pss
                 f["peak_rss"] = max(f["peak_rss"], mem["peak_rss_bytes"])
                 f["wall_s"] = time.monotonic() - self.started[i]
