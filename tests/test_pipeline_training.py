@@ -17,6 +17,7 @@ from tests.training_runs import averaged, finish, wait_for
 pytestmark = pytest.mark.slow
 
 PIPE = ("--pipeline-stages", "3", "--inner-steps", "6", "--batch-size", "4", "--matchmaking-time", "1.5")
+PIPE += ("--linger", "2")
 PIPE += ("--eval-blocks", "8", "--min-group-size", "2", "--target-group-size", "2", "--inner-lr", "3e-3")
 
 

@@ -168,7 +168,7 @@ def test_members_train_together_and_an_outsider_cannot_join_or_download(keys: di
     data = tmp_path / "data"
     prepare(default_corpus_files()[:2], data, train_tokenizer=512, block_size=64)
     args = ("--run-id", "private", "--rounds", "2", "--inner-steps", "5", "--batch-size", "4")
-    args += ("--matchmaking-time", "1.5", "--target-group-size", "2", "--min-group-size", "2")
+    args += ("--matchmaking-time", "1.5", "--linger", "2", "--target-group-size", "2", "--min-group-size", "2")
     per_peer = {r: ("--identity", str(keys[f"t{r}"]), "--swarm-cert", str(keys[f"t{r}.cert"])) for r in (0, 1)}
     peers = start_run(data, tmp_path / "run", 2, args, per_peer)
     outsider = start_dht([peers[0].maddr], ["/ip4/127.0.0.1/tcp/0"])

@@ -18,7 +18,7 @@ from swarmlm.train.data import DataError, TokenShards, default_corpus_files, pre
 
 pytestmark = pytest.mark.slow
 
-OPTIONS = {"inner_steps": 10, "batch_size": 8, "matchmaking_time": 1.5, "inner_lr": 3e-3}
+OPTIONS = {"inner_steps": 10, "batch_size": 8, "matchmaking_time": 1.5, "inner_lr": 3e-3, "linger": 2.0}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_fit_with_a_cli_peer_then_evaluate_generate_save(data: Path, tmp_path: P
         before = model.evaluate()  # the initial weights: the data is known, nothing trained yet
         args = ("--data", str(data), "--data-part", "1/2", "--rounds", "3", "--run-id", run_id)
         args += ("--min-group-size", "2", "--target-group-size", "2", "--inner-steps", "10", "--batch-size", "8")
-        args += ("--matchmaking-time", "1.5", "--inner-lr", "3e-3")
+        args += ("--matchmaking-time", "1.5", "--inner-lr", "3e-3", "--linger", "2")
         other = TrainerProcess(*args, run_dir=tmp_path / "other", initial=model.maddrs[0]).wait_ready()
         history = model.fit(rounds=3)
         assert other.finish(timeout=120) == 0, other.log.read_text()[-3000:]
@@ -108,6 +108,7 @@ def test_fit_one_stage_of_a_pipeline_with_a_cli_peer_holding_the_other(data: Pat
     options = {**OPTIONS, "inner_steps": 6, "min_peers": 1, "pipeline_stages": 2}
     args = ("--data", str(data), "--rounds", "2", "--run-id", run_id, "--pipeline-stages", "2", "--min-peers", "1")
     args += ("--inner-steps", "6", "--batch-size", "8", "--matchmaking-time", "1.5", "--inner-lr", "3e-3")
+    args += ("--linger", "2")
     other = TrainerProcess(*args, run_dir=tmp_path / "other").wait_ready()
     try:
         with DistributedModel("tiny", other.maddr, run_id=run_id, run_dir=tmp_path / "me", **options) as model:

@@ -70,7 +70,7 @@ def test_lora_fine_tune_of_the_embedded_model(model: LoadedModel, tmp_path: Path
     data = tmp_path / "data"
     prepare(default_corpus_files()[:1], data, block_size=32)  # the embedded model's own tokenizer
     extra = ("--model", "SmolLM2-135M-Instruct", "--lora-rank", "4", "--inner-steps", "3", "--batch-size", "2")
-    extra += ("--warmup-steps", "1", "--inner-lr", "1e-3", "--matchmaking-time", "2")
+    extra += ("--warmup-steps", "1", "--inner-lr", "1e-3", "--matchmaking-time", "2", "--linger", "2")
     extra += ("--eval-blocks", "8")  # validation of the 135M model is most of a round's time on 2 cores
     peers = start_trainers(data, tmp_path / "run", 2, rounds=1, extra=extra)
     finish(peers)

@@ -14,7 +14,8 @@ from swarmlm.launch.peers import stop_all
 from swarmlm.launch.trainers import TrainerProcess, start_run
 from swarmlm.train.data import default_corpus_files, prepare
 
-FAST = ("--inner-steps", "10", "--batch-size", "8", "--matchmaking-time", "1.5", "--inner-lr", "3e-3")
+# --linger 2: every peer of a test run ends together; the default linger (for late joiners) is tested apart.
+FAST = ("--inner-steps", "10", "--batch-size", "8", "--matchmaking-time", "1.5", "--inner-lr", "3e-3", "--linger", "2")
 SHORT = ("--inner-steps", "10")  # the defaults but for the run's length: a tiny model, 10 steps a round
 
 

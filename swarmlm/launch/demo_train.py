@@ -42,6 +42,7 @@ def run_train_demo(work: Path, rounds: int, inner_steps: int, port: int, prompt:
         console.print(f"  {m.stats.tokens:,} tokens, {m.stats.train_blocks:,} training blocks of 128")
         args = ("--rounds", str(rounds), "--inner-steps", str(inner_steps), "--inner-lr", "3e-3")
         args += ("--target-group-size", str(PEERS), "--min-group-size", "2", "--run-id", _run_id(work))
+        args += ("--linger", "2")  # nobody joins the demo's run late; a peer behind is waited for all the same
         trainers = start_run(work / "data", work, PEERS, args)
         procs.extend(trainers)
         console.print(f"{PEERS} peers training a tiny model, {rounds} DiLoCo rounds of {inner_steps} steps …")

@@ -311,7 +311,7 @@ class SwarmLink:
         """Stay a moment after the last round, and longer while a peer of the run is still behind: a
         straggler (its last all-reduce broke on its side, or it came back late) downloads the final state
         from us. Bounded: a crashed peer's entry stays in the DHT until it expires."""
-        time.sleep(4 * self.cfg.matchmaking_time + 2)  # longer than a straggler's matchmaking attempt
+        time.sleep(self.cfg.linger)
         deadline = time.monotonic() + self.cfg.averaging_timeout
         while min(self.shared_rounds(), default=round_) < round_ and time.monotonic() < deadline:
             time.sleep(1.0)
@@ -320,6 +320,6 @@ class SwarmLink:
         """The end of a run: collect the last round's ledger entries while its signers linger, linger for
         stragglers ourselves, then collect what the other members signed meanwhile."""
         assert self.ledger is not None, "the ledger service did not start"
-        self.ledger.pull(group, round_, wait=4 * self.cfg.matchmaking_time + 2)
+        self.ledger.pull(group, round_, wait=self.cfg.linger)
         self.linger(round_)
         self.ledger.pull(group, round_)

@@ -119,6 +119,12 @@ class TrainConfig:
     matchmaking_time: float = setting(2.0, help="Seconds a round waits for its group to fill (less if it fills)")
     averaging_timeout: float = setting(60.0, help="Give up a round's averaging after this (progress is kept)")
     patience: int = setting(5, help="Rounds in a row without a group before giving up (exit 3)")
+    # A straggler's matchmaking attempt (3 x --matchmaking-time) must find us still there.
+    linger: float | None = setting(
+        None,
+        help="Seconds to stay after the last round, for late joiners to download it "
+        "(default: 4 x --matchmaking-time + 2; longer while a peer of the run is still behind)",
+    )
     # Differential privacy (off unless dp_noise is set)
     dp_clip: float = setting(1.0, help="DP: clip each round's update to this L2 norm")
     dp_noise: float | None = setting(None, help="DP: Gaussian noise multiplier (turns DP on)")
@@ -150,6 +156,10 @@ class TrainConfig:
             raise ValueError(f"--wire must be one of {', '.join(WIRE_FORMATS)}, not {self.wire!r}")
         if self.dtype == "bf16" and self.wire != "fp32":  # hivemind's fp16 and int8 codecs take no bf16
             raise ValueError("--dtype bf16 averages its tensors as they are: --wire fp32 (bf16 bytes, uncompressed)")
+        if self.linger is None:
+            self.linger = 4 * self.matchmaking_time + 2
+        if self.linger < 0:
+            raise ValueError("--linger must not be negative")
         if self.min_group_size < 1:
             raise ValueError("--min-group-size must be at least 1")
         if self.min_peers < 1 or self.start_wait < 0:
