@@ -7,7 +7,9 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -22,6 +24,9 @@ from swarmlm.train.checkpointer import (
 )
 from swarmlm.train.privacy import PeerPrivacy
 from swarmlm.train.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from hivemind import DHT
 
 
 def honest_and_attacker(n_honest: int, attack: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,24 +140,32 @@ def test_checkpoints_are_atomic_verified_and_pruned(tmp_path: Path):
     assert latest_checkpoint(folder)[1]["round"] == 2
 
 
-def _allreduce_peer(rank: int, n: int, rule: str, wire: str, boot_file: str) -> None:
-    """One averager; run in its own interpreter (a fork of pytest, which ran torch ops, can deadlock)."""
-    import json
+def _join(rank: int, boot: Path) -> DHT:
+    """Peer 0 starts a DHT and writes its address to `boot`; the others join through it."""
     import time
-
-    from hivemind.averaging.allreduce import AllreduceException
-    from hivemind.averaging.matchmaking import MatchmakingException
 
     from swarmlm.core.dht import start_dht
     from swarmlm.core.files import atomic_write
-    from swarmlm.train.allreduce import RobustAverager
 
-    boot = Path(boot_file)
     while rank and not boot.exists():
         time.sleep(0.1)
     dht = start_dht([boot.read_text()] if rank else [], ["/ip4/127.0.0.1/tcp/0"])
     if rank == 0:  # whole or not at all: the others read it as soon as it exists
         atomic_write(boot, str(dht.get_visible_maddrs()[0]))
+    return dht
+
+
+def _allreduce_peer(rank: int, rule: str, wire: str, boot_file: str) -> None:
+    """One averager of three; run in its own interpreter (a fork of pytest, which ran torch ops, can deadlock)."""
+    n = 3
+    import time
+
+    from hivemind.averaging.allreduce import AllreduceException
+    from hivemind.averaging.matchmaking import MatchmakingException
+
+    from swarmlm.train.allreduce import RobustAverager
+
+    dht = _join(rank, Path(boot_file))
     t = 1.0 + 0.01 * torch.randn(300_000, generator=torch.Generator().manual_seed(rank))
     if rank == n - 1:
         t = -10 * t  # a Byzantine peer
@@ -183,18 +196,83 @@ def _allreduce_peer(rank: int, n: int, rule: str, wire: str, boot_file: str) -> 
     dht.shutdown()
 
 
-def _run_allreduce_trio(rule: str, wire: str, boot: Path) -> list[dict]:
-    code = "import sys; from tests.test_train_parts import _allreduce_peer as f; f(int(sys.argv[1]), 3, *sys.argv[2:])"
+def _run_trio(peer: str, *args: str, waited: int = 3) -> list[dict]:
+    """Three processes running `peer` (a function of this module) with their rank and `args`; the last
+    line each of the first `waited` prints."""
+    code = f"import sys; from tests.test_train_parts import {peer} as f; f(int(sys.argv[1]), *sys.argv[2:])"
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(r), rule, wire, str(boot)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", code, str(r), *args], stdout=subprocess.PIPE, text=True)
         for r in range(3)
     ]
     try:
-        outputs = [p.communicate(timeout=120)[0] for p in procs]
+        outputs = [p.communicate(timeout=120)[0] for p in procs[:waited]]
     finally:
         for p in procs:
             p.kill()
     return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+
+
+def _run_allreduce_trio(rule: str, wire: str, boot: Path) -> list[dict]:
+    return _run_trio("_allreduce_peer", rule, wire, str(boot))
+
+
+def _broken_allreduce_peer(rank: int, boot_file: str) -> None:
+    """Peers 0 and 1 average with peer 2, whose averager dies once it has sent back two of its aggregated
+    parts; they write their own values into their tensor again and average as two."""
+    import os
+    import time
+
+    from hivemind.averaging.allreduce import AllreduceException
+    from hivemind.averaging.matchmaking import MatchmakingException
+    from hivemind.proto import averaging_pb2
+
+    from swarmlm.train.allreduce import RobustAverager
+
+    class DiesMidway(RobustAverager):
+        # Wraps every members-only handler's replies (not an rpc_ method: hivemind reads those's types).
+        async def _members_only(self, context: Any, replies: AsyncIterator[Any], refusal: Any) -> AsyncIterator[Any]:
+            sent = 0
+            async for reply in super()._members_only(context, replies, refusal):
+                if isinstance(reply, averaging_pb2.AveragingData):
+                    if sent == 2:
+                        os._exit(0)
+                    sent += 1
+                yield reply
+
+    DiesMidway.__name__ = RobustAverager.__name__  # hivemind names a servicer's handlers after its class
+    dht = _join(rank, Path(boot_file))
+    mine = torch.full((300_000,), float(rank + 1))
+    kind = DiesMidway if rank == 2 else RobustAverager
+    options = {"target_group_size": 3, "min_group_size": 3, "min_matchmaking_time": 2.0, "request_timeout": 1.0}
+    options |= {"next_chunk_timeout": 5.0, "allreduce_timeout": 30.0}  # as `swarmlm train` sets them, shorter
+    averager = kind([mine.clone()], dht, prefix="b", part_size_bytes=1 << 14, start=True, **options)
+    if rank == 2:
+        averager.step(timeout=60, allow_retries=False, wait=False)
+        time.sleep(120)  # the test kills it
+    try:
+        averager.step(timeout=40, allow_retries=False)
+        first = "averaged"
+    except (AllreduceException, MatchmakingException) as e:  # hivemind re-raises the first as the second
+        first = repr(e)
+    with averager.get_tensors() as (t,):
+        t.copy_(mine)
+    averager.set_min_group_size(2)
+    gathered = averager.step(timeout=40, allow_retries=False)
+    with averager.get_tensors() as (t,):
+        print(json.dumps({"first": first, "group": len(gathered), "values": sorted(set(t.tolist()))}), flush=True)
+    time.sleep(3)  # a reducer that leaves at once can cut the other's last results
+    averager.shutdown()
+    dht.shutdown()
+
+
+def test_an_allreduce_broken_by_a_dying_reducer_raises_and_a_refilled_retry_averages_the_rest(tmp_path: Path) -> None:
+    """A reducer that dies mid-way fails the all-reduce for every member (hivemind would fill its parts
+    with the member's own values and report success), and nothing of the broken attempt reaches the
+    tensors once it raised: the retry as two gives exactly the two members' mean (1 and 2: 1.5)."""
+    results = _run_trio("_broken_allreduce_peer", str(tmp_path / "boot"), waited=2)
+    for r in results:
+        assert "a reducer failed mid-way" in r["first"], r
+        assert r["group"] == 2 and r["values"] == [1.5], r
 
 
 @pytest.mark.parametrize(("rule", "wire"), [("mean", "fp16"), ("centered_clip", "fp16"), ("mean", "int8")])

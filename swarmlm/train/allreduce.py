@@ -11,9 +11,12 @@ all-reduce over its P2P streams, groups formed by matchmaking through the DHT). 
    different result (`local + fp16(avg - local)`), so peers' global weights would drift apart. Here all
    members, the reducer included, receive the same fp16 (or fp32, int8) values, so after a DiLoCo outer step
    every peer's weights have the same digest.
-3. **The result is applied only when every part arrived.** If a reducer died mid-way, hivemind fills
+3. **The result counts only when every part arrived.** Each part's result is written into the averaged
+   tensors as it arrives (hivemind keeps every part until the end, then concatenates them: a second copy
+   of the vector, most of what an averager held in a round). If a reducer died mid-way, hivemind fills
    its parts with the local values and reports success, which again splits the peers' states; we raise
-   instead, so the averager retries with whoever is left (the contributions are untouched until then).
+   instead, leaving the tensors partly averaged: the caller writes its update into them again before it
+   retries with whoever is left (`SwarmLink.average`'s `refill`).
 
 Bytes sent over the wire (parts to reducers and aggregates back) are counted for the training
 benchmark in a counter shared with the averager's process.
@@ -91,6 +94,39 @@ class _Contributions:
         self.weights.append(alpha)
 
 
+class _ResultsInPlace(TensorPartContainer):
+    """Writes each part's result into the local tensor it belongs to as it arrives (point 3). Our own part
+    has been sent by then: a reducer aggregates part i once every sender's part i is in."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Views into the averaged tensors, by peer and part (hivemind clears its queues when it finishes).
+        self._targets = [tuple(part for part, _ in parts) for parts in self._input_parts_by_peer]
+
+    def register_processed_part(self, peer_index: int, part_index: int, part: Tensor) -> None:
+        if self.finished.is_set():  # failed or cancelled: the tensors may be refilled by now
+            return
+        if part_index != self._outputs_registered_by_peer[peer_index]:
+            raise ValueError(f"part {part_index} from peer {peer_index} arrived out of order")
+        target = self._targets[peer_index][part_index]
+        if part.data_ptr() != target.data_ptr():  # a failed reducer's parts are our own values
+            target.copy_(part)
+        self._outputs_registered_by_peer[peer_index] += 1
+        self._output_part_available[peer_index].set()
+
+    async def iterate_output_tensors(self) -> AsyncIterator[Tensor]:
+        """The averaged tensors themselves, once every part's result is written into them."""
+        self._outputs_consumed = True
+        for peer_index in range(self.group_size):
+            while self._outputs_registered_by_peer[peer_index] < self.num_parts_by_peer[peer_index]:
+                self._output_part_available[peer_index].clear()
+                await self._output_part_available[peer_index].wait()
+                if self.finished.is_set():
+                    raise AllreduceException("the all-reduce was terminated while its results arrived")
+        for tensor in self.local_tensors:
+            yield tensor
+
+
 class RobustPartReducer(TensorPartReducer):
     """Aggregates one part at a time with `rule` once all live senders contributed it."""
 
@@ -147,7 +183,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         part_size = kwargs.get("part_size_bytes")
         extra = {"part_size_bytes": part_size} if part_size else {}
         # Absolute results, not differences from our own part (point 2 of the module docstring).
-        self.tensor_part_container = TensorPartContainer(
+        self.tensor_part_container = _ResultsInPlace(
             tensors,
             peer_fractions,
             compression=compression,
@@ -206,7 +242,7 @@ class RobustAllReduceRunner(AllReduceRunner):
 
 
 class RobustAverager(DecentralizedAverager):
-    """A `DecentralizedAverager` whose all-reduce is robust, bit-identical across members and all-or-nothing.
+    """A `DecentralizedAverager` whose all-reduce is robust, bit-identical across members, and fails whole.
 
     `state_fn` returns (metadata, tensors) that a newcomer downloads with `load_state_from_peers`.
     """
@@ -266,11 +302,10 @@ class RobustAverager(DecentralizedAverager):
             async for _ in runner:
                 raise ValueError("auxiliary peers receive no results")
             return
-        results = [result async for result in runner]
+        async for _ in runner:  # each part's result is written into `tensors` as it arrives (point 3)
+            pass
         if runner.tensor_part_container.failed_size:
             raise AllreduceException("a reducer failed mid-way: the round is retried with the peers left")
-        for tensor, result in zip(tensors, results, strict=True):
-            tensor.copy_(result)  # all parts arrived: apply at once (point 3)
         self.last_updated = get_dht_time()
         self._state_updated.set()
 

@@ -110,7 +110,7 @@ class DistributedModel:
         if not self._connected:
             raise ValueError("this peer is not in a swarm yet: give it data= or call fit() first")
         assert self._trainer is not None
-        return self._trainer.visible_maddrs()
+        return self._trainer.swarm.visible_maddrs()
 
     @property
     def round(self) -> int:

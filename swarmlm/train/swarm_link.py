@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol, TypedDict
 
@@ -256,15 +256,23 @@ class SwarmLink:
         with self._averager().get_tensors() as buffers:
             yield list(buffers)
 
-    def average(self, base: tuple[int, str], early: StepControl | None = None) -> Gathered | None:
+    def average(
+        self, base: tuple[int, str], refill: Callable[[list[Tensor]], None], early: StepControl | None = None
+    ) -> Gathered | None:
         """All-reduce the update in `update_buffers` with the current group (`early`: the matchmaking
         `begin_average` started), sending `base` (our round and digest) along. Returns what the members
         sent, the buffers then holding the average; None when no group formed or the round failed (the
-        buffers are unchanged: the all-reduce applies its result only once every part arrived)."""
+        buffers then hold what a broken all-reduce left). A failed attempt may have written part of its
+        result into the buffers: `refill` writes the update into them again before the next."""
         averager = self._averager()
         gather = {"round": base[0], "digest": base[1]}
         deadline = time.monotonic() + self.cfg.averaging_timeout
+        failed = False
         while True:
+            if failed:
+                with self.update_buffers() as buffers, torch.no_grad():
+                    refill(buffers)
+                failed = False
             try:
                 if early is not None:
                     control, early = early, None  # one try: a retry is a fresh step
@@ -281,6 +289,7 @@ class SwarmLink:
                     return gathered
             except Exception as e:  # hivemind raises on a failed group; the caller keeps its progress
                 logger.warning("averaging failed in round %d: %s", self.replica.round, e)
+                failed = True
             # A failure can be one-sided: the others may have finished this round. Then take their state.
             if self.catch_up() or time.monotonic() >= deadline:
                 return None

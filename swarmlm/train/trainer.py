@@ -110,9 +110,6 @@ class Trainer:
         assert self.link is not None, "not connected"
         return self.link
 
-    def visible_maddrs(self) -> list[str]:
-        return self.swarm.visible_maddrs()
-
     def close(self) -> None:
         if self.link is not None:
             self.link.close()
@@ -160,10 +157,11 @@ class Trainer:
         if self.link is not None:
             self.link.offer(self.round)
 
-    def _average(self, early: StepControl | None = None) -> Gathered | None:
+    def _average(self, refill: Callable[[list[Tensor]], None], early: StepControl | None = None) -> Gathered | None:
+        """All-reduce the buffers' update; `refill` rewrites it after a broken attempt (see SwarmLink.average)."""
         if early is None:
             self._sent_base = (self.round, self.digest())
-        return self.swarm.average(self._sent_base, early)
+        return self.swarm.average(self._sent_base, refill, early)
 
     def _begin_average(self, whole_round: bool = False) -> StepControl:
         self._sent_base = (self.round, self.digest())
@@ -201,13 +199,9 @@ class Trainer:
         self._step_seconds = compute / h
         t0 = time.perf_counter()
         with self.swarm.update_buffers() as update, torch.no_grad():
-            self.outer.pseudo_gradient(self.model.params, out=update)
-            if self.cfg.byzantine:
-                poison_(update, self.cfg.byzantine, self.cfg.byzantine_scale)
-            if self.privacy is not None:
-                self.privacy.privatize_(update)
+            self._write_pseudo_gradient(update)
         compute += time.perf_counter() - t0
-        gathered = self._average(early)
+        gathered = self._average(self._write_pseudo_gradient, early)
         if gathered is None:  # keep local progress: the next round's pseudo-gradient includes it
             self._averaging_failed()
             return losses, compute, 0
@@ -243,11 +237,9 @@ class Trainer:
             losses.append(self._inner_step(batch, i))
             grads = [p.grad for p in self.model.params]
             with self.swarm.update_buffers() as buffers:
-                copy_into(buffers, grads)
-                if self.cfg.byzantine:
-                    poison_(buffers, self.cfg.byzantine, self.cfg.byzantine_scale)
+                self._write_gradients(buffers)
             compute += time.perf_counter() - t0
-            gathered = self._average()
+            gathered = self._average(self._write_gradients)
             t0 = time.perf_counter()
             if gathered is None:  # apply nothing rather than our own gradient: the others applied the average
                 self._averaging_failed()
@@ -273,6 +265,20 @@ class Trainer:
         elif group:
             self._resync(self._sent_base)
         return losses, compute, group if self.round > start else 0  # a re-sync that failed averaged nothing
+
+    def _write_pseudo_gradient(self, update: list[Tensor]) -> None:
+        """DiLoCo's update: global - local weights, poisoned or privatized (a rewrite is a DP release too)."""
+        self.outer.pseudo_gradient(self.model.params, out=update)
+        if self.cfg.byzantine:
+            poison_(update, self.cfg.byzantine, self.cfg.byzantine_scale)
+        if self.privacy is not None:
+            self.privacy.privatize_(update)
+
+    def _write_gradients(self, buffers: list[Tensor]) -> None:
+        """DDP's update: this step's gradients (poisoned if configured)."""
+        copy_into(buffers, [p.grad for p in self.model.params])
+        if self.cfg.byzantine:
+            poison_(buffers, self.cfg.byzantine, self.cfg.byzantine_scale)
 
     def _averaging_failed(self) -> None:
         """A round with no group, or a broken all-reduce: give up after `patience` such rounds in a row."""
