@@ -268,7 +268,8 @@ class Trainer:
 
     def _write_pseudo_gradient(self, update: list[Tensor]) -> None:
         """DiLoCo's update: global - local weights, poisoned or privatized (a rewrite is a DP release too)."""
-        self.outer.pseudo_gradient(self.model.params, out=update)
+        with self.weights_lock:  # a pipeline stage's server steps the local weights from its own thread
+            self.outer.pseudo_gradient(self.model.params, out=update)
         if self.cfg.byzantine:
             poison_(update, self.cfg.byzantine, self.cfg.byzantine_scale)
         if self.privacy is not None:
