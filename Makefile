@@ -41,11 +41,10 @@ containers:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap >/dev/null; } || \
 	echo "podman unavailable: the container tests will be skipped"
 
-# Three workers on the 2 cores (most tests wait on peer processes; README's design notes give the timings),
-# each taking whole modules (their fixtures' swarms are started once), longest modules first
+# Two workers, each taking whole modules (their fixtures' swarms are started once), longest modules first
 # (tests/conftest.py orders them; xdist would otherwise reorder by test count).
 test: install lint browser containers
-	$(VENV)/bin/pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=25
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 bench-serve: install
 	$(PY) bench/serve_bench.py

@@ -1,5 +1,5 @@
 """Shared fixtures (the real embedded model, loaded once per test session; a server; the training data of
-tests/training_runs.py), the orphan check, and how the suite runs on three pytest-xdist workers."""
+tests/training_runs.py), the orphan check, and how the suite runs on two pytest-xdist workers."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ os.environ["SWARMLM_TEST_SESSION"] = SESSION_TAG.split("=", 1)[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The workers share the machine's cores with the processes they start. Each worker computes on one
+    """Two workers share the machine's cores with the processes they start. Each worker computes on one
     thread (torch would start one per core), and the servers and peers they start let an idle OpenMP thread
     give its core up after a short spin (GOMP_SPINCOUNT, as bench/swarm_bench.py's peers): with libgomp's
     default spin, a server whose threads waited on each other while the other worker computed answered a
@@ -40,9 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
-# `make test` runs three pytest-xdist workers, each handed whole modules in collection order (--dist loadfile).
+# `make test` runs two pytest-xdist workers, each handed whole modules in collection order (--dist loadfile).
 # The longest modules (minutes each on 2 cores) go first, so that no worker is left with one at the end
-# while the others idle; the rest keep their order.
+# while the other idles; the rest keep their order.
 LONGEST_FIRST = (
     "test_containers",
     "test_train_elastic",

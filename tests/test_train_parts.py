@@ -157,7 +157,6 @@ def _join(rank: int, boot: Path) -> DHT:
 
 def _allreduce_peer(rank: int, rule: str, wire: str, boot_file: str) -> None:
     """One averager of three; run in its own interpreter (a fork of pytest, which ran torch ops, can deadlock)."""
-    n = 3
     import time
 
     from hivemind.averaging.allreduce import AllreduceException
@@ -165,6 +164,7 @@ def _allreduce_peer(rank: int, rule: str, wire: str, boot_file: str) -> None:
 
     from swarmlm.train.allreduce import RobustAverager
 
+    n = 3
     dht = _join(rank, Path(boot_file))
     t = 1.0 + 0.01 * torch.randn(300_000, generator=torch.Generator().manual_seed(rank))
     if rank == n - 1:
@@ -229,7 +229,7 @@ def _broken_allreduce_peer(rank: int, boot_file: str) -> None:
     from swarmlm.train.allreduce import RobustAverager
 
     class DiesMidway(RobustAverager):
-        # Wraps every members-only handler's replies (not an rpc_ method: hivemind reads those's types).
+        # Wraps every members-only handler's replies (an rpc_ method's types would be read by hivemind).
         async def _members_only(self, context: Any, replies: AsyncIterator[Any], refusal: Any) -> AsyncIterator[Any]:
             sent = 0
             async for reply in super()._members_only(context, replies, refusal):
