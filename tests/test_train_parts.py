@@ -321,9 +321,9 @@ def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str
         ahead.outer.sgd.step()
     ahead.round = 1
     ahead.publish()
-    meta, tensors = ahead.shared()
-    assert behind.load_shared(meta, tensors)
-    assert behind.digest() == ahead.digest()
+    meta, tensors = ahead.replica.shared()
+    assert behind.replica.load_shared(meta, tensors)
+    assert behind.replica.digest() == ahead.replica.digest()
     if mode == "diloco":  # the outer momentum travels; inner AdamW state is each peer's own
         for a, b in zip(ahead.global_params, behind.global_params, strict=True):
             assert torch.equal(
@@ -347,11 +347,11 @@ def test_a_download_that_changed_while_streamed_is_not_taken(tmp_path: Path) -> 
     cfg = TrainConfig(data=tmp_path / "data", run_dir=tmp_path / "a", batch_size=2, inner_steps=3)
     ahead, behind = Trainer(cfg), Trainer(TrainConfig(**{**vars(cfg), "run_dir": tmp_path / "b", "seed": 1}))
     assert all(t.is_shared() for t in ahead.outer.momentum() + ahead.global_params)
-    meta, tensors = ahead.shared()
+    meta, tensors = ahead.replica.shared()
     ahead.outer.step([torch.ones_like(g) for g in ahead.global_params])  # after the offer, as if mid-stream
-    before = behind.digest()
-    assert not behind.load_shared(meta, [t.clone() for t in tensors])
-    assert behind.digest() == before and behind.round == 0
+    before = behind.replica.digest()
+    assert not behind.replica.load_shared(meta, [t.clone() for t in tensors])
+    assert behind.replica.digest() == before and behind.round == 0
 
 
 def test_a_bf16_adafactor_peer_holds_half_the_weights_and_next_to_no_optimizer_state(tmp_path: Path) -> None:
@@ -379,5 +379,5 @@ def test_a_bf16_adafactor_peer_holds_half_the_weights_and_next_to_no_optimizer_s
     lean.round = 1
     lean.save(losses[-1])
     again = Trainer(cfg)
-    assert again.restore() and again.digest() == lean.digest()
+    assert again.restore() and again.replica.digest() == lean.replica.digest()
     assert all(torch.equal(a, b) for a, b in zip(again.model.params, lean.model.params, strict=True))

@@ -93,7 +93,7 @@ class PipelineTrainer(Trainer):
 
     def connect(self) -> SwarmLink:
         self.link = SwarmLink(
-            self.cfg, self.identity, self, self.global_params, self.model.names, self._dht, self.model.params
+            self.cfg, self.identity, self.replica, self.global_params, self.model.names, self._dht, self.model.params
         )
         module = self.model.module
         assert isinstance(module, LlamaSpan)

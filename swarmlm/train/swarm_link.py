@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol, TypedDict
 
 import torch
 from hivemind import DHT
@@ -33,6 +32,7 @@ from swarmlm.ledger.store import Ledger
 from swarmlm.ledger.sync import LedgerSync
 from swarmlm.train.allreduce import RobustAverager
 from swarmlm.train.ledger_rounds import RoundLedger
+from swarmlm.train.replica import Replica
 from swarmlm.train.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -42,15 +42,6 @@ CURVE_POINTS = 200
 ROUND_KEY_BITS = 16  # rounds in the matchmaking key, modulo 2**16: only neighbours need to differ
 
 
-class StateMeta(TypedDict):
-    """What travels with the shared tensors, and is checked before a download is taken."""
-
-    round: int
-    digest: str
-    names: list[str]
-
-
-SharedState = tuple[StateMeta, list[Tensor]]
 Gathered = dict[PeerID, object]  # what each member of a group sent along (its round and digest)
 
 
@@ -59,16 +50,6 @@ def group_base(gathered: Gathered, ours: tuple[int, str]) -> tuple[int, str]:
     the same one from the same gathered data."""
     bases = [(info["round"], info["digest"]) for info in gathered.values() if isinstance(info, dict)]
     return max(set(bases), key=lambda b: (bases.count(b), b)) if bases else ours
-
-
-class Replica(Protocol):
-    """What the link needs of a trainer: its round, and the state it offers to and takes from others."""
-
-    round: int
-
-    def shared(self) -> SharedState: ...
-
-    def load_shared(self, meta: StateMeta, tensors: list[Tensor]) -> bool: ...
 
 
 class SwarmLink:
@@ -167,6 +148,7 @@ class SwarmLink:
                 meta, tensors = loaded
                 fits = meta.get("round", -1) >= wanted and meta.get("names") == self.names
                 if fits and self.replica.load_shared(meta, list(tensors)):
+                    self.offer(self.replica.round)
                     return True
             if time.monotonic() >= deadline:
                 return False

@@ -14,7 +14,8 @@ digest along (hivemind's gather): one that started elsewhere than the group's ma
 afterwards. A round whose averaging fails keeps the local progress: the next pseudo-gradient covers it.
 
 The `Trainer` owns the training state and the round loop; `swarm_link.py` its place in the swarm,
-`outer.py` the state peers hold in common, `checkpointer.py` the files (`state_dict()` is a checkpoint).
+`replica.py` the state peers hold in common and a newcomer downloads, `outer.py` DiLoCo's outer step,
+`checkpointer.py` the files (`state_dict()` is a checkpoint).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from swarmlm.train.model import TrainableModel, build_model
 from swarmlm.train.outer import OuterOptimizer, copy_into
 from swarmlm.train.privacy import PeerPrivacy
 from swarmlm.train.progress import TrainProgress
+from swarmlm.train.replica import Replica
 from swarmlm.train.round_report import RoundReport
-from swarmlm.train.swarm_link import Gathered, SharedState, StateMeta, SwarmLink, group_base
+from swarmlm.train.swarm_link import Gathered, SwarmLink, group_base
 from swarmlm.train.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -76,15 +78,14 @@ class Trainer:
         self.outer = OuterOptimizer(params, cfg.outer_lr, cfg.outer_momentum)
         self.inner = InnerOptimizer(params, cfg)
         self.privacy = PeerPrivacy(cfg.dp_clip, cfg.dp_noise, cfg.dp_delta) if cfg.dp_noise is not None else None
-        self.round = 0
+        self.replica = Replica(cfg.mode, self.model.names, params, self.outer, self.inner, self.weights_lock)
         self.position = 0  # batches drawn from this peer's data so far
         self.checkpointer = Checkpointer(cfg.run_dir / "checkpoints")
         self.log_path = cfg.run_dir / "rounds.jsonl"
-        self._shared_state: SharedState | None = None  # DDP's state at its last round's end (see `shared`)
         self._sent_base: tuple[int, str] = (0, "")
         self.failures = 0  # averaging attempts failed in a row
         self.curve: list[tuple[int, float]] = []  # (round, validation loss)
-        self._step_seconds, self._late = 0.0, False  # last round's mean step time; just downloaded the state
+        self._step_seconds = 0.0  # the last round's mean step time
         self.identity = Identity.from_option(cfg.identity)  # signs this peer's ledger entries
         self.link: SwarmLink | None = None
         self.group: list[str] = []  # peer ids of the last round's group, sorted
@@ -102,7 +103,7 @@ class Trainer:
 
     def connect(self) -> SwarmLink:
         cfg, names = self.cfg, self.model.names
-        self.link = SwarmLink(cfg, self.identity, self, self.global_params, names, None, self.model.params)
+        self.link = SwarmLink(cfg, self.identity, self.replica, self.global_params, names, None, self.model.params)
         return self.link
 
     @property
@@ -114,57 +115,29 @@ class Trainer:
         if self.link is not None:
             self.link.close()
 
-    def digest(self) -> str:
-        return tensors_digest(zip(self.model.names, self.global_params, strict=True))
+    @property
+    def round(self) -> int:
+        """The global round this peer's weights are at (its replica's: a download moves it)."""
+        return self.replica.round
 
-    def _snapshot(self) -> SharedState:
-        """The optimizer state peers hold in common (DiLoCo's outer momentum; DDP's AdamW moments), then the
-        global weights. DiLoCo's are live (outer.py): a step before the weights, last, are all streamed
-        shows in their digest, and the download is refused."""
-        meta: StateMeta = {"round": self.round, "digest": self.digest(), "names": self.model.names}
-        if self.cfg.mode == "ddp":
-            return meta, self.inner.moments() + [g.detach().clone() for g in self.global_params]
-        return meta, self.outer.momentum() + [g.detach() for g in self.global_params]
-
-    def shared(self) -> SharedState:
-        """The state a newcomer downloads (the averager's thread calls it): DiLoCo's as it is (it changes
-        only at the outer step); DDP's as copied at the round's end (it moves each step)."""
-        with self.weights_lock:
-            return self._shared_state if self._shared_state is not None else self._snapshot()
-
-    def load_shared(self, meta: StateMeta, tensors: list[Tensor]) -> bool:
-        """Take a downloaded state; False (nothing taken) if its weights are not those its digest names."""
-        common, weights = tensors[: -len(self.global_params)], tensors[-len(self.global_params) :]
-        if tensors_digest(zip(self.model.names, weights, strict=True)) != meta.get("digest"):
-            logger.warning("a downloaded state did not match its digest: not taken")
-            return False
-        with torch.no_grad(), self.weights_lock:
-            copy_into(self.global_params, weights)
-            if self.cfg.mode == "ddp":
-                self.inner.load_moments(common)
-            else:
-                self.outer.load_momentum(common)
-            copy_into(self.model.params, self.global_params)
-            self.round = int(meta["round"])
-        logger.info("caught up: downloaded round %d from a peer", self.round)
-        self._late = True
-        self.publish()
-        return True
+    @round.setter
+    def round(self, value: int) -> None:
+        self.replica.round = value
 
     def publish(self) -> None:
-        with self.weights_lock:
-            self._shared_state = self._snapshot() if self.cfg.mode == "ddp" else None
+        """Offer our state at our round to newcomers (after a round's end, at the start)."""
+        self.replica.refresh()
         if self.link is not None:
             self.link.offer(self.round)
 
     def _average(self, refill: Callable[[list[Tensor]], None], early: StepControl | None = None) -> Gathered | None:
         """All-reduce the buffers' update; `refill` rewrites it after a broken attempt (see SwarmLink.average)."""
         if early is None:
-            self._sent_base = (self.round, self.digest())
+            self._sent_base = (self.round, self.replica.digest())
         return self.swarm.average(self._sent_base, refill, early)
 
     def _begin_average(self, whole_round: bool = False) -> StepControl:
-        self._sent_base = (self.round, self.digest())
+        self._sent_base = (self.round, self.replica.digest())
         return self.swarm.begin_average(self._sent_base, whole_round)
 
     # ---- training ----------------------------------------------------------------------------------
@@ -184,7 +157,7 @@ class Trainer:
         h = self.cfg.inner_steps
         # Matchmaking starts a matchmaking time's worth of steps before the end (at the last round's pace);
         # a peer that just downloaded the state queues at its first step, so the group waits for it.
-        late, self._late = self._late, False
+        late, self.replica.downloaded = self.replica.downloaded, False
         lead = math.ceil(self.cfg.matchmaking_time / self._step_seconds) if self._step_seconds else 0
         begin = 0 if late else max(0, h - lead) if lead else None  # the step at which matchmaking starts
         for i in range(h):
@@ -346,7 +319,7 @@ class Trainer:
             train_loss=sum(losses) / len(losses) if losses else float("nan"),
             val_loss=val_loss,
             group_size=group,
-            digest=self.digest(),
+            digest=self.replica.digest(),
             tokens=self.cfg.batch_size * (self.shards.block_size - 1) * len(losses),
             compute_s=compute,
             wall_s=time.perf_counter() - wall0,
@@ -379,7 +352,7 @@ class Trainer:
             "round": self.round,
             "position": self.position,
             "names": self.model.names,
-            "digest": self.digest(),
+            "digest": self.replica.digest(),
             "rng": rng_state(),
             "dp_history": self.privacy.accountant.history if self.privacy is not None else None,
             "model": run_identity(self.cfg, self.model),
