@@ -48,7 +48,9 @@ def swarm() -> Iterator[dict[str, PeerProcess]]:
 
 @pytest.fixture(scope="module")
 def remote(swarm: dict[str, PeerProcess]) -> Iterator[RemoteModel]:
-    config = ClientConfig(wire_dtype="fp32", step_timeout=30, ban_seconds=300)
+    # The default 15 s bans: a live peer's transient failure (a stream cut short on a loaded machine) must
+    # not leave a span without a route for the rest of the module, as a 300 s ban once did.
+    config = ClientConfig(wire_dtype="fp32", step_timeout=30)
     with RemoteModel(initial_peers=[swarm["a"].maddr], config=config) as client:
         yield client
 
@@ -75,17 +77,23 @@ def test_prompt_tuning_and_lora_through_the_swarm_match_one_process(
             victim = next(swarm[n] for n in ("b", "d") if swarm[n].peer_id in tuned.body.last_peers)
             victim.crash()
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
         twin_loss = twin.loss(ids)
         twin_loss.backward()
-        twin_optimizer.step()
-        twin_optimizer.zero_grad()
         assert abs(loss.item() - twin_loss.item()) < 1e-4, (step, loss.item(), twin_loss.item())
+        # Each step's gradients, to float error at each tensor's scale: the two sum in other orders (fused
+        # qkv LoRA here, peft's separate q, k, v there; other kernels on another CPU), and through 30 layers
+        # that reached 7.6e-4 of a tensor's largest gradient (an AVX-512 machine); a wrong gradient is off
+        # by its whole scale. The weights after AdamW are not compared elementwise: its update divides by
+        # the root of tiny second moments, which makes float error in a near-zero gradient visible.
+        for ours, theirs in zip(tuned.trainable_parameters(), twin_params, strict=True):
+            assert ours.grad is not None and theirs.grad is not None
+            scale = theirs.grad.abs().max().item()
+            torch.testing.assert_close(ours.grad, theirs.grad, atol=5e-3 * scale, rtol=1e-3)
+        for opt in (optimizer, twin_optimizer):
+            opt.step()
+            opt.zero_grad()
     assert remote.stats.failovers > failovers  # the backward pass went around the dead peer
     assert victim.peer_id not in tuned.body.last_peers
-    for ours, theirs in zip(tuned.trainable_parameters(), twin_params, strict=True):
-        torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-4, rtol=1e-3)
 
     # The adapters save as a peft adapter that peft itself loads.
     tuned.save_adapter(tmp_path / "adapter")
