@@ -337,6 +337,29 @@ def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str
         assert torch.equal(a, b)
 
 
+def test_without_outer_momentum_the_state_offered_is_the_weights_alone(tmp_path: Path) -> None:
+    """`--outer-momentum 0` (the 1.7B recipe): a newcomer downloads the weights, not also a vector of zeros
+    as large; a peer with momentum keeps its own when the state it downloads has none."""
+    from swarmlm.train.data import default_corpus_files, prepare
+    from swarmlm.train.trainer import Trainer
+
+    prepare(default_corpus_files()[:1], tmp_path / "data", train_tokenizer=300, block_size=32)
+    cfg = TrainConfig(data=tmp_path / "data", run_dir=tmp_path / "a", outer_momentum=0.0, batch_size=2)
+    ahead = Trainer(cfg)
+    behind = Trainer(TrainConfig(**{**vars(cfg), "run_dir": tmp_path / "b", "seed": 1}))
+    with_momentum = Trainer(TrainConfig(**{**vars(cfg), "run_dir": tmp_path / "c", "seed": 2, "outer_momentum": 0.9}))
+    meta, tensors = ahead.replica.shared()
+    assert len(tensors) == len(ahead.global_params)
+    assert behind.replica.digest() != ahead.replica.digest()
+    assert behind.replica.load_shared(meta, tensors) and behind.replica.digest() == ahead.replica.digest()
+    for m in with_momentum.outer.momentum():
+        m.fill_(1.0)
+    kept = [m.clone() for m in with_momentum.outer.momentum()]
+    assert with_momentum.replica.load_shared(meta, tensors)
+    assert with_momentum.replica.digest() == ahead.replica.digest()
+    assert all(torch.equal(a, b) for a, b in zip(kept, with_momentum.outer.momentum(), strict=True))
+
+
 def test_a_download_that_changed_while_streamed_is_not_taken(tmp_path: Path) -> None:
     """DiLoCo's shared state is handed out live (no copy): a step between the offer and the end of the
     stream shows in the weights' digest, and the downloader keeps what it had."""

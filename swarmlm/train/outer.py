@@ -9,10 +9,14 @@ snapshot's clone, that was two copies of each while a download was served).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from swarmlm.train.checkpointer import flatten_optimizer, restore_optimizer
+
+logger = logging.getLogger(__name__)
 
 
 def copy_into(targets: list[Tensor], sources: list[Tensor]) -> None:
@@ -54,11 +58,20 @@ class OuterOptimizer:
         self.sgd.zero_grad(set_to_none=True)
 
     def momentum(self) -> list[Tensor]:
-        """The live momentum buffers (no copy): they change at the next step."""
-        return [self.sgd.state[g].get("momentum_buffer", torch.zeros_like(g)) for g in self.params]
+        """The live momentum buffers (no copy): they change at the next step. None without momentum (a
+        newcomer's download was a vector of zeros as large as the weights, made afresh for each)."""
+        if not self.sgd.defaults["momentum"]:
+            return []
+        return [self.sgd.state[g]["momentum_buffer"] for g in self.params]
 
     def load_momentum(self, tensors: list[Tensor]) -> None:
-        copy_into(self.momentum(), tensors)
+        """Take a peer's momentum; a state from a peer of another --outer-momentum setting (buffers on one
+        side only) leaves ours as it is."""
+        ours = self.momentum()
+        if len(ours) == len(tensors):
+            copy_into(ours, tensors)
+        else:
+            logger.warning("a downloaded state's outer momentum does not match ours (--outer-momentum): kept ours")
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"global.{i}": g for i, g in enumerate(self.params)} | flatten_optimizer("outer", self.sgd)
