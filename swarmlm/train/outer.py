@@ -58,8 +58,8 @@ class OuterOptimizer:
         self.sgd.zero_grad(set_to_none=True)
 
     def momentum(self) -> list[Tensor]:
-        """The live momentum buffers (no copy): they change at the next step. None without momentum (a
-        newcomer's download was a vector of zeros as large as the weights, made afresh for each)."""
+        """The live momentum buffers (no copy): they change at the next step. No buffers without momentum
+        (a newcomer's download would carry a vector of zeros as large as the weights)."""
         if not self.sgd.defaults["momentum"]:
             return []
         return [self.sgd.state[g]["momentum_buffer"] for g in self.params]

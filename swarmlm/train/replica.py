@@ -35,8 +35,8 @@ SharedState = tuple[StateMeta, list[Tensor]]
 
 class Replica:
     """One peer's copy of the run's common state, over the Trainer's tensors (nothing copied but DDP's
-    state at a round's end). Every change is made holding `lock`: a pipeline stage's server and the
-    averager's thread read the same tensors from other threads."""
+    state at a round's end). Its tensors change holding `lock`: a pipeline stage's server and the
+    averager's thread read them from other threads."""
 
     def __init__(
         self,
