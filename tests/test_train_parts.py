@@ -270,8 +270,12 @@ def test_an_allreduce_broken_by_a_dying_reducer_raises_and_a_refilled_retry_aver
     with the member's own values and report success), and nothing of the broken attempt reaches the
     tensors once it raised: the retry as two gives exactly the two members' mean (1 and 2: 1.5)."""
     results = _run_trio("_broken_allreduce_peer", str(tmp_path / "boot"), waited=2)
+    # Each member's first attempt raised (hivemind's own runner would have reported "averaged"). Which
+    # error says so depends on what it saw first: parts that never came back ("a reducer failed mid-way"),
+    # or its stream to the dead reducer cut (once in a `make test`: "Unable to run All-Reduce: " with an
+    # empty cause).
     for r in results:
-        assert "a reducer failed mid-way" in r["first"], r
+        assert "Unable to run All-Reduce" in r["first"] or "failed mid-way" in r["first"], r
         assert r["group"] == 2 and r["values"] == [1.5], r
 
 
