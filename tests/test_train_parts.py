@@ -212,10 +212,6 @@ def _run_trio(peer: str, *args: str, waited: int = 3) -> list[dict]:
     return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
 
 
-def _run_allreduce_trio(rule: str, wire: str, boot: Path) -> list[dict]:
-    return _run_trio("_allreduce_peer", rule, wire, str(boot))
-
-
 def _broken_allreduce_peer(rank: int, boot_file: str) -> None:
     """Peers 0 and 1 average with peer 2, whose averager dies once it has sent back two of its aggregated
     parts; they write their own values into their tensor again and average as two."""
@@ -288,7 +284,7 @@ def test_robust_allreduce_gives_every_member_identical_results(rule: str, wire: 
     12 % results"); that member raises rather than apply a partial result, and in training it would take
     the round from the others (tests/test_train.py). Here the trio then runs once more."""
     for attempt in range(2):
-        results = _run_allreduce_trio(rule, wire, tmp_path / f"boot-{attempt}")
+        results = _run_trio("_allreduce_peer", rule, wire, str(tmp_path / f"boot-{attempt}"))
         if all(r["group"] == 3 for r in results):
             break
     assert all(r["group"] == 3 for r in results)
