@@ -7,7 +7,7 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,8 @@ from swarmlm.train.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from hivemind import DHT
+
+    from swarmlm.train.replica import Replica
 
 
 def honest_and_attacker(n_honest: int, attack: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,6 +300,14 @@ def test_robust_allreduce_gives_every_member_identical_results(rule: str, wire: 
         assert results[0]["mean"] == pytest.approx(1.0, abs=0.02)
 
 
+def _download(replica: Replica, meta: Mapping[str, object], tensors: list[torch.Tensor]) -> bool:
+    """What a download's stream does with a state (state_download.py), without the network."""
+    download = replica.download(meta, [torch.empty_like(g) for g in replica.outer.params])
+    for i, tensor in enumerate(tensors):
+        download.put(i, tensor.clone())
+    return download.finish(len(tensors))
+
+
 @pytest.mark.parametrize("mode", ["diloco", "ddp"])
 def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str) -> None:
     """A peer that downloads another's state then takes the same step with the same batch lands on the
@@ -322,7 +332,7 @@ def test_shared_state_carries_what_peers_must_agree_on(tmp_path: Path, mode: str
     ahead.round = 1
     ahead.publish()
     meta, tensors = ahead.replica.shared()
-    assert behind.replica.load_shared(meta, tensors)
+    assert _download(behind.replica, meta, tensors)
     assert behind.replica.digest() == ahead.replica.digest()
     if mode == "diloco":  # the outer momentum travels; inner AdamW state is each peer's own
         for a, b in zip(ahead.global_params, behind.global_params, strict=True):
@@ -351,11 +361,11 @@ def test_without_outer_momentum_the_state_offered_is_the_weights_alone(tmp_path:
     meta, tensors = ahead.replica.shared()
     assert len(tensors) == len(ahead.global_params)
     assert behind.replica.digest() != ahead.replica.digest()
-    assert behind.replica.load_shared(meta, tensors) and behind.replica.digest() == ahead.replica.digest()
+    assert _download(behind.replica, meta, tensors) and behind.replica.digest() == ahead.replica.digest()
     for m in with_momentum.outer.momentum():
         m.fill_(1.0)
     kept = [m.clone() for m in with_momentum.outer.momentum()]
-    assert with_momentum.replica.load_shared(meta, tensors)
+    assert _download(with_momentum.replica, meta, tensors)
     assert with_momentum.replica.digest() == ahead.replica.digest()
     assert all(torch.equal(a, b) for a, b in zip(kept, with_momentum.outer.momentum(), strict=True))
 
@@ -373,7 +383,7 @@ def test_a_download_that_changed_while_streamed_is_not_taken(tmp_path: Path) -> 
     meta, tensors = ahead.replica.shared()
     ahead.outer.step([torch.ones_like(g) for g in ahead.global_params])  # after the offer, as if mid-stream
     before = behind.replica.digest()
-    assert not behind.replica.load_shared(meta, [t.clone() for t in tensors])
+    assert not _download(behind.replica, meta, tensors)
     assert behind.replica.digest() == before and behind.round == 0
 
 

@@ -23,8 +23,9 @@ class LoopThread:
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        """Run `coro` on the loop and wait; on timeout it is cancelled and TimeoutError raised."""
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        """Run `coro` on the loop and wait (None: for as long as it runs, when it bounds its own waits);
+        on timeout it is cancelled and TimeoutError raised."""
         future = self.submit(coro)
         try:
             return future.result(timeout)

@@ -2,7 +2,7 @@
 schedule, and its steps.
 
 In DiLoCo each peer's AdamW state is its own. In DDP mode every peer takes the same steps, so the moments
-are part of what peers hold in common and travel to a newcomer (`moments`, `load_moments`).
+are part of what peers hold in common and travel to a newcomer (`moments`, `live_moments`).
 """
 
 from __future__ import annotations
@@ -67,10 +67,20 @@ class InnerOptimizer:
             ]
         return state
 
-    def load_moments(self, tensors: list[Tensor]) -> None:
-        moments = zip(tensors[0::3], tensors[1::3], tensors[2::3], strict=True)
-        for p, (avg, avg_sq, step) in zip(self.params, moments, strict=True):
-            self.optimizer.state[p] = {"step": step.clone(), "exp_avg": avg.clone(), "exp_avg_sq": avg_sq.clone()}
+    def live_moments(self) -> list[Tensor]:
+        """`moments`' tensors themselves, for a download to write into: made first, as AdamW would at its
+        first step, where it has not stepped yet."""
+        state = []
+        for p in self.params:
+            s = self.optimizer.state[p]
+            if not s:
+                s.update(
+                    step=torch.zeros((), dtype=torch.float32),
+                    exp_avg=torch.zeros_like(p),
+                    exp_avg_sq=torch.zeros_like(p),
+                )
+            state += [s["exp_avg"], s["exp_avg_sq"], s["step"]]
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         return flatten_optimizer("inner", self.optimizer) | {"inner_steps_done": self.steps_done}

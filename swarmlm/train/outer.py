@@ -64,15 +64,6 @@ class OuterOptimizer:
             return []
         return [self.sgd.state[g]["momentum_buffer"] for g in self.params]
 
-    def load_momentum(self, tensors: list[Tensor]) -> None:
-        """Take a peer's momentum; a state from a peer of another --outer-momentum setting (buffers on one
-        side only) leaves ours as it is."""
-        ours = self.momentum()
-        if len(ours) == len(tensors):
-            copy_into(ours, tensors)
-        else:
-            logger.warning("a downloaded state's outer momentum does not match ours (--outer-momentum): kept ours")
-
     def state_dict(self) -> dict[str, Tensor]:
         return {f"global.{i}": g for i, g in enumerate(self.params)} | flatten_optimizer("outer", self.sgd)
 

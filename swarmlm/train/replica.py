@@ -2,14 +2,15 @@
 the optimizer state that must agree among them (DiLoCo's outer momentum; DDP's AdamW moments).
 
 The `Trainer` holds one, as torchtitan's trainer holds its checkpointer; its `SwarmLink` hands `shared` to
-the averager, whose thread streams it to a newcomer (hivemind's state sharing), and gives a download
-from a peer ahead of us to `load_shared`.
+the averager, whose thread streams it to a newcomer (hivemind's state sharing), and streams a download
+from a peer ahead of us into `download` (state_download.py).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from typing import TypedDict
 
 import torch
@@ -28,6 +29,7 @@ class StateMeta(TypedDict):
     round: int
     digest: str
     names: list[str]
+    common: int  # how many tensors of optimizer state come before the weights
 
 
 SharedState = tuple[StateMeta, list[Tensor]]
@@ -59,10 +61,12 @@ class Replica:
     def _snapshot(self) -> SharedState:
         """The optimizer state peers hold in common, then the global weights. DiLoCo's are live (outer.py):
         a step before the weights, last, are all streamed shows in their digest, and the download is refused."""
-        meta: StateMeta = {"round": self.round, "digest": self.digest(), "names": self.names}
         if self.mode == "ddp":
-            return meta, self.inner.moments() + [g.detach().clone() for g in self.outer.params]
-        return meta, self.outer.momentum() + [g.detach() for g in self.outer.params]
+            common, weights = self.inner.moments(), [g.detach().clone() for g in self.outer.params]
+        else:
+            common, weights = self.outer.momentum(), [g.detach() for g in self.outer.params]
+        meta: StateMeta = {"round": self.round, "digest": self.digest(), "names": self.names, "common": len(common)}
+        return meta, common + weights
 
     def shared(self) -> SharedState:
         """The state a newcomer downloads (the averager's thread calls it): DiLoCo's as it is (it changes
@@ -75,22 +79,60 @@ class Replica:
         with self.lock:
             self._ddp_copy = self._snapshot() if self.mode == "ddp" else None
 
-    def load_shared(self, meta: StateMeta, tensors: list[Tensor]) -> bool:
-        """Take a downloaded state; False (nothing taken) if its weights are not those its digest names."""
-        weights = self.outer.params
-        common, downloaded = tensors[: -len(weights)], tensors[-len(weights) :]
-        if tensors_digest(zip(self.names, downloaded, strict=True)) != meta.get("digest"):
+    def download(self, meta: Mapping[str, object], staging: list[Tensor]) -> Download:
+        """Take a state as it streams in: the shared optimizer state into ours as it is, the weights into
+        `staging` (tensors shaped as the weights, idle meanwhile) until their digest is checked."""
+        return Download(self, meta, staging)
+
+    def _common(self, count: int) -> list[Tensor | None]:
+        """Our tensors of the shared optimizer state, to be written in place; None for each of `count` we
+        cannot take (a peer of another --outer-momentum setting: buffers on one side only)."""
+        ours = self.inner.live_moments() if self.mode == "ddp" else self.outer.momentum()
+        if len(ours) == count:
+            return list(ours)
+        logger.warning("a downloaded state's outer momentum does not match ours (--outer-momentum): kept ours")
+        return [None] * count
+
+    def take(self, meta: Mapping[str, object], weights: list[Tensor]) -> bool:
+        """Take downloaded weights; False (nothing taken) if they are not those the digest names."""
+        if tensors_digest(zip(self.names, weights, strict=True)) != meta.get("digest"):
             logger.warning("a downloaded state did not match its digest: not taken")
             return False
         with torch.no_grad(), self.lock:
-            copy_into(weights, downloaded)
-            if self.mode == "ddp":
-                self.inner.load_moments(common)
-            else:
-                self.outer.load_momentum(common)
-            copy_into(self.local, weights)
-            self.round = int(meta["round"])
+            copy_into(self.outer.params, weights)
+            copy_into(self.local, self.outer.params)
+            self.round = int(meta["round"])  # type: ignore[call-overload]
         logger.info("caught up: downloaded round %d from a peer", self.round)
         self.downloaded = True
         self.refresh()
         return True
+
+
+class Download:
+    """One download into a `Replica` (the `Sink` of state_download.py). The optimizer state is written in
+    place as it arrives; when the weights, last, do not match their digest (the peer stepped while
+    streaming), they are not taken and the next download writes that state again."""
+
+    def __init__(self, replica: Replica, meta: Mapping[str, object], staging: list[Tensor]) -> None:
+        count = meta.get("common")
+        if not isinstance(count, int) or count < 0:
+            raise ValueError("a downloaded state does not say how many optimizer tensors it holds")
+        self.replica, self.meta, self.staging = replica, meta, staging
+        self.targets = replica._common(count) + list(staging)
+
+    def put(self, index: int, tensor: Tensor) -> None:
+        if index >= len(self.targets):
+            raise ValueError(f"a downloaded state holds more than the {len(self.targets)} tensors it announced")
+        target = self.targets[index]
+        if target is None:
+            return
+        if target.shape != tensor.shape:
+            raise ValueError(f"a downloaded tensor of shape {tuple(tensor.shape)} where ours is {tuple(target.shape)}")
+        with torch.no_grad(), self.replica.lock:
+            target.copy_(tensor)
+
+    def finish(self, count: int) -> bool:
+        if count != len(self.targets):
+            logger.warning("a downloaded state ended after %d of %d tensors: not taken", count, len(self.targets))
+            return False
+        return self.replica.take(self.meta, self.staging)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -32,7 +32,8 @@ from swarmlm.ledger.store import Ledger
 from swarmlm.ledger.sync import LedgerSync
 from swarmlm.train.allreduce import RobustAverager
 from swarmlm.train.ledger_rounds import RoundLedger
-from swarmlm.train.replica import Replica
+from swarmlm.train.replica import Download, Replica
+from swarmlm.train.state_download import download_state
 from swarmlm.train.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -143,26 +144,44 @@ class SwarmLink:
         deadline = time.monotonic() + wait
         wanted = self.replica.round + 1 if at_least is None else at_least
         while True:
-            loaded = self._averager().load_state_from_peers(timeout=30) if self.best_shared_round() >= wanted else None
-            if loaded:
-                meta, tensors = loaded
-                fits = meta.get("round", -1) >= wanted and meta.get("names") == self.names
-                if fits and self.replica.load_shared(meta, list(tensors)):
+            offers = sorted(self.offers().items(), key=lambda offer: offer[1], reverse=True)
+            for peer in (p for p, r in offers if r >= wanted and p != self.peer_id):
+                if self._download(peer, wanted):
                     self.offer(self.replica.round)
                     return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.5)
 
-    def shared_rounds(self) -> list[float]:
-        """The rounds the peers of this run offer their state at (read from the DHT: no download)."""
+    def _download(self, peer: PeerID, wanted: int) -> bool:
+        """`peer`'s state, if it is of round `wanted` or later and of our tensors. Its weights are staged in
+        the averager's buffers, idle between rounds (held meanwhile: an all-reduce waits for them)."""
+
+        def open_sink(meta: Mapping[str, object]) -> Download | None:
+            round_ = meta.get("round")
+            fits = isinstance(round_, int) and round_ >= wanted and meta.get("names") == self.names
+            return self.replica.download(meta, staging) if fits else None
+
+        with self.update_buffers() as staging:
+            try:
+                return self.loop.run(download_state(self.p2p, self.cfg.run_id, peer, open_sink, timeout=10.0), None)
+            except Exception as e:  # a peer gone or broken mid-stream: the next one is asked
+                logger.warning("downloading the state from %s failed: %s", peer, str(e) or type(e).__name__)
+                return False
+
+    def offers(self) -> dict[PeerID, float]:
+        """The round each peer of this run offers its state at (read from the DHT: no download)."""
         found = self.dht.get(f"{self.cfg.run_id}.all_averagers", latest=True)
         if found is None or not isinstance(found.value, dict):
-            return []
-        return [info.value for info in found.value.values() if isinstance(getattr(info, "value", None), float | int)]
+            return {}
+        return {
+            PeerID(subkey): info.value
+            for subkey, info in found.value.items()
+            if isinstance(getattr(info, "value", None), float | int)
+        }
 
     def best_shared_round(self) -> float:
-        return max(self.shared_rounds(), default=-1.0)
+        return max(self.offers().values(), default=-1.0)
 
     def wait_for_peers(self, count: int, wait: float) -> int:
         """Before a fresh run's first round: say we are ready, then wait up to `wait` seconds until `count`
@@ -209,7 +228,7 @@ class SwarmLink:
         averager = self._averager()
         averager.set_group_bits(format(round_ % 2**ROUND_KEY_BITS, f"0{ROUND_KEY_BITS}b"))
         if self.cfg.min_group_size == 1:
-            here = sum(1 for r in self.shared_rounds() if r == round_)
+            here = sum(1 for r in self.offers().values() if r == round_)
             averager.set_min_group_size(max(1, min(here, self.cfg.target_group_size)))
 
     def _attempt_window(self) -> float:
@@ -304,7 +323,7 @@ class SwarmLink:
         from us. Bounded: a crashed peer's entry stays in the DHT until it expires."""
         time.sleep(self.cfg.linger)
         deadline = time.monotonic() + self.cfg.averaging_timeout
-        while min(self.shared_rounds(), default=round_) < round_ and time.monotonic() < deadline:
+        while min(self.offers().values(), default=round_) < round_ and time.monotonic() < deadline:
             time.sleep(1.0)
 
     def wind_down(self, group: list[str], round_: int) -> None:
