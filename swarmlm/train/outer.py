@@ -9,14 +9,10 @@ snapshot's clone, that was two copies of each while a download was served).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
 from swarmlm.train.checkpointer import flatten_optimizer, restore_optimizer
-
-logger = logging.getLogger(__name__)
 
 
 def copy_into(targets: list[Tensor], sources: list[Tensor]) -> None:

@@ -93,15 +93,15 @@ class Replica:
         logger.warning("a downloaded state's outer momentum does not match ours (--outer-momentum): kept ours")
         return [None] * count
 
-    def take(self, meta: Mapping[str, object], weights: list[Tensor]) -> bool:
-        """Take downloaded weights; False (nothing taken) if they are not those the digest names."""
-        if tensors_digest(zip(self.names, weights, strict=True)) != meta.get("digest"):
+    def take(self, round_: int, digest: object, weights: list[Tensor]) -> bool:
+        """Take downloaded weights of `round_`; False (nothing taken) if they are not those `digest` names."""
+        if tensors_digest(zip(self.names, weights, strict=True)) != digest:
             logger.warning("a downloaded state did not match its digest: not taken")
             return False
         with torch.no_grad(), self.lock:
             copy_into(self.outer.params, weights)
             copy_into(self.local, self.outer.params)
-            self.round = int(meta["round"])  # type: ignore[call-overload]
+            self.round = round_
         logger.info("caught up: downloaded round %d from a peer", self.round)
         self.downloaded = True
         self.refresh()
@@ -114,10 +114,10 @@ class Download:
     streaming), they are not taken and the next download writes that state again."""
 
     def __init__(self, replica: Replica, meta: Mapping[str, object], staging: list[Tensor]) -> None:
-        count = meta.get("common")
-        if not isinstance(count, int) or count < 0:
-            raise ValueError("a downloaded state does not say how many optimizer tensors it holds")
-        self.replica, self.meta, self.staging = replica, meta, staging
+        count, round_ = meta.get("common"), meta.get("round")
+        if not isinstance(count, int) or count < 0 or not isinstance(round_, int):
+            raise ValueError("a downloaded state does not say its round and how many optimizer tensors it holds")
+        self.replica, self.round, self.digest, self.staging = replica, round_, meta.get("digest"), staging
         self.targets = replica._common(count) + list(staging)
 
     def put(self, index: int, tensor: Tensor) -> None:
@@ -135,4 +135,4 @@ class Download:
         if count != len(self.targets):
             logger.warning("a downloaded state ended after %d of %d tensors: not taken", count, len(self.targets))
             return False
-        return self.replica.take(self.meta, self.staging)
+        return self.replica.take(self.round, self.digest, self.staging)

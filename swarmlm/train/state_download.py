@@ -1,13 +1,12 @@
 """Downloading a peer's training state straight into our tensors.
 
 hivemind's `load_state_from_peers` gathers the whole state in the averager's process and hands it to ours
-through shared memory: while a newcomer takes it, its weights and optimizer state exist twice more (a
-64M-float state: the downloader's averager at 327 MB PSS instead of 72, and its loop keeps the tensors
-until its next command). A restarted pipeline peer then peaked at 0.53 of the one-process run's memory.
-
-Here our process asks the peer's averager for the same stream (its `rpc_download_state`, over the P2P
-replica of our DHT) and writes each tensor into its place as it arrives (`Sink`, which the `Replica`
-provides): what is held besides is one tensor's bytes and values at a time.
+through shared memory, and its loop keeps it until its next command: a restarted pipeline peer peaked at
+0.53 of the one-process run's memory while it took one. Here our process asks the peer's averager for the
+same stream (its `rpc_download_state`, over the P2P replica of our DHT) and writes each tensor into its
+place as it arrives (`Sink`, which the `Replica` provides): what is held besides is one tensor's bytes and
+values at a time. `make bench-download` measures both ways side by side: the downloader's memory above
+what it held, at the peak, as a share of the state's size (bench/RESULTS.md).
 """
 
 from __future__ import annotations
