@@ -9,9 +9,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from swarmlm.core.heap import release_freed_memory
 from swarmlm.model.checkpoint import (
@@ -178,12 +180,30 @@ class LoadedModel:
         self.tokenizer.hf.save_pretrained(str(out_dir))
 
 
+class _NoInit(TorchFunctionMode):
+    """`torch.nn.init`'s functions leave a tensor as it is. On the meta device there is nothing to fill, but
+    torch routes a meta tensor's `normal_` through its Python reference, whose first call imports
+    torch._dynamo: 1 s of CPU in every process that built a span this way (each load, each sizing)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def meta_span(cfg: ModelConfig, start: int, end: int, edges: bool) -> LlamaSpan:
+    """Layers [start, end) of a model with no memory behind them: shapes and dtypes only, to be sized or
+    assigned a checkpoint's tensors."""
+    with torch.device("meta"), _NoInit():
+        return LlamaSpan(cfg, start, end, edges)
+
+
 def _read_span(ckpt: GGUFCheckpoint | HFCheckpoint, path: Path, start: int, end: int, edges: bool) -> LlamaSpan:
     """Layers [start, end) of an open checkpoint as a CPU `LlamaSpan` in the checkpoint's values and dtype
     (converted afterwards a tensor at a time, so a load never holds the span in two dtypes)."""
     cfg = ckpt.config
-    with torch.device("meta"):
-        span = LlamaSpan(cfg, start, end, edges)
+    span = meta_span(cfg, start, end, edges)
     state = fuse_projections(dict(ckpt.tensors(start, end, span.has_embeddings, span.has_head)))
     if span.lm_head is not None and span.embed_tokens is not None and cfg.tie_word_embeddings:
         state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))

@@ -20,7 +20,7 @@ from torch import nn
 
 from swarmlm.core.sizes import HEADROOM_FRACTION, HEADROOM_MIN, KV_RESERVE_TOKENS, format_size
 from swarmlm.model.llama import LlamaSpan
-from swarmlm.model.loading import DTYPES
+from swarmlm.model.loading import DTYPES, meta_span
 from swarmlm.model.model_config import ModelConfig
 from swarmlm.model.quant import quantize_
 
@@ -36,8 +36,7 @@ def module_bytes(module: nn.Module) -> int:
 
 
 def _meta_span(cfg: ModelConfig, start: int, end: int, edges: bool, dtype: str, quant: str) -> LlamaSpan:
-    with torch.device("meta"):
-        span = LlamaSpan(cfg, start, end, edges).to(DTYPES[dtype])
+    span = meta_span(cfg, start, end, edges).to(DTYPES[dtype])
     quantize_(span, quant)
     return span
 
