@@ -277,10 +277,12 @@ def test_an_allreduce_broken_by_a_dying_reducer_raises_and_a_refilled_retry_aver
         assert r["group"] == 2 and r["values"] == [1.5], r
 
 
-@pytest.mark.parametrize(("rule", "wire"), [("mean", "fp16"), ("centered_clip", "fp16"), ("mean", "int8")])
+# Each pairing covers a rule and a wire format: the mean's result and the robust rule's, fp16's bytes and int8's.
+@pytest.mark.parametrize(("rule", "wire"), [("centered_clip", "fp16"), ("mean", "int8")])
 def test_robust_allreduce_gives_every_member_identical_results(rule: str, wire: str, tmp_path: Path) -> None:
     """Three real averagers over hivemind: every member ends with the same bytes, the robust rule keeps
-    the Byzantine third peer's -10x contribution out, and the wire format sets the bytes sent.
+    the Byzantine third peer's -10x contribution out (the mean does not), and the wire format sets the
+    bytes sent.
 
     On a loaded 2-core machine a libp2p stream is now and then cut mid-way (a member logs "received
     12 % results"); that member raises rather than apply a partial result, and in training it would take
