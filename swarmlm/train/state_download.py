@@ -43,10 +43,11 @@ async def download_state(
     p2p: P2P, prefix: str, peer: PeerID, open_sink: Callable[[Mapping[str, object]], Sink | None], timeout: float
 ) -> bool:
     """Stream `peer`'s state (the averager of run `prefix`) into the sink `open_sink` gives for its metadata
-    (None: not the state we want, and nothing is written). `timeout`: the longest wait for the next part.
-    False if the peer sent nothing (it shares no state with us), or the sink refused the state."""
+    (None: not the state we want, and nothing is written). `timeout`: the longest wait for the peer to
+    answer, then for each next part. False if the peer sent nothing (it shares no state with us), or the
+    sink refused the state."""
     stub = RobustAverager.get_stub(p2p, peer, namespace=prefix)
-    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+    stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
     sink: Sink | None = None
     parts: list[runtime_pb2.Tensor] = []
     index = 0
