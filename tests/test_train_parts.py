@@ -389,6 +389,30 @@ def test_a_download_that_changed_while_streamed_is_not_taken(tmp_path: Path) -> 
     assert behind.replica.digest() == before and behind.round == 0
 
 
+def test_a_download_that_does_not_fit_is_refused_whole(tmp_path: Path) -> None:
+    """A state that does not say its round or optimizer tensors, holds a tensor of another shape, more
+    tensors than it announced or fewer: refused with what is wrong, and the downloader's weights and round
+    stay as they were (the stream's caller logs it and asks the next peer)."""
+    from swarmlm.train.data import default_corpus_files, prepare
+    from swarmlm.train.trainer import Trainer
+
+    prepare(default_corpus_files()[:1], tmp_path / "data", train_tokenizer=300, block_size=32)
+    cfg = TrainConfig(data=tmp_path / "data", run_dir=tmp_path / "a", batch_size=2)
+    ahead, behind = Trainer(cfg), Trainer(TrainConfig(**{**vars(cfg), "run_dir": tmp_path / "b", "seed": 1}))
+    ahead.round = 1
+    meta, tensors = ahead.replica.shared()
+    before = behind.replica.digest()
+    with pytest.raises(ValueError, match="does not say its round"):
+        _download(behind.replica, {k: v for k, v in meta.items() if k != "common"}, tensors)
+    with pytest.raises(ValueError, match="where ours is"):
+        _download(behind.replica, meta, [*tensors[:-1], torch.zeros(3)])
+    with pytest.raises(ValueError, match="more than the"):
+        _download(behind.replica, meta, [*tensors, tensors[-1]])
+    assert not _download(behind.replica, meta, tensors[:-1])
+    assert behind.replica.digest() == before and behind.round == 0
+    assert _download(behind.replica, meta, tensors) and behind.round == 1
+
+
 def test_a_bf16_adafactor_peer_holds_half_the_weights_and_next_to_no_optimizer_state(tmp_path: Path) -> None:
     """`--dtype bf16 --optimizer adafactor`, the recipe for peers short of memory: weights and the global
     copy in bf16, Adafactor's factored moments (a row and a column per matrix), the loss falling, and a
