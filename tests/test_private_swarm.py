@@ -94,7 +94,7 @@ def test_an_outsider_gets_nothing_in(members: list[PeerProcess], keys: dict[str,
     """No certificate: its DHT records are refused, its inference and ledger calls are answered with an
     error, and it cannot read the members' records either."""
     outsider = start_dht([members[0].maddr], ["/ip4/127.0.0.1/tcp/0"])
-    loop = LoopThread("outsider")
+    loop, p2p = LoopThread("outsider"), None
     try:
         swarm_id = Identity.load(keys["owner"]).peer_id
         forged = {"swarm": swarm_id, "peer": str(outsider.peer_id), "issued": 0, "expires": 1e12, "sig": "00" * 64}
@@ -134,7 +134,7 @@ def test_an_outsider_gets_nothing_in(members: list[PeerProcess], keys: dict[str,
 
         assert "not a member" in loop.run(ledger(), 60)["error"]
     finally:
-        loop.stop()
+        loop.stop(p2p)  # and the P2P replica it made
         outsider.shutdown()
 
 
@@ -172,7 +172,7 @@ def test_members_train_together_and_an_outsider_cannot_join_or_download(keys: di
     per_peer = {r: ("--identity", str(keys[f"t{r}"]), "--swarm-cert", str(keys[f"t{r}.cert"])) for r in (0, 1)}
     peers = start_run(data, tmp_path / "run", 2, args, per_peer)
     outsider = start_dht([peers[0].maddr], ["/ip4/127.0.0.1/tcp/0"])
-    loop = LoopThread("outsider")
+    loop, p2p = LoopThread("outsider"), None
     try:
         p2p = loop.run(outsider.replicate_p2p(), 60)
         stub = RobustAverager.get_stub(p2p, PeerID.from_base58(peers[0].peer_id), namespace="private")
@@ -191,6 +191,6 @@ def test_members_train_together_and_an_outsider_cannot_join_or_download(keys: di
         for p in peers:
             assert [r["group_size"] for r in p.rounds() if r["averaged"]] == [2, 2]
     finally:
-        loop.stop()
+        loop.stop(p2p)  # and the P2P replica it made
         outsider.shutdown()
         stop_all(peers)
